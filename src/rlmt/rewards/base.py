@@ -1,0 +1,77 @@
+"""The reward-source contract shared by verifiers, reward models, judges and rubrics.
+
+A reward source is called with the dataset rows (dicts: ``prompt`` plus task fields such as ``answer``)
+and one response text per row, and returns one score per response, or ``None`` where it could not score
+(excluded from the update and counted, never silently 0), plus per-response details (parsed answers,
+errors, per-item scores, critiques) that go into the run's records.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+
+class RewardError(RuntimeError):
+    """A reward source misbehaved (raised, returned non-finite values or the wrong number of scores)."""
+
+
+@dataclass
+class RewardResult:
+    """``scores[i]`` is the reward of response i, or None when it could not be scored."""
+
+    scores: list[float | None]
+    details: list[dict[str, Any]] = field(default_factory=list)
+
+
+class RewardSource(Protocol):
+    """Anything with a ``name`` and a ``score(rows, responses) -> RewardResult`` method."""
+
+    name: str
+
+    def score(self, rows: Sequence[dict], responses: Sequence[str]) -> RewardResult: ...
+
+
+def score_checked(source: RewardSource, rows: Sequence[dict], responses: Sequence[str],
+                  invalid_as_none: bool = False) -> RewardResult:
+    """Call ``source`` and check what it returned.
+
+    Raises :class:`RewardError` naming the source when it raises, returns the wrong number of scores or a
+    non-finite score. With ``invalid_as_none`` a non-finite score becomes ``None`` (excluded and counted in
+    ``details[i]["error"]``) instead; a wrong count or an exception is always an error.
+    """
+    if len(rows) != len(responses):
+        raise RewardError(f"reward source {source.name!r}: {len(rows)} rows but {len(responses)} responses")
+    try:
+        result = source.score(rows, responses)
+    except RewardError:
+        raise
+    except Exception as e:  # noqa: BLE001 - re-raised with the source's name
+        raise RewardError(f"reward source {source.name!r} raised {type(e).__name__}: {e}") from e
+    if not isinstance(result, RewardResult):
+        raise RewardError(f"reward source {source.name!r} returned {type(result).__name__}, not RewardResult")
+    if len(result.scores) != len(responses):
+        raise RewardError(
+            f"reward source {source.name!r} returned {len(result.scores)} scores for {len(responses)} responses"
+        )
+    details = list(result.details) if result.details else [{} for _ in responses]
+    if len(details) != len(responses):
+        raise RewardError(f"reward source {source.name!r} returned {len(details)} details for {len(responses)} responses")
+    scores: list[float | None] = []
+    for i, s in enumerate(result.scores):
+        if s is None:
+            scores.append(None)
+            continue
+        try:
+            v = float(s)
+        except (TypeError, ValueError):
+            raise RewardError(f"reward source {source.name!r} returned a non-number score {s!r} for response {i}")
+        if not math.isfinite(v):
+            if not invalid_as_none:
+                raise RewardError(f"reward source {source.name!r} returned a non-finite score {v} for response {i}")
+            details[i] = {**details[i], "error": f"non-finite score {v}"}
+            scores.append(None)
+            continue
+        scores.append(v)
+    return RewardResult(scores, details)
