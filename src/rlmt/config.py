@@ -1,0 +1,345 @@
+"""Typed run configuration: YAML + ``key=value`` overrides, validated once at the edge.
+
+Every field carries a one-line doc (``rlmt train --help-config`` prints them). Unknown keys are errors that
+name the key and the closest valid one. After :func:`load_config` the config is frozen and passed as a value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key (and file) at fault."""
+
+
+def doc(default: Any, text: str) -> Any:
+    """A dataclass field with a default and its one-line documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+def section(cls: type, text: str) -> Any:
+    return field(default_factory=cls, metadata={"doc": text})
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = doc(0, "LoRA rank; 0 disables LoRA and trains all weights")
+    alpha: float = doc(16.0, "LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = doc(0.0, "dropout on the LoRA input")
+    target_modules: list = doc(["q_proj", "k_proj", "v_proj", "o_proj"], "module names that get adapters")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = doc("smollm2-135m-instruct", "model: 'smollm2-135m-instruct', 'tiny-random[:L:H]', or a transformers directory")
+    dtype: Literal["float32", "bfloat16", "float16"] = doc("float32", "weight dtype (float32 on CPU)")
+    device: str = doc("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:N'")
+    threads: int = doc(0, "torch intra-op threads; 0 keeps torch's default")
+    gradient_checkpointing: bool = doc(False, "recompute activations in backward to save memory")
+    lora: LoraConfig = section(LoraConfig, "optional LoRA adapters (peft)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = doc("", "training data: JSONL path (or any file the `datasets` library reads)")
+    eval: str = doc("", "held-out data for `rlmt eval` and before/after numbers")
+    chat: bool = doc(True, "format prompts with the tokenizer's chat template")
+    system_prompt: Optional[str] = doc(None, "system message for chat prompts (None: the template's default)")
+    max_prompt_tokens: int = doc(256, "longest allowed prompt, in tokens")
+    max_completion_tokens: int = doc(256, "SFT completions are truncated to this many tokens (counted)")
+    on_invalid: Literal["error", "skip"] = doc("error", "bad rows: 'error' stops with file/line/field, 'skip' filters and counts")
+    limit: int = doc(0, "use only the first N rows (0: all)")
+    shuffle: bool = doc(True, "shuffle training rows each epoch (seeded)")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = doc(1e-5, "peak learning rate (AdamW)")
+    weight_decay: float = doc(0.0, "AdamW decoupled weight decay")
+    betas: list = doc([0.9, 0.999], "AdamW betas")
+    eps: float = doc(1e-8, "AdamW epsilon")
+    schedule: Literal["constant", "linear", "cosine"] = doc("constant", "LR decay after warmup")
+    warmup_steps: int = doc(0, "linear warmup from 0 over this many optimizer steps")
+    max_grad_norm: float = doc(1.0, "clip the global gradient norm to this (0: no clipping)")
+    batch_size: int = doc(8, "examples per micro-batch")
+    grad_accum: int = doc(1, "micro-batches per optimizer step (examples/step = batch_size * grad_accum)")
+    max_steps: int = doc(0, "optimizer steps to run (0: derive from epochs)")
+    epochs: float = doc(1.0, "passes over the training data when max_steps is 0")
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    packing: bool = doc(False, "pack several short examples into one row (block-diagonal attention, no cross-talk)")
+    pack_length: int = doc(512, "token length of a packed row")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    num_samples: int = doc(8, "G: responses sampled per prompt")
+    temperature: float = doc(1.0, "sampling temperature (0: greedy)")
+    top_p: float = doc(1.0, "nucleus sampling mass")
+    max_new_tokens: int = doc(64, "longest response, in tokens")
+    stop: list = doc([], "stop strings: a response ends when one appears (kept in the text)")
+    batch_prompts: int = doc(8, "prompts per rollout batch (batch = batch_prompts * num_samples sequences)")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    source: str = doc("math_answer", "reward source name (see rlmt.rewards.REGISTRY)")
+    args: dict = doc({}, "keyword arguments of the reward source")
+    invalid_as_none: bool = doc(False, "a non-finite score becomes None (excluded, counted) instead of an error")
+
+
+@dataclass(frozen=True)
+class RejectionConfig:
+    rounds: int = doc(1, "R: sample -> score -> keep -> SFT rounds")
+    prompts_per_round: int = doc(64, "prompts sampled each round (0: all training prompts)")
+    keep_top_k: int = doc(1, "keep the best k responses of each prompt (0: keep all that pass the threshold)")
+    threshold: Optional[float] = doc(None, "keep only responses whose reward is >= this")
+    dedupe: bool = doc(True, "drop identical kept responses of the same prompt")
+    sft_epochs: float = doc(1.0, "SFT passes over each round's kept set")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    num_samples: int = doc(4, "K samples per prompt for pass@1")
+    temperature: float = doc(1.0, "sampling temperature for eval (0: greedy)")
+    max_new_tokens: int = doc(64, "longest response, in tokens")
+    max_prompts: int = doc(0, "evaluate on the first N prompts (0: all)")
+    output: str = doc("", "write per-sample results to this JSONL (default: RUN_DIR/eval-*.jsonl)")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output_dir: str = doc("runs/run", "run directory (config, metrics.jsonl, checkpoints/, final/)")
+    seed: int = doc(0, "seed for data order, sampling and initialisation")
+    save_every: int = doc(0, "checkpoint every N optimizer steps (0: only at the end)")
+    keep_checkpoints: int = doc(2, "keep this many most recent checkpoints")
+    resume: str = doc("false", "'false', 'true' (latest checkpoint in output_dir) or a checkpoint path")
+    log_every: int = doc(1, "print a metrics line every N steps")
+    tensorboard: bool = doc(False, "also log metrics to TensorBoard (needs the tensorboard package)")
+    progress: bool = doc(True, "show a progress bar with ETA")
+    eval_before_after: bool = doc(False, "evaluate on data.eval before and after training")
+
+
+@dataclass(frozen=True)
+class Config:
+    algorithm: Literal["sft", "rejection_sampling"] = doc("sft", "training method")
+    model: ModelConfig = section(ModelConfig, "the policy")
+    data: DataConfig = section(DataConfig, "datasets and prompt formatting")
+    optim: OptimConfig = section(OptimConfig, "optimizer, schedule and batching")
+    sft: SFTConfig = section(SFTConfig, "supervised fine-tuning options")
+    rollout: RolloutConfig = section(RolloutConfig, "sampling for online methods")
+    reward: RewardConfig = section(RewardConfig, "the reward source")
+    rejection: RejectionConfig = section(RejectionConfig, "rejection sampling")
+    eval: EvalConfig = section(EvalConfig, "evaluation")
+    run: RunConfig = section(RunConfig, "run directory, seeding, checkpoints, logging")
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        keys.append(prefix + f.name)
+        if _is_section(hints[f.name]):
+            keys.extend(_all_keys(hints[f.name], prefix + f.name + "."))
+    return keys
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+    everywhere = _all_keys(Config)
+    leaf = key.split(".")[-1]
+    close = (difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+             or [k for k in everywhere if k.split(".")[-1] == leaf][:1]
+             or difflib.get_close_matches(key, everywhere, n=1, cutoff=0.5))
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"{where}unknown config key {key!r}{hint}")
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, where)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}{key}: {value!r} is not one of {list(choices)}{hint}")
+        return value
+    bad = ConfigError(f"{where}{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if not isinstance(value, (str, int, float)):
+            raise bad
+        return str(value)
+    if tp is list:
+        if not isinstance(value, list):
+            raise bad
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return value
+    raise bad
+
+
+def _build(cls: type, data: dict, prefix: str, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise _unknown_key(prefix + str(key), [prefix + n for n in names], where)
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp = hints[name]
+        if _is_section(tp):
+            kwargs[name] = _build(tp, data[name] if data[name] is not None else {}, prefix + name + ".", where)
+        else:
+            kwargs[name] = _coerce(data[name], tp, prefix + name, where)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a","b","c"], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from e
+    return key.strip().split("."), value
+
+
+def apply_override(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> Config:
+    """Read YAML at ``path`` (optional), apply ``base`` defaults then ``overrides``, validate, freeze."""
+    data: dict = {}
+    where = ""
+    if base:
+        data = yaml.safe_load(yaml.safe_dump(base))
+    if path is not None:
+        where = f"{path}: "
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}invalid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{where}top level must be a mapping of config keys")
+        _deep_merge(data, loaded)
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        apply_override(data, keys, value)
+    cfg = _build(Config, data, "", where)
+    validate(cfg, where)
+    return cfg
+
+
+def _deep_merge(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _deep_merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def validate(cfg: Config, where: str = "") -> None:
+    """Cross-field checks that types alone cannot express."""
+    def need(cond: bool, key: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{where}{key}: {msg}")
+
+    need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
+    need(cfg.optim.batch_size >= 1, "optim.batch_size", "must be >= 1")
+    need(cfg.optim.grad_accum >= 1, "optim.grad_accum", "must be >= 1")
+    need(cfg.optim.max_steps >= 0, "optim.max_steps", "must be >= 0")
+    need(len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers")
+    need(cfg.rollout.num_samples >= 1, "rollout.num_samples", "must be >= 1")
+    need(cfg.rollout.temperature >= 0, "rollout.temperature", "must be >= 0")
+    need(0 < cfg.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+    need(cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+    need(cfg.eval.num_samples >= 1, "eval.num_samples", "must be >= 1")
+    need(cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1")
+    need(cfg.rejection.keep_top_k >= 0, "rejection.keep_top_k", "must be >= 0")
+    need(cfg.rejection.keep_top_k > 0 or cfg.rejection.threshold is not None, "rejection.keep_top_k",
+         "0 (keep all) needs rejection.threshold")
+    need(cfg.run.resume.lower() in ("true", "false") or Path(cfg.run.resume).exists(), "run.resume",
+         f"'true', 'false' or an existing checkpoint path, got {cfg.run.resume!r}")
+    need(cfg.model.lora.r >= 0, "model.lora.r", "must be >= 0")
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, doc) for every field, for ``--help-config``."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_section(tp):
+            rows.append((prefix + f.name, "", f.metadata.get("doc", "")))
+            rows.extend(describe(tp, prefix + f.name + "."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            rows.append((prefix + f.name, repr(default), f.metadata.get("doc", "")))
+    return rows

@@ -1,0 +1,251 @@
+"""Reading, validating and tokenizing rows.
+
+Row kinds (DESIGN.md, "The user's surface"):
+
+- prompt rows: ``prompt`` (text, or a list of chat messages) plus task fields (``answer``, ``tests``, ...);
+- SFT rows: ``prompt`` + ``completion``, or ``messages`` whose last message is the assistant's reply;
+- preference rows: ``prompt``, ``chosen``, ``rejected``.
+
+Every row is validated before any training starts. A problem raises :class:`DataError` naming the file,
+the line and the field; with ``on_invalid="skip"`` the row is dropped and counted instead.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal, Sequence
+
+RowKind = Literal["prompt", "sft", "preference"]
+
+
+class DataError(ValueError):
+    """Bad input data: names the file, line and field."""
+
+    def __init__(self, file: str, line: int, field_name: str | None, message: str):
+        self.file, self.line, self.field, self.message = file, line, field_name, message
+        where = f"{file}:{line}"
+        super().__init__(f"{where}: field {field_name!r}: {message}" if field_name else f"{where}: {message}")
+
+
+@dataclass
+class Row:
+    """A validated row and where it came from."""
+
+    data: dict[str, Any]
+    file: str
+    line: int
+
+
+@dataclass
+class LoadReport:
+    """What was read and what was filtered (``skipped`` maps a reason to its count)."""
+
+    rows: list[Row]
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+
+def _read_raw(path: str) -> Iterable[tuple[int, Any]]:
+    p = Path(path)
+    if not p.exists():
+        raise DataError(path, 0, None, "file does not exist")
+    if p.suffix in (".jsonl", ".ndjson"):
+        with p.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield lineno, DataError(path, lineno, None, f"malformed JSON ({e.msg} at column {e.colno})")
+        return
+    if p.suffix == ".json":
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(path, e.lineno, None, f"malformed JSON ({e.msg})") from None
+        if not isinstance(data, list):
+            raise DataError(path, 1, None, "a .json data file must hold a list of rows")
+        yield from enumerate(data, 1)
+        return
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise DataError(path, 0, None, "not .jsonl/.json; reading other formats needs `pip install datasets`") from None
+    kind = {".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}.get(p.suffix)
+    if kind is None:
+        raise DataError(path, 0, None, f"unsupported data file type {p.suffix!r}")
+    ds = datasets.load_dataset(kind, data_files=str(p), split="train")
+    yield from (((i + 2 if kind == "csv" else i + 1), dict(r)) for i, r in enumerate(ds))
+
+
+def _check_text(row: dict, key: str) -> str | None:
+    value = row.get(key)
+    if key not in row:
+        return "missing"
+    if not isinstance(value, str):
+        return f"must be a string, got {type(value).__name__}"
+    if not value.strip():
+        return "must not be empty"
+    return None
+
+
+def _check_messages(value: Any) -> str | None:
+    if not isinstance(value, list) or not value:
+        return "must be a non-empty list of {role, content} messages"
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            return f"message {i} must be an object with string 'role' and 'content'"
+        if m["role"] not in ("system", "user", "assistant", "tool"):
+            return f"message {i} has unknown role {m['role']!r}"
+    return None
+
+
+def _check_prompt(row: dict) -> tuple[str, str] | None:
+    if "prompt" not in row:
+        return "prompt", "missing"
+    if isinstance(row["prompt"], list):
+        err = _check_messages(row["prompt"])
+        return ("prompt", err) if err else None
+    err = _check_text(row, "prompt")
+    return ("prompt", err) if err else None
+
+
+def validate_row(row: Any, kind: RowKind) -> tuple[str | None, str] | None:
+    """Return (field, problem) for an invalid row, None for a valid one."""
+    if not isinstance(row, dict):
+        return None, f"a row must be a JSON object, got {type(row).__name__}"
+    if kind == "sft" and "messages" in row and "completion" not in row:
+        err = _check_messages(row["messages"])
+        if err:
+            return "messages", err
+        if row["messages"][-1]["role"] != "assistant" or not row["messages"][-1]["content"].strip():
+            return "messages", "the last message must be a non-empty assistant reply"
+        return None
+    bad = _check_prompt(row)
+    if bad:
+        return bad
+    keys = {"prompt": [], "sft": ["completion"], "preference": ["chosen", "rejected"]}[kind]
+    for key in keys:
+        err = _check_text(row, key)
+        if err:
+            return key, err
+    return None
+
+
+def load_rows(path: str, kind: RowKind, on_invalid: str = "error", limit: int = 0) -> LoadReport:
+    """Read and validate every row of ``path``; raise :class:`DataError` on the first bad one (or skip it)."""
+    report = LoadReport(rows=[])
+    for lineno, raw in _read_raw(path):
+        if limit and len(report.rows) >= limit:
+            break
+        if isinstance(raw, DataError):
+            if on_invalid == "skip":
+                report.skip("malformed JSON")
+                continue
+            raise raw
+        bad = validate_row(raw, kind)
+        if bad:
+            if on_invalid == "skip":
+                report.skip(f"{bad[0]}: {bad[1]}")
+                continue
+            raise DataError(path, lineno, bad[0], bad[1])
+        report.rows.append(Row(raw, path, lineno))
+    if not report.rows:
+        raise DataError(path, 0, None, "no valid rows")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- tokenizing
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How rows become token ids: chat template or plain text, and an optional system message."""
+
+    chat: bool = True
+    system_prompt: str | None = None
+
+    def messages(self, prompt: str | list) -> list[dict]:
+        if isinstance(prompt, list):
+            return prompt
+        msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return msgs + [{"role": "user", "content": prompt}]
+
+    def prompt_text(self, tokenizer, prompt: str | list) -> str:
+        if self.chat and getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(self.messages(prompt), tokenize=False, add_generation_prompt=True)
+        if isinstance(prompt, list):
+            return "\n".join(m["content"] for m in prompt) + "\n"
+        return prompt
+
+
+def encode_prompt(tokenizer, fmt: PromptFormat, prompt: str | list) -> list[int]:
+    return tokenizer(fmt.prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+
+
+def completion_end_ids(tokenizer) -> list[int]:
+    """Tokens that end an assistant turn (the EOS, which for chat models closes the turn)."""
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+@dataclass
+class SFTExample:
+    """Token ids of one SFT example; the loss falls on ``completion_ids`` only."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+
+
+def split_sft_row(row: dict) -> tuple[str | list, str]:
+    """(prompt, completion) of an SFT row; for ``messages`` rows the last assistant turn is the completion."""
+    if "completion" in row:
+        return row["prompt"], row["completion"]
+    msgs = row["messages"]
+    return msgs[:-1], msgs[-1]["content"]
+
+
+def tokenize_sft(rows: Sequence[Row], tokenizer, fmt: PromptFormat, max_prompt_tokens: int,
+                 max_completion_tokens: int, on_invalid: str = "error",
+                 report: LoadReport | None = None) -> list[SFTExample]:
+    """Tokenize SFT rows; over-long prompts are an error (or skipped), long completions are truncated."""
+    out = []
+    end = completion_end_ids(tokenizer)
+    for row in rows:
+        prompt, completion = split_sft_row(row.data)
+        p_ids = encode_prompt(tokenizer, fmt, prompt)
+        if len(p_ids) > max_prompt_tokens:
+            if on_invalid == "skip":
+                if report is not None:
+                    report.skip("prompt longer than data.max_prompt_tokens")
+                continue
+            raise DataError(row.file, row.line, "prompt" if "prompt" in row.data else "messages",
+                            f"prompt is {len(p_ids)} tokens, longer than data.max_prompt_tokens={max_prompt_tokens}")
+        c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + end
+        if len(c_ids) > max_completion_tokens:
+            c_ids = c_ids[:max_completion_tokens]
+            if report is not None:
+                report.skip("completion truncated to data.max_completion_tokens (kept)")
+        out.append(SFTExample(p_ids, c_ids))
+    return out
+
+
+def check_prompt_lengths(rows: Sequence[Row], tokenizer, fmt: PromptFormat, max_prompt_tokens: int,
+                         on_invalid: str = "error", report: LoadReport | None = None) -> list[Row]:
+    """Drop (or reject) prompt rows whose formatted prompt exceeds ``max_prompt_tokens``."""
+    kept = []
+    for row in rows:
+        n = len(encode_prompt(tokenizer, fmt, row.data["prompt"]))
+        if n > max_prompt_tokens:
+            if on_invalid == "skip":
+                if report is not None:
+                    report.skip("prompt longer than data.max_prompt_tokens")
+                continue
+            raise DataError(row.file, row.line, "prompt",
+                            f"prompt is {n} tokens, longer than data.max_prompt_tokens={max_prompt_tokens}")
+        kept.append(row)
+    return kept

@@ -1,0 +1,192 @@
+"""Rollout engine v1: G samples for each of a batch of prompts in one batched, KV-cached pass.
+
+The prompts are prefilled once each and the cache is then repeated G times, so the prefill costs P tokens
+per prompt, not G x P. Each decode step computes the output projection for the last position only
+(``logits_to_keep=1``). Rows that have finished (EOS or a stop string) are dropped from the batch (and from
+the cache) once enough of them have finished, so they stop costing compute.
+
+The log-prob returned for each sampled token is log softmax(logits / T) at that token (T = the sampling
+temperature; 1 for greedy), before top-p truncation: the same number a fresh forward pass over the sequence
+computes with :func:`rlmt.logprobs.token_logprobs` at the same temperature, so it serves as pi_old.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from rlmt.logprobs import position_ids_from_mask
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample: G per prompt, temperature (0 = greedy), nucleus mass, length and stop strings."""
+
+    num_samples: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class RolloutBatch:
+    """N = prompts x G sequences, laid out as [left-padded prompt | right-padded response].
+
+    Shapes: ``input_ids``/``attention_mask`` (N, P + T); ``response_ids``/``response_mask``/``logprobs``
+    (N, T); ``prompt_index`` (N,) maps each sequence to its prompt (samples of a prompt are contiguous).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_len: int
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    prompt_index: torch.Tensor
+    texts: list[str]
+    finished: torch.Tensor
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(-1)
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, P - len(p):] = 1
+    return ids, mask
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
+                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (n, V) -> (tokens (n,), log softmax(logits / T) at the tokens (n,)); T = 0 is greedy."""
+    logits = logits.float()
+    if temperature == 0:
+        tokens = logits.argmax(-1)
+        return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    logp = torch.log_softmax(logits / temperature, -1)  # (n, V)
+    probs = logp.exp()
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix with mass >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for e in gen_eos if isinstance(gen_eos, list) else [gen_eos]:
+        if e is not None:
+            ids.add(int(e))
+    return sorted(ids)
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, tokenizer, prompts: list[list[int]], params: SamplingParams,
+             generator: torch.Generator | None = None) -> RolloutBatch:
+    """Sample ``params.num_samples`` responses for each prompt (token ids) in one batched pass."""
+    from transformers import DynamicCache
+
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    G, T = params.num_samples, params.max_new_tokens
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = torch.tensor(_eos_ids(model, tokenizer), dtype=torch.long, device=device)
+    prompt_ids, prompt_mask = _left_pad(prompts, pad_id)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    P = prompt_ids.shape[1]
+
+    cache = DynamicCache()
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    logits = out.logits[:, -1]  # (B0, V)
+    if G > 1:
+        cache.batch_repeat_interleave(G)
+        logits = logits.repeat_interleave(G, 0)
+    N = len(prompts) * G
+    full_prompt_mask = prompt_mask.repeat_interleave(G, 0)  # (N, P)
+    # attention mask of the active rows; generated positions are always attended, so it is allocated once
+    mask = torch.cat([full_prompt_mask, full_prompt_mask.new_ones((N, T))], dim=1)
+    next_pos = full_prompt_mask.sum(-1)  # (N,) position id of the next token
+    tokens = torch.full((N, T), pad_id, dtype=torch.long, device=device)
+    logps = torch.zeros((N, T), dtype=torch.float32, device=device)
+    lengths = torch.zeros(N, dtype=torch.long, device=device)
+    finished = torch.zeros(N, dtype=torch.bool, device=device)
+    rows = torch.arange(N, device=device)  # original row of each active row
+    alive = torch.ones(N, dtype=torch.bool, device=device)  # active rows still generating
+    stop = tuple(params.stop)
+    stop_window = max((len(s) for s in stop), default=0) + 8  # tokens decoded to look for a stop string
+    decode_steps = 0
+    for t in range(T):
+        tok, lp = sample_tokens(logits, params.temperature, params.top_p, generator)
+        live_rows = rows[alive]
+        tokens[live_rows, t] = tok[alive]
+        logps[live_rows, t] = lp[alive]
+        lengths[live_rows] = t + 1
+        done = alive & torch.isin(tok, eos)
+        if stop:
+            for j in alive.nonzero().flatten().tolist():
+                r = int(rows[j])
+                tail = tokenizer.decode(tokens[r, max(0, t + 1 - stop_window):t + 1])
+                if any(s in tail for s in stop):
+                    done[j] = True
+        finished[rows[done]] = True
+        alive &= ~done
+        n_alive = int(alive.sum())
+        if n_alive == 0 or t == T - 1:
+            break
+        if len(rows) - n_alive >= max(1, len(rows) // 8):  # drop finished rows from the batch and the cache
+            keep = alive.nonzero().flatten()
+            cache.batch_select_indices(keep)
+            rows, mask, next_pos, tok = rows[keep], mask[keep], next_pos[keep], tok[keep]
+            alive = torch.ones(len(rows), dtype=torch.bool, device=device)
+        out = model(input_ids=tok[:, None], attention_mask=mask[:, :P + t + 1], position_ids=next_pos[:, None],
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1]
+        next_pos = next_pos + 1
+        decode_steps += 1
+
+    Tmax = int(lengths.max()) if N else 0
+    tokens, logps = tokens[:, :Tmax], logps[:, :Tmax]
+    response_mask = torch.arange(Tmax, device=device)[None, :] < lengths[:, None]
+    tokens = tokens.masked_fill(~response_mask, pad_id)
+    logps = logps.masked_fill(~response_mask, 0.0)
+    texts = []
+    for i in range(N):
+        text = tokenizer.decode(tokens[i, :lengths[i]], skip_special_tokens=True)
+        for s in stop:
+            if s in text:
+                text = text[:text.index(s) + len(s)]
+        texts.append(text)
+    if was_training:
+        model.train()
+    seconds = time.perf_counter() - t0
+    n_tokens = int(lengths.sum())
+    return RolloutBatch(
+        input_ids=torch.cat([prompt_ids.repeat_interleave(G, 0), tokens], 1),
+        attention_mask=torch.cat([full_prompt_mask, response_mask.long()], 1),
+        prompt_len=P,
+        response_ids=tokens,
+        response_mask=response_mask,
+        logprobs=logps,
+        prompt_index=torch.arange(len(prompts), device=device).repeat_interleave(G),
+        texts=texts,
+        finished=finished,
+        stats={"rollout/seconds": seconds, "rollout/tokens": n_tokens,
+               "rollout/tokens_per_s": n_tokens / max(seconds, 1e-9), "rollout/decode_steps": decode_steps + 1},
+    )
