@@ -99,6 +99,7 @@ class RewardConfig:
     source: str = doc("math_answer", "reward source name (see rlmt.rewards.REGISTRY)")
     args: dict = doc({}, "keyword arguments of the reward source")
     invalid_as_none: bool = doc(False, "a non-finite score becomes None (excluded, counted) instead of an error")
+    pass_threshold: float = doc(1.0, "a response passes (pass rate, pass@1) when its reward is >= this")
 
 
 @dataclass(frozen=True)

@@ -32,12 +32,14 @@ def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 
 def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    target_mask: torch.Tensor, temperature: float = 1.0, chunk_tokens: int = 1024,
-                   return_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                   return_entropy: bool = False, position_ids: torch.Tensor | None = None,
+                   ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log pi(x_t | x_<t) for every position t with ``target_mask[:, t]`` true.
 
     Args:
         input_ids: (B, L) token ids, padding anywhere as long as ``attention_mask`` marks it.
-        attention_mask: (B, L) 1 for real tokens.
+        attention_mask: (B, L) 1 for real tokens, or a (B, 1, L, L) boolean mask (packed rows; then pass
+            ``position_ids`` too).
         target_mask: (B, L) bool, true where ``input_ids[:, t]`` is scored; position 0 is never a target.
         temperature: logits are divided by it (match the sampler's temperature; 0 is treated as 1).
     Returns:
@@ -48,7 +50,8 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     body = model.get_decoder()
     head = model.get_output_embeddings()
     hidden = body(input_ids=input_ids, attention_mask=attention_mask,
-                  position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+                  position_ids=position_ids if position_ids is not None else position_ids_from_mask(attention_mask),
+                  use_cache=False).last_hidden_state
     sel = target_mask[:, 1:].bool()  # (B, L-1): the prediction at t-1 scores token t
     h = hidden[:, :-1][sel]  # (M, H)
     targets = input_ids[:, 1:][sel]  # (M,)

@@ -197,12 +197,7 @@ def save_pretrained_atomic(model: torch.nn.Module, tokenizer, target: Path) -> N
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    model_to_save = model
-    if hasattr(model, "merge_and_unload") and getattr(model, "peft_config", None):
-        model.save_pretrained(tmp / "adapter")  # adapters saved separately; base weights untouched
-        model_to_save = None
-    if model_to_save is not None:
-        model_to_save.save_pretrained(tmp)
+    model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "rlmt.json").write_text(json.dumps({"format": 1}))
     old = None

@@ -1,0 +1,207 @@
+"""The ``rlmt`` command line: train, eval, generate, demo, report.
+
+Bad input (config, data, model) ends with a one-line error naming the file, line and field, and a non-zero
+exit code; tracebacks are for bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EPILOG = """\
+config: a YAML file of the keys listed by `rlmt train --help-config`, then key=value overrides
+(dotted keys, YAML values), e.g.  rlmt train cfg.yaml optim.lr=1e-5 rollout.num_samples=8
+
+exit codes: 0 ok, 2 bad input (config, data, model), 1 an error inside rlmt
+"""
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - cosmetics only
+        pass
+
+
+def _load(args):
+    from rlmt.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(args) -> int:
+    from rlmt.train.runner import train
+
+    cfg = _load(args)
+    run_dir = train(cfg)
+    print(f"run written to {run_dir}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from rlmt.data import check_prompt_lengths, load_rows
+    from rlmt.rewards import build_reward_source
+    from rlmt.train.runner import write_samples
+    from rlmt.evaluate import evaluate
+    from rlmt.train.session import prepare_model, prompt_format, seed_everything
+
+    cfg = _load(args)
+    path = cfg.data.eval or cfg.data.train
+    if not path:
+        raise SystemExit("error: set data.eval (or data.train) to a prompt file")
+    seed_everything(cfg.run.seed)
+    lm = prepare_model(cfg)
+    fmt = prompt_format(cfg)
+    report = load_rows(path, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts)
+    rows = check_prompt_lengths(report.rows, lm.tokenizer, fmt, cfg.data.max_prompt_tokens, cfg.data.on_invalid, report)
+    source = build_reward_source(cfg.reward.source, cfg.reward.args)
+    metrics, samples = evaluate(lm.model, lm.tokenizer, fmt, rows, source, cfg.eval.num_samples,
+                                cfg.eval.temperature, cfg.eval.max_new_tokens, cfg.run.seed,
+                                cfg.rollout.batch_prompts, cfg.reward.pass_threshold, stop=cfg.rollout.stop,
+                                invalid_as_none=cfg.reward.invalid_as_none)
+    out = Path(cfg.eval.output) if cfg.eval.output else None
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_samples(out, samples)
+    print(json.dumps({"model": cfg.model.name, "data": path, **metrics}, indent=1))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from rlmt.data import encode_prompt, load_rows
+    from rlmt.rollout import SamplingParams, generate
+    from rlmt.train.session import prepare_model, prompt_format, seed_everything
+
+    cfg = _load(args)
+    seed_everything(cfg.run.seed)
+    lm = prepare_model(cfg)
+    fmt = prompt_format(cfg)
+    if args.prompt:
+        prompts = [{"prompt": p} for p in args.prompt]
+    else:
+        path = cfg.data.eval or cfg.data.train
+        if not path:
+            raise SystemExit("error: give --prompt TEXT or set data.eval / data.train")
+        prompts = [r.data for r in load_rows(path, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts).rows]
+    params = SamplingParams(cfg.rollout.num_samples, cfg.rollout.temperature, cfg.rollout.top_p,
+                            cfg.rollout.max_new_tokens, tuple(cfg.rollout.stop))
+    gen = torch.Generator(device=next(lm.model.parameters()).device).manual_seed(cfg.run.seed)
+    out = open(args.output, "w") if args.output else sys.stdout
+    for start in range(0, len(prompts), cfg.rollout.batch_prompts):
+        chunk = prompts[start:start + cfg.rollout.batch_prompts]
+        batch = generate(lm.model, lm.tokenizer, [encode_prompt(lm.tokenizer, fmt, p["prompt"]) for p in chunk], params, gen)
+        for i, text in enumerate(batch.texts):
+            row = chunk[int(batch.prompt_index[i])]
+            out.write(json.dumps({"prompt": row["prompt"], "response": text}) + "\n")
+    if out is not sys.stdout:
+        out.close()
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from rlmt.demo import run_demo
+
+    return run_demo(args.output_dir, args.overrides)
+
+
+def cmd_help_config(_args=None) -> int:
+    from rlmt.config import describe
+
+    for key, default, text in describe():
+        if default == "":
+            print(f"\n{key}:  {text}")
+        else:
+            print(f"  {key} = {default}\n      {text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rlmt", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="rlmt: post-training for language models (SFT, rejection sampling, RL, preferences, GRAPE).",
+        epilog=EPILOG)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def with_config(sp, optional=False):
+        sp.add_argument("config", nargs="?" if optional else None, help="YAML config file")
+        sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-5")
+        sp.set_defaults(_sub=sp)
+
+    t = sub.add_parser("train", help="train with the method in `algorithm:` (sft, rejection_sampling, ...)",
+                       description="Train a model as the config says; writes config.yaml, metrics.jsonl, "
+                                   "checkpoints/ and final/ under run.output_dir. run.resume=true continues a run.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    with_config(t, optional=True)
+    t.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="mean reward and pass@1 of a model on data.eval with the reward source",
+                       description="Sample eval.num_samples responses per prompt of data.eval (or data.train) at "
+                                   "eval.temperature, score them with reward.source, print mean reward, pass@1 and "
+                                   "pass@K; eval.output writes every sample to JSONL.", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    with_config(e)
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="sample responses to prompts (a data file or --prompt) as JSONL",
+                       description="Sample rollout.num_samples responses per prompt with the rollout settings; "
+                                   "prompts from --prompt or from data.eval / data.train.", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    with_config(g, optional=True)
+    g.add_argument("--prompt", action="append", help="a prompt (repeatable); skips the data file")
+    g.add_argument("--output", help="write JSONL here instead of stdout")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="the main job: train the embedded model on a verifiable task, before/after numbers",
+                       description="Runs the built-in demo on the embedded SmolLM2-135M-Instruct (CPU, a few "
+                                   "minutes) and prints held-out accuracy before and after training.")
+    d.add_argument("--output-dir", default="runs/demo", help="run directory (default runs/demo)")
+    d.add_argument("overrides", nargs="*", help="key=value overrides of the demo config")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    if getattr(args, "help_config", False):
+        return cmd_help_config()
+    if hasattr(args, "config") and args.config and "=" in args.config and not Path(args.config).exists():
+        args.overrides = [args.config] + list(args.overrides)  # only overrides were given
+        args.config = None
+    _quiet_transformers()
+    from rlmt.config import ConfigError
+    from rlmt.data import DataError
+    from rlmt.models import ModelError
+    from rlmt.rewards import RewardError
+    from rlmt.train.session import RunError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, ModelError, RunError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RewardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

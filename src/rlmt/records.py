@@ -1,0 +1,101 @@
+"""A run directory: resolved config, ``metrics.jsonl``, optional TensorBoard, a progress bar with ETA.
+
+On resume from step k, ``metrics.jsonl`` is rewritten (atomically) to the rows with ``step <= k``, so the
+file of a resumed run equals the file of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+class RunRecorder:
+    """Writes the records of one run; ``log(step, metrics)`` appends one JSON object per step."""
+
+    def __init__(self, run_dir: str | Path, config: dict, resume_step: int | None = None,
+                 tensorboard: bool = False, log_every: int = 1, total_steps: int | None = None,
+                 progress: bool = True):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        self.metrics_path = self.dir / "metrics.jsonl"
+        kept = []
+        if resume_step is not None and self.metrics_path.exists():
+            for line in self.metrics_path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill
+                    continue
+                if row.get("step", math.inf) <= resume_step:
+                    kept.append(line)
+        write_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
+        self._file = open(self.metrics_path, "a")
+        self.log_every = max(1, log_every)
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise RuntimeError("run.tensorboard=true needs `pip install tensorboard`") from e
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+        self._bar = None
+        if progress and total_steps:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=resume_step or 0, desc="train", unit="step",
+                             dynamic_ncols=True, file=sys.stderr)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(k, v, step)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix({k: row[k] for k in ("loss", "reward/mean") if isinstance(row.get(k), float)})
+        elif step % self.log_every == 0:
+            shown = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in row.items() if not k.startswith("time/")}
+            print(json.dumps(shown), file=sys.stderr)
+
+    def note(self, text: str) -> None:
+        """A line for the human (kept out of metrics.jsonl)."""
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._bar is not None:
+            self._bar.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -1,0 +1,98 @@
+"""What every training run shares: seeding, device and threads, the model (with optional LoRA), the run
+directory and the resume point, and writing ``final/``."""
+
+from __future__ import annotations
+
+import copy
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlmt.checkpoint import latest_checkpoint, list_checkpoints
+from rlmt.config import Config, ModelConfig
+from rlmt.data import PromptFormat
+from rlmt.models import LoadedModel, load_model, save_pretrained_atomic
+
+
+class RunError(RuntimeError):
+    """A run cannot start as configured (e.g. an existing run directory without resume)."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
+    """Wrap ``model`` with LoRA adapters (peft); base weights are frozen and never written back."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise RunError("model.lora.r > 0 needs peft: pip install 'rlmt[lora]'") from e
+    lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, lcfg)
+
+
+def prepare_model(cfg: Config) -> LoadedModel:
+    """Load the policy as configured: device, dtype, threads, gradient checkpointing, LoRA."""
+    if cfg.model.threads > 0:
+        torch.set_num_threads(cfg.model.threads)
+    lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=pick_device(cfg.model.device), seed=cfg.run.seed)
+    if cfg.model.gradient_checkpointing:
+        lm.model.gradient_checkpointing_enable()
+        lm.model.config.use_cache = False
+    if cfg.model.lora.r > 0:
+        lm.model = apply_lora(lm.model, cfg.model)
+    return lm
+
+
+def prompt_format(cfg: Config) -> PromptFormat:
+    return PromptFormat(chat=cfg.data.chat, system_prompt=cfg.data.system_prompt)
+
+
+def resume_checkpoint(cfg: Config) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run.
+
+    ``run.resume=false`` on a directory that already holds checkpoints is an error rather than a silent
+    overwrite; ``true`` with no checkpoint yet starts fresh.
+    """
+    run_dir = Path(cfg.run.output_dir)
+    flag = cfg.run.resume.lower()
+    if flag == "false":
+        if list_checkpoints(run_dir):
+            raise RunError(f"{run_dir} already holds checkpoints: pass run.resume=true to continue it, "
+                           "or choose another run.output_dir")
+        return None
+    if flag == "true":
+        return latest_checkpoint(run_dir)
+    path = Path(cfg.run.resume)
+    if not (path / "state.json").exists():
+        raise RunError(f"run.resume={cfg.run.resume}: not a complete checkpoint (no state.json)")
+    return path
+
+
+def save_final(model: torch.nn.Module, tokenizer, run_dir: Path) -> Path:
+    """Write ``final/``, loadable by ``AutoModelForCausalLM.from_pretrained``.
+
+    With LoRA the adapters go to ``final/adapter`` and ``final/`` holds a merged copy; the live model and
+    the base weights on disk are untouched.
+    """
+    target = Path(run_dir) / "final"
+    if getattr(model, "peft_config", None):
+        merged = copy.deepcopy(model).merge_and_unload()
+        save_pretrained_atomic(merged, tokenizer, target)
+        model.save_pretrained(target / "adapter")
+    else:
+        save_pretrained_atomic(model, tokenizer, target)
+    return target
+
