@@ -46,8 +46,10 @@ def guarded_step(model: torch.nn.Module, optimizer, scheduler, max_grad_norm: fl
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     lr = optimizer.param_groups[0]["lr"]
     skipped = not torch.isfinite(norm)
-    if not skipped:
-        optimizer.step()
+    if skipped:  # keep the schedule on step count without applying the bad update
+        for p in params:
+            p.grad = None
+    optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     return {"grad_norm": float(norm), "lr": lr, "skipped_steps": float(skipped)}
