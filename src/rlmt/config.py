@@ -113,6 +113,23 @@ class RejectionConfig:
 
 
 @dataclass(frozen=True)
+class PolicyGradientConfig:
+    advantage: Literal["group", "group_no_std", "leave_one_out", "running_mean", "none"] = doc(
+        "group", "group: (r - mean_G)/(std_G + eps); group_no_std: r - mean_G; leave_one_out: RLOO; "
+                 "running_mean: r - moving average; none: r")
+    baseline_momentum: float = doc(0.9, "momentum of the running-mean baseline")
+    clip_eps: float = doc(0.2, "PPO/GRPO clip range: ratio in [1 - clip_eps, 1 + clip_eps_high]")
+    clip_eps_high: Optional[float] = doc(None, "upper clip (None: clip_eps; larger = DAPO clip-higher)")
+    beta: float = doc(0.04, "weight of KL(pi || pi_ref); 0 skips the reference model entirely")
+    kl_estimator: Literal["k3", "k1"] = doc("k3", "per-token KL estimator in the loss")
+    kl_in_reward: bool = doc(False, "fold beta * k1 KL into the reward instead of the loss")
+    epochs: int = doc(1, "optimization epochs over each rollout batch (1: no second pass for pi_old)")
+    minibatches: int = doc(1, "optimizer steps per epoch (the rollout batch is split into this many)")
+    aggregation: Literal["token_mean", "seq_mean", "seq_sum", "constant"] = doc(
+        "token_mean", "loss reduction (normalized over the whole minibatch, so accumulation-invariant)")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     num_samples: int = doc(4, "K samples per prompt for pass@1")
     temperature: float = doc(1.0, "sampling temperature for eval (0: greedy)")
@@ -136,7 +153,7 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class Config:
-    algorithm: Literal["sft", "rejection_sampling"] = doc("sft", "training method")
+    algorithm: Literal["sft", "rejection_sampling", "reinforce", "grpo"] = doc("sft", "training method")
     model: ModelConfig = section(ModelConfig, "the policy")
     data: DataConfig = section(DataConfig, "datasets and prompt formatting")
     optim: OptimConfig = section(OptimConfig, "optimizer, schedule and batching")
@@ -144,6 +161,7 @@ class Config:
     rollout: RolloutConfig = section(RolloutConfig, "sampling for online methods")
     reward: RewardConfig = section(RewardConfig, "the reward source")
     rejection: RejectionConfig = section(RejectionConfig, "rejection sampling")
+    pg: PolicyGradientConfig = section(PolicyGradientConfig, "policy-gradient methods (REINFORCE, GRPO)")
     eval: EvalConfig = section(EvalConfig, "evaluation")
     run: RunConfig = section(RunConfig, "run directory, seeding, checkpoints, logging")
 
@@ -168,8 +186,9 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
 def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
     everywhere = _all_keys(Config)
     leaf = key.split(".")[-1]
-    close = (difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-             or [k for k in everywhere if k.split(".")[-1] == leaf][:1]
+    # the same leaf in another section (`run.lr` -> `optim.lr`) beats a fuzzy match in this one (`run.log_every`)
+    close = ([k for k in everywhere if k.split(".")[-1] == leaf][:1]
+             or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
              or difflib.get_close_matches(key, everywhere, n=1, cutoff=0.5))
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return ConfigError(f"{where}unknown config key {key!r}{hint}")
@@ -325,6 +344,11 @@ def validate(cfg: Config, where: str = "") -> None:
     need(cfg.run.resume.lower() in ("true", "false") or Path(cfg.run.resume).exists(), "run.resume",
          f"'true', 'false' or an existing checkpoint path, got {cfg.run.resume!r}")
     need(cfg.model.lora.r >= 0, "model.lora.r", "must be >= 0")
+    need(cfg.pg.epochs >= 1, "pg.epochs", "must be >= 1")
+    need(cfg.pg.minibatches >= 1, "pg.minibatches", "must be >= 1")
+    need(cfg.pg.beta >= 0, "pg.beta", "must be >= 0")
+    if cfg.algorithm in ("grpo", "reinforce") and cfg.pg.advantage in ("group", "group_no_std", "leave_one_out"):
+        need(cfg.rollout.num_samples >= 2, "rollout.num_samples", f"pg.advantage={cfg.pg.advantage} needs >= 2 samples per prompt")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -198,7 +198,15 @@ def train_rejection(cfg: Config) -> Path:
     return run_dir
 
 
+def _online(cfg: Config) -> Path:
+    from rlmt.train.online import train_online
+
+    return train_online(cfg)
+
+
 ALGORITHMS: dict[str, Callable[[Config], Path]] = {
     "sft": train_sft,
     "rejection_sampling": train_rejection,
+    "reinforce": _online,
+    "grpo": _online,
 }

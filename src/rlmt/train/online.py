@@ -1,0 +1,218 @@
+"""The online loop: prompts -> rollout -> rewards -> advantages -> objective -> step.
+
+One loop serves the policy-gradient methods; a method is a choice of parts (see :data:`METHODS`):
+
+- ``reinforce``: loss = -(r - b) * sum_t log pi(y_t | ...), baseline b from ``pg.advantage``;
+- ``grpo``: group-relative advantages into the PPO-clipped surrogate, plus beta * KL(pi || pi_ref) (k3).
+
+With one optimization epoch the old log-probs are the sampler's own (no second forward pass); the
+reference model runs only when ``pg.beta > 0`` (with LoRA it is the base with adapters disabled).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rlmt.checkpoint import load_checkpoint, save_checkpoint
+from rlmt.config import Config, PolicyGradientConfig, to_dict
+from rlmt.data import check_prompt_lengths, encode_prompt, load_rows
+from rlmt.logprobs import token_logprobs
+from rlmt.objectives.advantages import group_relative_advantages, running_mean_baseline
+from rlmt.objectives.aggregate import loss_normalizer
+from rlmt.objectives.policy import kl_penalty_loss, ppo_clip_loss, reinforce_loss
+from rlmt.records import RunRecorder
+from rlmt.rewards import build_reward_source, score_checked
+from rlmt.rollout import RolloutBatch, SamplingParams, generate
+from rlmt.train.optim import build_optimizer, guarded_step
+from rlmt.train.runner import _eval_metrics
+from rlmt.train.session import prepare_model, prompt_format, resume_checkpoint, save_final, seed_everything
+from rlmt.train.sft import step_indices
+
+
+# ------------------------------------------------------------------------------------------ the parts
+
+
+def advantages_for(rewards: torch.Tensor, group_size: int, cfg: PolicyGradientConfig,
+                   baseline: float | None) -> tuple[torch.Tensor, float | None]:
+    """(N*G,) rewards (NaN = unscored) -> ((N*G,) advantages, updated running baseline)."""
+    kind = cfg.advantage
+    if kind == "group":
+        return group_relative_advantages(rewards, group_size, scale="std"), baseline
+    if kind == "group_no_std":
+        return group_relative_advantages(rewards, group_size, scale="none"), baseline
+    if kind == "leave_one_out":
+        return group_relative_advantages(rewards, group_size, scale="none", leave_one_out=True), baseline
+    finite = torch.isfinite(rewards)
+    r = torch.where(finite, rewards, torch.zeros_like(rewards))
+    if kind == "none":
+        return r, baseline
+    b = 0.0 if baseline is None else baseline  # advantage uses the baseline *before* this batch
+    new = running_mean_baseline(baseline, float(r[finite].mean()) if finite.any() else (baseline or 0.0),
+                                cfg.baseline_momentum)
+    return torch.where(finite, r - b, torch.zeros_like(r)), new
+
+
+def policy_objective(method: str) -> Callable:
+    """(lp, old_lp, adv, mask, cfg, normalizer) -> (loss, metrics) for ``method``."""
+    if method == "grpo":
+        return lambda lp, old, adv, mask, cfg, n: ppo_clip_loss(lp, old, adv, mask, cfg.clip_eps, cfg.clip_eps_high,
+                                                               cfg.aggregation, n)
+    if method == "reinforce":
+        return lambda lp, old, adv, mask, cfg, n: reinforce_loss(lp, adv, mask, cfg.aggregation, n)
+    raise ValueError(f"no policy objective for {method!r}")
+
+
+@dataclass
+class ScoredRollout:
+    """A rollout with its rewards, advantages and the log-probs the objective needs. Shapes (N, T)."""
+
+    batch: RolloutBatch
+    rewards: torch.Tensor  # (N,), NaN where unscored
+    advantages: torch.Tensor  # (N,)
+    mask: torch.Tensor  # (N, T) response tokens of scored responses
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor | None
+
+
+def _response_logprobs(model, batch: RolloutBatch, rows: slice | torch.Tensor, temperature: float) -> torch.Tensor:
+    target = torch.zeros_like(batch.attention_mask[rows], dtype=torch.bool)
+    target[:, batch.prompt_len:] = batch.response_mask[rows]
+    lp = token_logprobs(model, batch.input_ids[rows], batch.attention_mask[rows], target, temperature=temperature)
+    return lp[:, batch.prompt_len:]
+
+
+@contextlib.contextmanager
+def reference_of(policy, ref_copy):
+    """The frozen reference: a copy made at the start, or (LoRA) the policy with adapters disabled."""
+    if ref_copy is not None:
+        yield ref_copy
+    else:
+        with policy.disable_adapter():
+            yield policy
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+def train_online(cfg: Config) -> Path:
+    run_dir = Path(cfg.run.output_dir)
+    seed_everything(cfg.run.seed)
+    lm = prepare_model(cfg)
+    policy, tok = lm.model, lm.tokenizer
+    fmt = prompt_format(cfg)
+    report = load_rows(cfg.data.train, "prompt", cfg.data.on_invalid, cfg.data.limit)
+    rows = check_prompt_lengths(report.rows, tok, fmt, cfg.data.max_prompt_tokens, cfg.data.on_invalid, report)
+    source = build_reward_source(cfg.reward.source, cfg.reward.args)
+    pg, G = cfg.pg, cfg.rollout.num_samples
+    total = cfg.optim.max_steps or max(1, math.ceil(cfg.optim.epochs * len(rows) / cfg.rollout.batch_prompts))
+    opt, sched = build_optimizer(policy, cfg.optim, total * pg.epochs * pg.minibatches)
+    lora = bool(getattr(policy, "peft_config", None))
+    ref_copy = None
+    if pg.beta > 0 and not lora:
+        ref_copy = copy.deepcopy(policy).eval().requires_grad_(False)
+    ckpt = resume_checkpoint(cfg)
+    state = load_checkpoint(ckpt, policy, opt, sched) if ckpt else {"step": 0, "baseline": None}
+    rec = RunRecorder(run_dir, to_dict(cfg), state["step"] if ckpt else None, cfg.run.tensorboard,
+                      cfg.run.log_every, total, cfg.run.progress)
+    if cfg.run.eval_before_after and cfg.data.eval and not ckpt:
+        before = _eval_metrics(cfg, lm, fmt, "before", run_dir)
+        rec.note(f"eval before: pass@1 {before['pass@1']:.3f}  reward/mean {before['reward/mean']:.3f}")
+    params = SamplingParams(G, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens,
+                            tuple(cfg.rollout.stop))
+    device = next(policy.parameters()).device
+    train_t = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
+    objective = policy_objective(cfg.algorithm)
+    baseline = state.get("baseline")
+    for step in range(state["step"], total):
+        idx = step_indices(step, cfg.rollout.batch_prompts, len(rows), cfg.run.seed, cfg.data.shuffle)
+        step_rows = [rows[i] for i in idx]
+        gen = torch.Generator(device=device).manual_seed(cfg.run.seed * 1_000_003 + step)
+        batch = generate(policy, tok, [encode_prompt(tok, fmt, r.data["prompt"]) for r in step_rows], params, gen)
+        rep_rows = [step_rows[int(i)].data for i in batch.prompt_index]
+        scored = score_checked(source, rep_rows, batch.texts, invalid_as_none=cfg.reward.invalid_as_none)
+        rewards = torch.tensor([float("nan") if s is None else s for s in scored.scores], device=device)
+        valid = torch.isfinite(rewards)
+        mask = batch.response_mask & valid[:, None]
+        ref_lp = None
+        if pg.beta > 0:
+            with torch.no_grad(), reference_of(policy, ref_copy) as ref:
+                ref_lp = _response_logprobs(ref, batch, slice(None), train_t)
+        shaped = rewards
+        if ref_lp is not None and pg.kl_in_reward:  # r - beta * sum_t (log pi_old - log pi_ref), k1 in the reward
+            shaped = rewards - pg.beta * ((batch.logprobs - ref_lp) * mask).sum(-1)
+        adv, baseline = advantages_for(shaped, G, pg, baseline)
+        metrics = _optimize(policy, opt, sched, cfg, objective, batch, adv, mask, ref_lp, train_t)
+        groups = rewards.reshape(-1, G)
+        r_ok = rewards[valid]
+        metrics.update({
+            "reward/mean": float(r_ok.mean()) if valid.any() else float("nan"),
+            "reward/std": float(r_ok.std()) if valid.sum() > 1 else 0.0,
+            "pass_rate": float((r_ok >= cfg.reward.pass_threshold).float().mean()) if valid.any() else 0.0,
+            "reward/unscored": float((~valid).sum()),
+            "groups/zero_variance": float(((groups.nan_to_num(-1e9).amax(-1) - groups.nan_to_num(1e9).amin(-1)) == 0).sum()),
+            "response_length/mean": float(batch.response_lengths.float().mean()),
+            "advantage/abs_mean": float(adv.abs().mean()),
+            **{k: v for k, v in batch.stats.items() if k != "rollout/decode_steps"},
+        })
+        rec.log(step + 1, metrics)
+        if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < total:
+            save_checkpoint(run_dir, step + 1, policy, opt, sched, {"baseline": baseline}, cfg.run.keep_checkpoints)
+    save_checkpoint(run_dir, total, policy, opt, sched, {"baseline": baseline}, cfg.run.keep_checkpoints)
+    save_final(policy, tok, run_dir)
+    if cfg.run.eval_before_after and cfg.data.eval:
+        after = _eval_metrics(cfg, lm, fmt, "after", run_dir)
+        rec.note(f"eval after: pass@1 {after['pass@1']:.3f}  reward/mean {after['reward/mean']:.3f}")
+    rec.close()
+    return run_dir
+
+
+def _optimize(policy, opt, sched, cfg: Config, objective, batch: RolloutBatch, adv: torch.Tensor,
+              mask: torch.Tensor, ref_lp: torch.Tensor | None, temperature: float) -> dict[str, float]:
+    """``pg.epochs`` passes over the rollout, ``pg.minibatches`` optimizer steps each, micro-batches of
+    ``optim.batch_size`` sequences accumulated with the minibatch's global loss normalizer."""
+    pg = cfg.pg
+    N = batch.input_ids.shape[0]
+    old_lp = batch.logprobs
+    token_weighted: dict[str, float] = {}  # diagnostics: token-weighted means over the whole update
+    loss_sums: dict[str, float] = {}  # losses: each micro-batch holds its share; summed per optimizer step
+    tokens, n_steps, skipped, grad_norm, lr = 0.0, 0, 0.0, 0.0, 0.0
+    policy.train()
+    for epoch in range(pg.epochs):
+        order = torch.arange(N) if epoch == 0 else torch.randperm(N, generator=torch.Generator().manual_seed(epoch))
+        for mb in order.chunk(pg.minibatches):
+            normalizer = loss_normalizer(mask[mb], pg.aggregation, max_len=cfg.rollout.max_new_tokens)
+            for micro in mb.split(cfg.optim.batch_size):
+                m = mask[micro]
+                if not m.any():
+                    continue
+                lp = _response_logprobs(policy, batch, micro, temperature)
+                loss, met = objective(lp, old_lp[micro], adv[micro], m, pg, normalizer)
+                if ref_lp is not None and not pg.kl_in_reward:
+                    kl_loss, kl_met = kl_penalty_loss(lp, ref_lp[micro], m, pg.beta, pg.kl_estimator,
+                                                      pg.aggregation, normalizer)
+                    loss = loss + kl_loss
+                    met = {**met, **kl_met}
+                loss.backward()
+                w = float(m.sum())
+                tokens += w
+                for k, v in met.items():
+                    if k.endswith("loss"):
+                        loss_sums[k] = loss_sums.get(k, 0.0) + v
+                    else:
+                        token_weighted[k] = token_weighted.get(k, 0.0) + v * w
+            step = guarded_step(policy, opt, sched, cfg.optim.max_grad_norm)
+            n_steps += 1
+            skipped += step["skipped_steps"]
+            grad_norm, lr = step["grad_norm"], step["lr"]
+    out = {k: v / tokens for k, v in token_weighted.items()} if tokens else {}
+    out.update({k: v / n_steps for k, v in loss_sums.items()})
+    out["loss"] = out.get("policy_loss", 0.0) + out.get("kl_loss", 0.0)
+    out.update({"skipped_steps": skipped, "grad_norm": grad_norm, "lr": lr, "tokens": tokens / max(1, pg.epochs)})
+    return out
