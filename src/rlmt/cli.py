@@ -48,6 +48,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from rlmt.config import ConfigError
     from rlmt.data import check_prompt_lengths, load_rows
     from rlmt.rewards import build_reward_source
     from rlmt.train.runner import write_samples
@@ -57,7 +58,7 @@ def cmd_eval(args) -> int:
     cfg = _load(args)
     path = cfg.data.eval or cfg.data.train
     if not path:
-        raise SystemExit("error: set data.eval (or data.train) to a prompt file")
+        raise ConfigError("data.eval: set data.eval (or data.train) to a prompt file")
     seed_everything(cfg.run.seed)
     lm = prepare_model(cfg)
     fmt = prompt_format(cfg)
@@ -79,6 +80,7 @@ def cmd_eval(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
+    from rlmt.config import ConfigError
     from rlmt.data import encode_prompt, load_rows
     from rlmt.rollout import SamplingParams, generate
     from rlmt.train.session import prepare_model, prompt_format, seed_everything
@@ -92,7 +94,7 @@ def cmd_generate(args) -> int:
     else:
         path = cfg.data.eval or cfg.data.train
         if not path:
-            raise SystemExit("error: give --prompt TEXT or set data.eval / data.train")
+            raise ConfigError("data.eval: give --prompt TEXT or set data.eval / data.train")
         prompts = [r.data for r in load_rows(path, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts).rows]
     params = SamplingParams(cfg.rollout.num_samples, cfg.rollout.temperature, cfg.rollout.top_p,
                             cfg.rollout.max_new_tokens, tuple(cfg.rollout.stop))

@@ -50,6 +50,8 @@ class LoadReport:
 
 
 def _read_raw(path: str) -> Iterable[tuple[int, Any]]:
+    if not str(path):  # Path("") is "." and exists; say what is missing instead
+        raise DataError("<none>", 0, None, "no data file given: set data.train (or data.eval)")
     p = Path(path)
     if not p.exists():
         raise DataError(path, 0, None, "file does not exist")
