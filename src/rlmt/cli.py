@@ -39,9 +39,9 @@ def _load(args):
 
 
 def cmd_train(args) -> int:
+    cfg = _load(args)  # config errors are reported before the heavy imports
     from rlmt.train.runner import train
 
-    cfg = _load(args)
     run_dir = train(cfg)
     print(f"run written to {run_dir}")
     return 0

@@ -21,17 +21,19 @@ REGISTRY: dict[str, tuple[str, str]] = {
 
 def build_reward_source(name: str, args: dict[str, Any] | None = None) -> RewardSource:
     """Instantiate the reward source registered as ``name`` with keyword ``args``."""
+    from rlmt.config import ConfigError
+
     if name not in REGISTRY:
         import difflib
 
         close = difflib.get_close_matches(name, REGISTRY, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown reward source {name!r}{hint}; known: {sorted(REGISTRY)}")
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"reward.source: unknown reward source {name!r}{hint} (known: {sorted(REGISTRY)})")
     module, cls = REGISTRY[name]
     try:
         return getattr(importlib.import_module(module), cls)(**(args or {}))
-    except TypeError as e:
-        raise ValueError(f"reward source {name!r}: bad arguments {args}: {e}") from e
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"reward.args: bad arguments for reward source {name!r} {args}: {e}") from e
 
 
 __all__ = ["REGISTRY", "RewardError", "RewardResult", "RewardSource", "build_reward_source", "score_checked"]
