@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -131,6 +132,7 @@ def train_online(cfg: Config) -> Path:
     objective = policy_objective(cfg.algorithm)
     baseline = state.get("baseline")
     for step in range(state["step"], total):
+        t_step = time.perf_counter()
         idx = step_indices(step, cfg.rollout.batch_prompts, len(rows), cfg.run.seed, cfg.data.shuffle)
         step_rows = [rows[i] for i in idx]
         gen = torch.Generator(device=device).manual_seed(cfg.run.seed * 1_000_003 + step)
@@ -160,6 +162,8 @@ def train_online(cfg: Config) -> Path:
             "response_length/mean": float(batch.response_lengths.float().mean()),
             "advantage/abs_mean": float(adv.abs().mean()),
             **{k: v for k, v in batch.stats.items() if k != "rollout/decode_steps"},
+            "train/sequence_tokens": float(batch.attention_mask.sum()),
+            "time/step_s": time.perf_counter() - t_step,
         })
         rec.log(step + 1, metrics)
         if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < total:

@@ -1,0 +1,158 @@
+"""GRPO step time and peak memory: rlmt vs TRL's GRPOTrainer, side by side in one run.
+
+Same model (SmolLM2-135M-Instruct, float32, CPU), same data (two-digit plus one-digit addition, chat
+prompts), same settings: 4 prompts x 8 samples per optimizer step, at most 64 new tokens, temperature 1,
+lr 1e-6, beta 0.04, one optimization epoch. Each framework runs in its own process (peak RSS is per
+process). Prints seconds per step (median of the steps after the first), peak RSS and the ratios, plus
+rlmt's rollout tokens/s as a fraction of the decode floor and its training FLOP/s as a fraction of the
+measured matmul peak.
+
+    python benchmarks/grpo_vs_trl.py --steps 4          # needs `pip install -e .[bench]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPTS_PER_STEP, SAMPLES, MAX_NEW, LR, BETA = 4, 8, 64, 1e-6, 0.04
+DECODE_FLOOR_TOK_S = 850.0  # DESIGN.md: measured decode floor at batch 32 on these 2-core machines
+
+
+def _rows(n: int = 256) -> list[dict]:
+    from rlmt.tasks import addition_rows
+
+    return addition_rows(n, seed=0)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_peak_gflops() -> float:
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    return 5 * 2 * 2048**3 / (time.perf_counter() - t) / 1e9
+
+
+def run_rlmt(steps: int, work: Path) -> dict:
+    from rlmt.config import load_config
+    from rlmt.records import read_metrics
+    from rlmt.train.runner import train
+
+    data = work / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    cfg = load_config(None, [
+        "algorithm=grpo", "model.name=smollm2-135m-instruct", f"data.train={data}",
+        f"rollout.num_samples={SAMPLES}", f"rollout.batch_prompts={PROMPTS_PER_STEP}",
+        f"rollout.max_new_tokens={MAX_NEW}", "rollout.temperature=1.0", f"optim.lr={LR}", f"pg.beta={BETA}",
+        "optim.batch_size=8", f"optim.max_steps={steps}", f"run.output_dir={work / 'run'}", "run.progress=false",
+        "optim.max_grad_norm=1.0"])
+    t0 = time.perf_counter()
+    run = train(cfg)
+    total = time.perf_counter() - t0
+    rows = read_metrics(run)
+    step_s = [r["time/step_s"] for r in rows]
+    return {"step_s": step_s, "total_s": total, "peak_rss_mb": _peak_rss_mb(),
+            "rollout_tok_s": statistics.median(r["rollout/tokens_per_s"] for r in rows),
+            "rollout_s": [r["rollout/seconds"] for r in rows], "seq_tokens": [r["train/sequence_tokens"] for r in rows],
+            "reward": [r["reward/mean"] for r in rows]}
+
+
+def run_trl(steps: int, work: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rlmt.models import embedded_model_dir
+
+    torch.manual_seed(0)
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": str(r["answer"])} for r in _rows()]
+
+    def correct(completions, answer, **_):
+        texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+        return [1.0 if (n := re.findall(r"-?\d+", t)) and n[-1] == a else 0.0 for t, a in zip(texts, answer)]
+
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t)
+
+    args = GRPOConfig(output_dir=str(work / "trl"), use_cpu=True, bf16=False, per_device_train_batch_size=SAMPLES,
+                      num_generations=SAMPLES, gradient_accumulation_steps=PROMPTS_PER_STEP,
+                      max_completion_length=MAX_NEW, max_steps=steps, logging_steps=1, learning_rate=LR,
+                      beta=BETA, report_to=[], save_strategy="no", temperature=1.0, seed=0)
+    trainer = GRPOTrainer(model=str(embedded_model_dir()), reward_funcs=correct, args=args,
+                          train_dataset=Dataset.from_list(rows), callbacks=[Timer()])
+    t0 = time.perf_counter()
+    trainer.train()
+    return {"step_s": times, "total_s": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb(),
+            "reward": [h["reward"] for h in trainer.state.log_history if "reward" in h]}
+
+
+def _child(which: str, steps: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, __file__, "--worker", which, "--steps", str(steps), "--work", tmp]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+        if out.returncode != 0 or not line:
+            raise RuntimeError(f"{which} failed:\n{out.stderr[-3000:]}")
+        return json.loads(line[-1][len("RESULT "):])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--only", choices=["rlmt", "trl"], help="run one side only")
+    ap.add_argument("--worker", choices=["rlmt", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        fn = run_rlmt if a.worker == "rlmt" else run_trl
+        print("RESULT " + json.dumps(fn(a.steps, Path(a.work))), flush=True)
+        return
+    results = {w: _child(w, a.steps) for w in (["rlmt", "trl"] if not a.only else [a.only])}
+    print(f"GRPO step: {PROMPTS_PER_STEP} prompts x {SAMPLES} samples, <= {MAX_NEW} new tokens, beta {BETA}, CPU")
+    print(f"{'':8}{'s/step (median, after 1st)':>28}{'peak RSS MB':>14}{'steps':>8}")
+    med = {}
+    for w, r in results.items():
+        med[w] = statistics.median(r["step_s"][1:] or r["step_s"])
+        print(f"{w:8}{med[w]:>28.1f}{r['peak_rss_mb']:>14.0f}{len(r['step_s']):>8}")
+    if len(results) == 2:
+        print(f"ratio rlmt/TRL: step time {med['rlmt'] / med['trl']:.2f}x (target <= 0.33), "
+              f"peak RSS {results['rlmt']['peak_rss_mb'] / results['trl']['peak_rss_mb']:.2f}x (target <= 0.6)")
+    if "rlmt" in results:
+        r = results["rlmt"]
+        tok_s = r["rollout_tok_s"]
+        print(f"rlmt rollout: {tok_s:.0f} tok/s = {tok_s / DECODE_FLOOR_TOK_S:.0%} of the ~{DECODE_FLOOR_TOK_S:.0f} "
+              "tok/s decode floor (DESIGN.md)")
+        # training FLOPs per sequence token: policy forward + backward (6N) and reference forward (2N)
+        n_params = 134.5e6
+        train_s = statistics.median([s - ro for s, ro in zip(r["step_s"], r["rollout_s"])][1:] or [1.0])
+        flops = 8 * n_params * statistics.median(r["seq_tokens"])
+        peak = matmul_peak_gflops()
+        print(f"rlmt training phase: {train_s:.1f} s, ~{flops / train_s / 1e9:.0f} GFLOP/s = "
+              f"{flops / train_s / 1e9 / peak:.0%} of measured matmul peak ({peak:.0f} GFLOP/s)")
+
+
+if __name__ == "__main__":
+    main()
