@@ -117,6 +117,18 @@ def cmd_demo(args) -> int:
     return run_demo(args.output_dir, args.overrides)
 
 
+def cmd_report(args) -> int:
+    from rlmt.report import write_report
+
+    try:
+        path = write_report(Path(args.run_dir), Path(args.output) if args.output else None)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"report written to {path}")
+    return 0
+
+
 def cmd_help_config(_args=None) -> int:
     from rlmt.config import describe
 
@@ -171,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output-dir", default="runs/demo", help="run directory (default runs/demo)")
     d.add_argument("overrides", nargs="*", help="key=value overrides of the demo config")
     d.set_defaults(func=cmd_demo)
+
+    r = sub.add_parser("report", help="an HTML report of a run directory: eval before/after, metric plots, samples",
+                       description="Write RUN_DIR/report.html (plots under RUN_DIR/report/) from config.yaml, "
+                                   "metrics.jsonl and, when present, eval-before/after.json and .jsonl: header, "
+                                   "before/after table, reward/KL/length/loss/rubric plots, sample responses.")
+    r.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (run.output_dir of a training run)")
+    r.add_argument("--output", metavar="FILE", help="write the HTML here instead of RUN_DIR/report.html")
+    r.set_defaults(func=cmd_report)
     return p
 
 
