@@ -18,7 +18,7 @@ import yaml
 from rlmt.cli import main
 from rlmt.config import describe, load_config
 
-SUBCOMMANDS = ["train", "eval", "generate", "demo"]
+SUBCOMMANDS = ["train", "eval", "generate", "demo", "report"]
 TINY = ["model.name=tiny-random", "model.device=cpu", "run.progress=false"]
 
 
