@@ -3,7 +3,10 @@
 The prompts are prefilled once each and the cache is then repeated G times, so the prefill costs P tokens
 per prompt, not G x P. Each decode step computes the output projection for the last position only
 (``logits_to_keep=1``). Rows that have finished (EOS or a stop string) are dropped from the batch (and from
-the cache) once enough of them have finished, so they stop costing compute.
+the cache) once enough of them have finished, so they stop costing compute. The cache is written in place into
+buffers sized for prompt + ``max_new_tokens`` (transformers' ``DynamicCache`` re-copies the whole cache with
+``torch.cat`` at every step), and tokens are drawn by inverse CDF with one uniform per row (``torch.multinomial``
+draws one exponential per vocabulary entry: ~50 ms at 32 x 49152 on a 2-core CPU, a quarter of a decode step).
 
 The log-prob returned for each sampled token is log softmax(logits / T) at that token (T = the sampling
 temperature; 1 for greedy), before top-p truncation: the same number a fresh forward pass over the sequence
@@ -67,20 +70,61 @@ def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
 
 def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (n, V) -> (tokens (n,), log softmax(logits / T) at the tokens (n,)); T = 0 is greedy."""
+    """logits (n, V) -> (tokens (n,), log softmax(logits / T) at the tokens (n,)); T = 0 is greedy.
+
+    Sampling is by inverse CDF: token i is drawn when u ~ U[0, 1) falls in [cdf[i-1], cdf[i]), with the
+    cumulative sum taken in float64 so tokens of tiny probability keep their exact share.
+    """
     logits = logits.float()
     if temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
-    logp = torch.log_softmax(logits / temperature, -1)  # (n, V)
-    probs = logp.exp()
+    logp = torch.log_softmax(logits / temperature if temperature != 1 else logits, -1)  # (n, V)
+    probs, order = logp.exp(), None
     if top_p < 1.0:
-        sorted_p, order = probs.sort(-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix with mass >= top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs, order = probs.sort(-1, descending=True)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)  # smallest prefix with mass >= top_p
+    cdf = probs.cumsum(-1, dtype=torch.float64)  # (n, V)
+    u = torch.rand(len(cdf), 1, dtype=torch.float64, generator=generator, device=cdf.device) * cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)  # (n, 1); skips zero-mass tokens
+    if order is not None:
+        tokens = order.gather(-1, tokens)
+    tokens = tokens.squeeze(-1)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _preallocated_cache(num_layers: int, capacity: int):
+    """A transformers ``Cache`` whose layers write new keys/values in place into (B, kv_heads, capacity, hs)
+    buffers and hand attention a view of the filled prefix, instead of growing by ``torch.cat``."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                B, H, _, hs = key_states.shape
+                self.key_buf = key_states.new_empty((B, H, capacity, hs))
+                self.value_buf = value_states.new_empty((B, H, capacity, hs))
+                self.length, self.is_initialized = 0, True
+            n = key_states.shape[-2]
+            self.key_buf[:, :, self.length:self.length + n] = key_states
+            self.value_buf[:, :, self.length:self.length + n] = value_states
+            self.length += n
+            return self._views()
+
+        def _views(self):
+            self.keys, self.values = self.key_buf[:, :, :self.length], self.value_buf[:, :, :self.length]
+            return self.keys, self.values
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            self.key_buf = self.key_buf.repeat_interleave(repeats, 0)
+            self.value_buf = self.value_buf.repeat_interleave(repeats, 0)
+            self._views()
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            self.key_buf, self.value_buf = self.key_buf[indices], self.value_buf[indices]
+            self._views()
+
+    return Cache(layers=[PreallocatedLayer() for _ in range(num_layers)])
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -98,8 +142,6 @@ def _eos_ids(model, tokenizer) -> list[int]:
 def generate(model: torch.nn.Module, tokenizer, prompts: list[list[int]], params: SamplingParams,
              generator: torch.Generator | None = None) -> RolloutBatch:
     """Sample ``params.num_samples`` responses for each prompt (token ids) in one batched pass."""
-    from transformers import DynamicCache
-
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -111,7 +153,7 @@ def generate(model: torch.nn.Module, tokenizer, prompts: list[list[int]], params
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     P = prompt_ids.shape[1]
 
-    cache = DynamicCache()
+    cache = _preallocated_cache(model.config.num_hidden_layers, P + T)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1]  # (B0, V)
