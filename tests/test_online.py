@@ -48,7 +48,8 @@ def _independent_logprobs(model, batch):
 
 
 def _cfg(algorithm, **kw):
-    over = [f"algorithm={algorithm}", "model.name=tiny-random", "optim.max_grad_norm=0", "pg.beta=0"]
+    over = [f"algorithm={algorithm}", "model.name=tiny-random", "optim.max_grad_norm=0", "pg.beta=0",
+            "rollout.num_samples=4"]
     return load_config(None, over + [f"{k}={v}" for k, v in kw.items()])
 
 

@@ -30,6 +30,64 @@ def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return target_logits - lse, entropy
 
 
+def _scored_positions(h: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, inv_t: float,
+                      chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """h (M, H) hidden states that predict ``targets`` (M,) -> (log-probs (M,), entropies (M,)), chunked."""
+    lp_parts, ent_parts = [], []
+    for start in range(0, h.shape[0], chunk_tokens):
+        hc, tc = h[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+        if torch.is_grad_enabled() and hc.requires_grad:
+            lp, ent = checkpoint(_chunk_logprobs, hc, head.weight, head.bias, tc, inv_t, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprobs(hc, head.weight, head.bias, tc, inv_t)
+        lp_parts.append(lp)
+        ent_parts.append(ent.detach())
+    if not lp_parts:
+        return h.sum(-1) * 0.0, h.new_zeros(0)
+    return torch.cat(lp_parts), torch.cat(ent_parts)
+
+
+def grouped_response_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                              response_ids: torch.Tensor, response_mask: torch.Tensor, group_size: int,
+                              temperature: float = 1.0, chunk_tokens: int = 1024,
+                              return_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log pi(y_t | x, y_<t) of G responses per prompt, running each prompt through the model once.
+
+    The prompt's keys and values are computed once per prompt (with gradient), repeated G times, and the
+    responses attend to them: the same numbers and the same gradient as G full forward passes, at
+    (P + G*T) instead of G*(P + T) tokens of compute. The gradient through the shared prompt is exact:
+    autograd sums the G responses' contributions through the repeat.
+
+    Args:
+        prompt_ids, prompt_mask: (B0, P) left-padded prompts.
+        response_ids, response_mask: (B0*G, T) right-padded responses; rows [p*G, (p+1)*G) answer prompt p.
+    Returns:
+        (B0*G, T) float32 log-probs (0 off the mask); with ``return_entropy`` also (B0*G, T) entropies.
+    """
+    from transformers import DynamicCache
+
+    N, T = response_ids.shape
+    body = model.get_decoder()
+    head = model.get_output_embeddings()
+    cache = DynamicCache()
+    prompt_h = body(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
+                    past_key_values=cache, use_cache=True).last_hidden_state[:, -1]  # (B0, H)
+    if group_size > 1:
+        cache.batch_repeat_interleave(group_size)
+        prompt_h = prompt_h.repeat_interleave(group_size, 0)
+    full_mask = torch.cat([prompt_mask.repeat_interleave(group_size, 0), response_mask.long()], 1)  # (N, P+T)
+    positions = prompt_mask.sum(-1).repeat_interleave(group_size, 0)[:, None] + torch.arange(T, device=response_ids.device)
+    resp_h = body(input_ids=response_ids, attention_mask=full_mask, position_ids=positions,
+                  past_key_values=cache, use_cache=True).last_hidden_state  # (N, T, H)
+    h = torch.cat([prompt_h[:, None], resp_h[:, :-1]], 1)  # (N, T, H): the state that predicts token t
+    sel = response_mask.bool()
+    inv_t = 1.0 / temperature if temperature > 0 else 1.0
+    lp, ent = _scored_positions(h[sel], response_ids[sel], head, inv_t, chunk_tokens)
+    zeros = h.new_zeros((N, T), dtype=torch.float32)
+    out = zeros.masked_scatter(sel, lp) if sel.any() else zeros + 0.0 * h.sum()
+    return (out, zeros.masked_scatter(sel, ent)) if return_entropy else out
+
+
 def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    target_mask: torch.Tensor, temperature: float = 1.0, chunk_tokens: int = 1024,
                    return_entropy: bool = False, position_ids: torch.Tensor | None = None,
@@ -56,19 +114,11 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     h = hidden[:, :-1][sel]  # (M, H)
     targets = input_ids[:, 1:][sel]  # (M,)
     inv_t = 1.0 / temperature if temperature > 0 else 1.0
-    lp_parts, ent_parts = [], []
-    for start in range(0, h.shape[0], chunk_tokens):
-        hc, tc = h[start:start + chunk_tokens], targets[start:start + chunk_tokens]
-        if torch.is_grad_enabled() and hc.requires_grad:
-            lp, ent = checkpoint(_chunk_logprobs, hc, head.weight, head.bias, tc, inv_t, use_reentrant=False)
-        else:
-            lp, ent = _chunk_logprobs(hc, head.weight, head.bias, tc, inv_t)
-        lp_parts.append(lp)
-        ent_parts.append(ent.detach())
+    lp, ent = _scored_positions(h, targets, head, inv_t, chunk_tokens)
     zeros = hidden.new_zeros((B, L - 1), dtype=torch.float32)
-    if lp_parts:
-        out = F.pad(zeros.masked_scatter(sel, torch.cat(lp_parts)), (1, 0))
-        ent_out = F.pad(zeros.masked_scatter(sel, torch.cat(ent_parts)), (1, 0))
+    if sel.any():
+        out = F.pad(zeros.masked_scatter(sel, lp), (1, 0))
+        ent_out = F.pad(zeros.masked_scatter(sel, ent), (1, 0))
     else:  # nothing to score: a zero that still depends on the parameters, so backward() works
         out = F.pad(zeros, (1, 0)) + 0.0 * hidden.sum()
         ent_out = F.pad(zeros, (1, 0))

@@ -24,7 +24,7 @@ import torch
 from rlmt.checkpoint import load_checkpoint, save_checkpoint
 from rlmt.config import Config, PolicyGradientConfig, to_dict
 from rlmt.data import check_prompt_lengths, encode_prompt, load_rows
-from rlmt.logprobs import token_logprobs
+from rlmt.logprobs import grouped_response_logprobs, token_logprobs
 from rlmt.objectives.advantages import group_relative_advantages, running_mean_baseline
 from rlmt.objectives.aggregate import loss_normalizer
 from rlmt.objectives.policy import kl_penalty_loss, ppo_clip_loss, reinforce_loss
@@ -82,11 +82,23 @@ class ScoredRollout:
     ref_logprobs: torch.Tensor | None
 
 
-def _response_logprobs(model, batch: RolloutBatch, rows: slice | torch.Tensor, temperature: float) -> torch.Tensor:
-    target = torch.zeros_like(batch.attention_mask[rows], dtype=torch.bool)
-    target[:, batch.prompt_len:] = batch.response_mask[rows]
-    lp = token_logprobs(model, batch.input_ids[rows], batch.attention_mask[rows], target, temperature=temperature)
-    return lp[:, batch.prompt_len:]
+def _response_logprobs(model, batch: RolloutBatch, groups: torch.Tensor, group_size: int,
+                       temperature: float) -> torch.Tensor:
+    """(len(groups) * G, T) log-probs of the responses of the given prompt groups.
+
+    Each prompt runs through the model once for its G responses (:func:`grouped_response_logprobs`), unless
+    gradient checkpointing is on (transformers then refuses a cache), where full sequences are used.
+    """
+    rows = (groups[:, None] * group_size + torch.arange(group_size)).flatten()
+    if getattr(model, "is_gradient_checkpointing", False) and model.training:
+        target = torch.zeros_like(batch.attention_mask[rows], dtype=torch.bool)
+        target[:, batch.prompt_len:] = batch.response_mask[rows]
+        lp = token_logprobs(model, batch.input_ids[rows], batch.attention_mask[rows], target, temperature=temperature)
+        return lp[:, batch.prompt_len:]
+    first = rows[::group_size]
+    P = batch.prompt_len
+    return grouped_response_logprobs(model, batch.input_ids[first, :P], batch.attention_mask[first, :P],
+                                     batch.response_ids[rows], batch.response_mask[rows], group_size, temperature)
 
 
 @contextlib.contextmanager
@@ -143,9 +155,10 @@ def train_online(cfg: Config) -> Path:
         valid = torch.isfinite(rewards)
         mask = batch.response_mask & valid[:, None]
         ref_lp = None
+        N = len(batch.texts)
         if pg.beta > 0:
             with torch.no_grad(), reference_of(policy, ref_copy) as ref:
-                ref_lp = _response_logprobs(ref, batch, slice(None), train_t)
+                ref_lp = _response_logprobs(ref, batch, torch.arange(N // G), G, train_t)
         shaped = rewards
         if ref_lp is not None and pg.kl_in_reward:  # r - beta * sum_t (log pi_old - log pi_ref), k1 in the reward
             shaped = rewards - pg.beta * ((batch.logprobs - ref_lp) * mask).sum(-1)
@@ -180,23 +193,31 @@ def train_online(cfg: Config) -> Path:
 def _optimize(policy, opt, sched, cfg: Config, objective, batch: RolloutBatch, adv: torch.Tensor,
               mask: torch.Tensor, ref_lp: torch.Tensor | None, temperature: float) -> dict[str, float]:
     """``pg.epochs`` passes over the rollout, ``pg.minibatches`` optimizer steps each, micro-batches of
-    ``optim.batch_size`` sequences accumulated with the minibatch's global loss normalizer."""
+    whole prompt groups (``optim.batch_size`` sequences, rounded to groups) accumulated with the minibatch's
+    global loss normalizer."""
     pg = cfg.pg
-    N = batch.input_ids.shape[0]
+    G = cfg.rollout.num_samples
+    if batch.input_ids.shape[0] % G:
+        raise ValueError(f"{batch.input_ids.shape[0]} sequences do not split into groups of {G}")
+    n_groups = batch.input_ids.shape[0] // G
+    groups_per_micro = max(1, cfg.optim.batch_size // G)
     old_lp = batch.logprobs
     token_weighted: dict[str, float] = {}  # diagnostics: token-weighted means over the whole update
     loss_sums: dict[str, float] = {}  # losses: each micro-batch holds its share; summed per optimizer step
     tokens, n_steps, skipped, grad_norm, lr = 0.0, 0, 0.0, 0.0, 0.0
     policy.train()
     for epoch in range(pg.epochs):
-        order = torch.arange(N) if epoch == 0 else torch.randperm(N, generator=torch.Generator().manual_seed(epoch))
-        for mb in order.chunk(pg.minibatches):
+        order = torch.arange(n_groups) if epoch == 0 else torch.randperm(
+            n_groups, generator=torch.Generator().manual_seed(epoch))
+        for mb_groups in order.chunk(pg.minibatches):
+            mb = (mb_groups[:, None] * G + torch.arange(G)).flatten()
             normalizer = loss_normalizer(mask[mb], pg.aggregation, max_len=cfg.rollout.max_new_tokens)
-            for micro in mb.split(cfg.optim.batch_size):
+            for micro_groups in mb_groups.split(groups_per_micro):
+                micro = (micro_groups[:, None] * G + torch.arange(G)).flatten()
                 m = mask[micro]
                 if not m.any():
                     continue
-                lp = _response_logprobs(policy, batch, micro, temperature)
+                lp = _response_logprobs(policy, batch, micro_groups, G, temperature)
                 loss, met = objective(lp, old_lp[micro], adv[micro], m, pg, normalizer)
                 if ref_lp is not None and not pg.kl_in_reward:
                     kl_loss, kl_met = kl_penalty_loss(lp, ref_lp[micro], m, pg.beta, pg.kl_estimator,
