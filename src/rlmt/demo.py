@@ -1,14 +1,16 @@
-"""``rlmt demo``: the embedded SmolLM2-135M-Instruct learns two-digit plus one-digit addition on a CPU.
+"""``rlmt demo``: GRPO teaches the embedded SmolLM2-135M-Instruct two-digit plus one-digit addition on a CPU.
 
-What it shows: held-out accuracy *sampled at temperature 1* before and after training, on problems the
-training never saw. The ladder used: rejection sampling at a lower temperature (sample G answers per
-problem, keep the correct ones, fine-tune on them), which sharpens the model's noisy T=1 distribution
-toward the answers it can already produce greedily.
+What it shows: held-out accuracy *sampled at temperature 1* (4 samples per problem, on 100 problems the
+training never sees) before and after a few minutes of GRPO: 8 problems x 8 samples per step, reward 1 for
+a correct final number, group-relative advantages, the clipped surrogate and a KL penalty to the starting
+model. The model can already add when decoding greedily (~31%) but samples noisily at T=1 (a few percent);
+GRPO moves probability onto the answers it can produce, so sampled accuracy climbs.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -17,15 +19,15 @@ from rlmt.config import load_config
 from rlmt.tasks import write_addition_split
 
 DEMO_CONFIG = {
-    "algorithm": "rejection_sampling",
+    "algorithm": "grpo",
     "model": {"name": "smollm2-135m-instruct"},
     "data": {"max_prompt_tokens": 96},
-    "rollout": {"num_samples": 8, "temperature": 0.7, "max_new_tokens": 12, "batch_prompts": 8},
-    "reward": {"source": "math_answer", "args": {"mode": "auto"}},
-    "rejection": {"rounds": 3, "prompts_per_round": 48, "keep_top_k": 2, "threshold": 1.0, "sft_epochs": 2.0},
-    "optim": {"lr": 2e-5, "batch_size": 8, "grad_accum": 1, "warmup_steps": 2, "max_grad_norm": 1.0},
-    "eval": {"num_samples": 4, "temperature": 1.0, "max_new_tokens": 12, "max_prompts": 64},
-    "run": {"seed": 0, "eval_before_after": True, "progress": False, "save_every": 0},
+    "rollout": {"num_samples": 8, "temperature": 1.0, "max_new_tokens": 12, "batch_prompts": 8},
+    "reward": {"source": "math_answer"},
+    "pg": {"advantage": "group", "clip_eps": 0.2, "beta": 0.04},
+    "optim": {"lr": 2e-5, "batch_size": 16, "max_steps": 15, "max_grad_norm": 1.0},
+    "eval": {"num_samples": 4, "temperature": 1.0, "max_new_tokens": 12, "max_prompts": 100},
+    "run": {"seed": 0, "eval_before_after": True, "progress": True, "save_every": 5},
 }
 
 
@@ -35,7 +37,9 @@ def run_demo(output_dir: str = "runs/demo", overrides: list[str] | None = None) 
     base = json.loads(json.dumps(DEMO_CONFIG))
     base["data"].update({"train": str(train_path), "eval": str(eval_path)})
     base["run"]["output_dir"] = str(out / "run")
-    if (out / "run" / "checkpoints").exists():
+    if (out / "run" / "final").exists():  # a finished demo: start over (it is regenerated, not user data)
+        shutil.rmtree(out / "run")
+    elif (out / "run" / "checkpoints").exists():  # an interrupted demo continues where it stopped
         base["run"]["resume"] = "true"
     cfg = load_config(None, overrides, base=base)
     print(f"rlmt demo: {cfg.algorithm} on {cfg.model.name}, addition problems, held-out accuracy sampled at "
@@ -51,5 +55,8 @@ def run_demo(output_dir: str = "runs/demo", overrides: list[str] | None = None) 
     print(f"held-out sampled accuracy (pass@1, T={cfg.eval.temperature}): "
           f"{before.get('pass@1', float('nan')):.1%} -> {after['pass@1']:.1%}")
     print(f"held-out mean reward: {before.get('reward/mean', float('nan')):.3f} -> {after['reward/mean']:.3f}")
-    print(f"wall time: {minutes:.1f} min; run directory: {run_dir}")
+    from rlmt.report import write_report
+
+    report = write_report(run_dir)
+    print(f"wall time: {minutes:.1f} min; run directory: {run_dir}; report: {report}")
     return 0
