@@ -34,7 +34,7 @@ def _sgd_update(model, cfg, batch, adv, ref_lp=None):
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     before = [p.detach().clone() for p in model.parameters()]
-    metrics = _optimize(model, opt, sched, cfg, policy_objective(cfg.algorithm), batch, adv,
+    metrics = _optimize(model, model, opt, sched, cfg, policy_objective(cfg.algorithm), batch, adv,
                         batch.response_mask, ref_lp, 1.0)
     return [p.detach() - b for p, b in zip(model.parameters(), before)], metrics
 

@@ -88,13 +88,19 @@ def read_model_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    scheduler: Any, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write ``run_dir/checkpoints/step-{step}`` atomically; prune to the ``keep`` newest."""
+                    scheduler: Any, state: dict[str, Any], keep: int = 2,
+                    extra_modules: dict[str, torch.nn.Module] | None = None) -> Path:
+    """Write ``run_dir/checkpoints/step-{step}`` atomically; prune to the ``keep`` newest.
+
+    ``extra_modules`` (e.g. PPO's value head) are saved beside the model as ``{name}.pt``.
+    """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"step-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=root))
     write_model_weights(model, tmp / "model.pt")
+    for name, module in (extra_modules or {}).items():
+        torch.save(module.state_dict(), tmp / f"{name}.pt")
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if scheduler is not None:
@@ -128,10 +134,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    scheduler: Any) -> dict[str, Any]:
+                    scheduler: Any, extra_modules: dict[str, torch.nn.Module] | None = None) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and RNG states; return ``state.json``."""
     path = Path(path)
     read_model_weights(model, path / "model.pt")
+    for name, module in (extra_modules or {}).items():
+        module.load_state_dict(torch.load(path / f"{name}.pt", map_location="cpu", weights_only=True))
     if optimizer is not None and (path / "optimizer.pt").exists():
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
     if scheduler is not None and (path / "scheduler.pt").exists():

@@ -130,6 +130,25 @@ class PolicyGradientConfig:
 
 
 @dataclass(frozen=True)
+class PPOConfig:
+    gamma: float = doc(1.0, "discount over tokens in GAE")
+    lam: float = doc(0.95, "GAE lambda")
+    vf_coef: float = doc(0.1, "weight of the value loss")
+    value_clip: Optional[float] = doc(0.2, "clip of the value update around the old values (None: off)")
+    whiten_advantages: bool = doc(True, "normalize GAE advantages over the batch's response tokens")
+    critic_lr: Optional[float] = doc(None, "learning rate of the value head (None: optim.lr)")
+
+
+@dataclass(frozen=True)
+class TRPOConfig:
+    max_kl: float = doc(0.01, "delta: the trust region, mean KL(pi_old || pi) over response tokens")
+    cg_iters: int = doc(10, "conjugate-gradient iterations for F^-1 g")
+    cg_damping: float = doc(0.1, "damping added to the Fisher-vector product (F + damping * I)")
+    backtrack_steps: int = doc(10, "line-search halvings before the step is rejected")
+    backtrack_ratio: float = doc(0.5, "step shrink factor per line-search iteration")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     num_samples: int = doc(4, "K samples per prompt for pass@1")
     temperature: float = doc(1.0, "sampling temperature for eval (0: greedy)")
@@ -153,7 +172,8 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class Config:
-    algorithm: Literal["sft", "rejection_sampling", "reinforce", "grpo"] = doc("sft", "training method")
+    algorithm: Literal["sft", "rejection_sampling", "reinforce", "grpo", "ppo", "trpo"] = doc(
+        "sft", "training method")
     model: ModelConfig = section(ModelConfig, "the policy")
     data: DataConfig = section(DataConfig, "datasets and prompt formatting")
     optim: OptimConfig = section(OptimConfig, "optimizer, schedule and batching")
@@ -161,7 +181,9 @@ class Config:
     rollout: RolloutConfig = section(RolloutConfig, "sampling for online methods")
     reward: RewardConfig = section(RewardConfig, "the reward source")
     rejection: RejectionConfig = section(RejectionConfig, "rejection sampling")
-    pg: PolicyGradientConfig = section(PolicyGradientConfig, "policy-gradient methods (REINFORCE, GRPO)")
+    pg: PolicyGradientConfig = section(PolicyGradientConfig, "policy-gradient methods (REINFORCE, GRPO, PPO, TRPO)")
+    ppo: PPOConfig = section(PPOConfig, "PPO: value head, GAE, value loss")
+    trpo: TRPOConfig = section(TRPOConfig, "TRPO: trust region, conjugate gradient, line search")
     eval: EvalConfig = section(EvalConfig, "evaluation")
     run: RunConfig = section(RunConfig, "run directory, seeding, checkpoints, logging")
 
@@ -347,7 +369,10 @@ def validate(cfg: Config, where: str = "") -> None:
     need(cfg.pg.epochs >= 1, "pg.epochs", "must be >= 1")
     need(cfg.pg.minibatches >= 1, "pg.minibatches", "must be >= 1")
     need(cfg.pg.beta >= 0, "pg.beta", "must be >= 0")
-    if cfg.algorithm in ("grpo", "reinforce") and cfg.pg.advantage in ("group", "group_no_std", "leave_one_out"):
+    need(cfg.trpo.max_kl > 0, "trpo.max_kl", "must be > 0")
+    need(0 < cfg.trpo.backtrack_ratio < 1, "trpo.backtrack_ratio", "must be in (0, 1)")
+    need(0 <= cfg.ppo.lam <= 1 and 0 <= cfg.ppo.gamma <= 1, "ppo.lam", "gamma and lam must be in [0, 1]")
+    if cfg.algorithm in ("grpo", "reinforce", "trpo") and cfg.pg.advantage in ("group", "group_no_std", "leave_one_out"):
         need(cfg.rollout.num_samples >= 2, "rollout.num_samples", f"pg.advantage={cfg.pg.advantage} needs >= 2 samples per prompt")
 
 

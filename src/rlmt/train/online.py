@@ -1,9 +1,13 @@
 """The online loop: prompts -> rollout -> rewards -> advantages -> objective -> step.
 
-One loop serves the policy-gradient methods; a method is a choice of parts (see :data:`METHODS`):
+One loop serves every online policy-gradient method; a method is an *update rule* (see :data:`METHODS`)
+that turns one scored rollout (:class:`Experience`) into optimizer steps:
 
 - ``reinforce``: loss = -(r - b) * sum_t log pi(y_t | ...), baseline b from ``pg.advantage``;
-- ``grpo``: group-relative advantages into the PPO-clipped surrogate, plus beta * KL(pi || pi_ref) (k3).
+- ``grpo``: group-relative advantages into the PPO-clipped surrogate, plus beta * KL(pi || pi_ref) (k3);
+- ``ppo``: a value head, GAE over tokens with the KL penalty folded into per-token rewards, the clipped
+  surrogate and clipped value loss (:mod:`rlmt.train.ppo`);
+- ``trpo``: a natural-gradient step inside a KL trust region (:mod:`rlmt.train.trpo`).
 
 With one optimization epoch the old log-probs are the sampler's own (no second forward pass); the
 reference model runs only when ``pg.beta > 0`` (with LoRA it is the base with adapters disabled).
@@ -71,15 +75,52 @@ def policy_objective(method: str) -> Callable:
 
 
 @dataclass
-class ScoredRollout:
-    """A rollout with its rewards, advantages and the log-probs the objective needs. Shapes (N, T)."""
+class Experience:
+    """One scored rollout: everything an update rule needs. Shapes: N = prompts x G sequences, T tokens."""
 
     batch: RolloutBatch
-    rewards: torch.Tensor  # (N,), NaN where unscored
-    advantages: torch.Tensor  # (N,)
+    rewards: torch.Tensor  # (N,) sequence rewards from the reward source, NaN where unscored
     mask: torch.Tensor  # (N, T) response tokens of scored responses
-    old_logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor | None
+    ref_logprobs: torch.Tensor | None  # (N, T) log pi_ref, when pg.beta > 0
+    group_size: int
+    temperature: float  # the sampler's temperature, used for every log-prob
+
+
+@dataclass
+class UpdateContext:
+    """What an update rule may change: the policy (and critic), the optimizer and its own ``state``.
+
+    ``trainable`` holds every module the optimizer steps (gradient clipping runs over it); ``state`` is a
+    JSON-serializable dict saved in checkpoints (e.g. REINFORCE's running baseline).
+    """
+
+    policy: torch.nn.Module
+    critic: torch.nn.Module | None
+    trainable: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    cfg: Config
+    state: dict
+
+
+UpdateRule = Callable[[UpdateContext, Experience], dict]
+
+
+def sequence_rewards(exp: Experience, pg: PolicyGradientConfig) -> torch.Tensor:
+    """(N,) rewards; with ``pg.kl_in_reward``: r - beta * sum_t (log pi_old - log pi_ref) (k1 in the reward)."""
+    if exp.ref_logprobs is None or not pg.kl_in_reward:
+        return exp.rewards
+    return exp.rewards - pg.beta * ((exp.batch.logprobs - exp.ref_logprobs) * exp.mask).sum(-1)
+
+
+def policy_gradient_update(ctx: UpdateContext, exp: Experience) -> dict[str, float]:
+    """REINFORCE and GRPO: sequence advantages, then the method's objective over minibatches."""
+    rewards = sequence_rewards(exp, ctx.cfg.pg)
+    adv, ctx.state["baseline"] = advantages_for(rewards, exp.group_size, ctx.cfg.pg, ctx.state.get("baseline"))
+    metrics = _optimize(ctx.trainable, ctx.policy, ctx.optimizer, ctx.scheduler, ctx.cfg,
+                        policy_objective(ctx.cfg.algorithm), exp.batch, adv, exp.mask, exp.ref_logprobs,
+                        exp.temperature)
+    return {**metrics, "advantage/abs_mean": float(adv.abs().mean())}
 
 
 def _response_logprobs(model, batch: RolloutBatch, groups: torch.Tensor, group_size: int,
@@ -125,13 +166,17 @@ def train_online(cfg: Config) -> Path:
     source = build_reward_source(cfg.reward.source, cfg.reward.args)
     pg, G = cfg.pg, cfg.rollout.num_samples
     total = cfg.optim.max_steps or max(1, math.ceil(cfg.optim.epochs * len(rows) / cfg.rollout.batch_prompts))
-    opt, sched = build_optimizer(policy, cfg.optim, total * pg.epochs * pg.minibatches)
+    method = METHODS[cfg.algorithm]
+    critic = method.make_critic(policy, cfg) if method.make_critic else None
+    trainable = torch.nn.ModuleList([policy] + ([critic] if critic is not None else []))
+    opt, sched = build_optimizer(trainable, cfg.optim, total * pg.epochs * pg.minibatches)
+    extras = {"critic": critic} if critic is not None else None
     lora = bool(getattr(policy, "peft_config", None))
     ref_copy = None
     if pg.beta > 0 and not lora:
         ref_copy = copy.deepcopy(policy).eval().requires_grad_(False)
     ckpt = resume_checkpoint(cfg)
-    state = load_checkpoint(ckpt, policy, opt, sched) if ckpt else {"step": 0, "baseline": None}
+    state = load_checkpoint(ckpt, policy, opt, sched, extras) if ckpt else {"step": 0, "update": {}}
     rec = RunRecorder(run_dir, to_dict(cfg), state["step"] if ckpt else None, cfg.run.tensorboard,
                       cfg.run.log_every, total, cfg.run.progress)
     if cfg.run.eval_before_after and cfg.data.eval and not ckpt:
@@ -141,8 +186,7 @@ def train_online(cfg: Config) -> Path:
                             tuple(cfg.rollout.stop))
     device = next(policy.parameters()).device
     train_t = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
-    objective = policy_objective(cfg.algorithm)
-    baseline = state.get("baseline")
+    ctx = UpdateContext(policy, critic, trainable, opt, sched, cfg, dict(state.get("update", {})))
     for step in range(state["step"], total):
         t_step = time.perf_counter()
         idx = step_indices(step, cfg.rollout.batch_prompts, len(rows), cfg.run.seed, cfg.data.shuffle)
@@ -159,11 +203,7 @@ def train_online(cfg: Config) -> Path:
         if pg.beta > 0:
             with torch.no_grad(), reference_of(policy, ref_copy) as ref:
                 ref_lp = _response_logprobs(ref, batch, torch.arange(N // G), G, train_t)
-        shaped = rewards
-        if ref_lp is not None and pg.kl_in_reward:  # r - beta * sum_t (log pi_old - log pi_ref), k1 in the reward
-            shaped = rewards - pg.beta * ((batch.logprobs - ref_lp) * mask).sum(-1)
-        adv, baseline = advantages_for(shaped, G, pg, baseline)
-        metrics = _optimize(policy, opt, sched, cfg, objective, batch, adv, mask, ref_lp, train_t)
+        metrics = method.update(ctx, Experience(batch, rewards, mask, ref_lp, G, train_t))
         groups = rewards.reshape(-1, G)
         r_ok = rewards[valid]
         metrics.update({
@@ -173,15 +213,15 @@ def train_online(cfg: Config) -> Path:
             "reward/unscored": float((~valid).sum()),
             "groups/zero_variance": float(((groups.nan_to_num(-1e9).amax(-1) - groups.nan_to_num(1e9).amin(-1)) == 0).sum()),
             "response_length/mean": float(batch.response_lengths.float().mean()),
-            "advantage/abs_mean": float(adv.abs().mean()),
             **{k: v for k, v in batch.stats.items() if k != "rollout/decode_steps"},
             "train/sequence_tokens": float(batch.attention_mask.sum()),
             "time/step_s": time.perf_counter() - t_step,
         })
         rec.log(step + 1, metrics)
         if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < total:
-            save_checkpoint(run_dir, step + 1, policy, opt, sched, {"baseline": baseline}, cfg.run.keep_checkpoints)
-    save_checkpoint(run_dir, total, policy, opt, sched, {"baseline": baseline}, cfg.run.keep_checkpoints)
+            save_checkpoint(run_dir, step + 1, policy, opt, sched, {"update": ctx.state}, cfg.run.keep_checkpoints,
+                            extras)
+    save_checkpoint(run_dir, total, policy, opt, sched, {"update": ctx.state}, cfg.run.keep_checkpoints, extras)
     save_final(policy, tok, run_dir)
     if cfg.run.eval_before_after and cfg.data.eval:
         after = _eval_metrics(cfg, lm, fmt, "after", run_dir)
@@ -190,7 +230,7 @@ def train_online(cfg: Config) -> Path:
     return run_dir
 
 
-def _optimize(policy, opt, sched, cfg: Config, objective, batch: RolloutBatch, adv: torch.Tensor,
+def _optimize(trainable, policy, opt, sched, cfg: Config, objective, batch: RolloutBatch, adv: torch.Tensor,
               mask: torch.Tensor, ref_lp: torch.Tensor | None, temperature: float) -> dict[str, float]:
     """``pg.epochs`` passes over the rollout, ``pg.minibatches`` optimizer steps each, micro-batches of
     whole prompt groups (``optim.batch_size`` sequences, rounded to groups) accumulated with the minibatch's
@@ -232,7 +272,7 @@ def _optimize(policy, opt, sched, cfg: Config, objective, batch: RolloutBatch, a
                         loss_sums[k] = loss_sums.get(k, 0.0) + v
                     else:
                         token_weighted[k] = token_weighted.get(k, 0.0) + v * w
-            step = guarded_step(policy, opt, sched, cfg.optim.max_grad_norm)
+            step = guarded_step(trainable, opt, sched, cfg.optim.max_grad_norm)
             n_steps += 1
             skipped += step["skipped_steps"]
             grad_norm, lr = step["grad_norm"], step["lr"]
@@ -241,3 +281,27 @@ def _optimize(policy, opt, sched, cfg: Config, objective, batch: RolloutBatch, a
     out["loss"] = out.get("policy_loss", 0.0) + out.get("kl_loss", 0.0)
     out.update({"skipped_steps": skipped, "grad_norm": grad_norm, "lr": lr, "tokens": tokens / max(1, pg.epochs)})
     return out
+
+
+@dataclass(frozen=True)
+class OnlineMethod:
+    """An online method: its update rule, and (PPO) how to build the critic that trains beside the policy."""
+
+    update: UpdateRule
+    make_critic: Callable[[torch.nn.Module, Config], torch.nn.Module] | None = None
+
+
+def _lazy(module: str, name: str) -> Callable:
+    def call(*args, **kwargs):
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+    return call
+
+
+METHODS: dict[str, OnlineMethod] = {
+    "reinforce": OnlineMethod(policy_gradient_update),
+    "grpo": OnlineMethod(policy_gradient_update),
+    "ppo": OnlineMethod(_lazy("rlmt.train.ppo", "ppo_update"), _lazy("rlmt.train.ppo", "make_value_head")),
+    "trpo": OnlineMethod(_lazy("rlmt.train.trpo", "trpo_update")),
+}

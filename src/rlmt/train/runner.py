@@ -209,4 +209,6 @@ ALGORITHMS: dict[str, Callable[[Config], Path]] = {
     "rejection_sampling": train_rejection,
     "reinforce": _online,
     "grpo": _online,
+    "ppo": _online,
+    "trpo": _online,
 }
