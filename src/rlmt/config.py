@@ -144,7 +144,7 @@ class TRPOConfig:
     max_kl: float = doc(0.01, "delta: the trust region, mean KL(pi_old || pi) over response tokens")
     cg_iters: int = doc(10, "conjugate-gradient iterations for F^-1 g")
     cg_damping: float = doc(0.1, "damping added to the Fisher-vector product (F + damping * I)")
-    backtrack_steps: int = doc(10, "line-search halvings before the step is rejected")
+    backtrack_steps: int = doc(10, "line-search trials (fractions ratio^0 .. ratio^(n-1)) before the step is rejected")
     backtrack_ratio: float = doc(0.5, "step shrink factor per line-search iteration")
 
 
@@ -371,6 +371,9 @@ def validate(cfg: Config, where: str = "") -> None:
     need(cfg.pg.beta >= 0, "pg.beta", "must be >= 0")
     need(cfg.trpo.max_kl > 0, "trpo.max_kl", "must be > 0")
     need(0 < cfg.trpo.backtrack_ratio < 1, "trpo.backtrack_ratio", "must be in (0, 1)")
+    need(cfg.trpo.cg_iters >= 1, "trpo.cg_iters", "must be >= 1")
+    need(cfg.trpo.cg_damping >= 0, "trpo.cg_damping", "must be >= 0")
+    need(cfg.trpo.backtrack_steps >= 0, "trpo.backtrack_steps", "must be >= 0")
     need(0 <= cfg.ppo.lam <= 1 and 0 <= cfg.ppo.gamma <= 1, "ppo.lam", "gamma and lam must be in [0, 1]")
     if cfg.algorithm in ("grpo", "reinforce", "trpo") and cfg.pg.advantage in ("group", "group_no_std", "leave_one_out"):
         need(cfg.rollout.num_samples >= 2, "rollout.num_samples", f"pg.advantage={cfg.pg.advantage} needs >= 2 samples per prompt")

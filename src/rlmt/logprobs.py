@@ -12,6 +12,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
+def activation_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether ``model`` recomputes activations in backward (transformers then refuses a KV cache)."""
+    flag = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5
+    return bool(getattr(model, "is_gradient_checkpointing", False) if flag is None else flag)
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, L) 0/1 mask -> (B, L) positions counting only real tokens (left padding gets position 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

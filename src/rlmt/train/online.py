@@ -28,7 +28,7 @@ import torch
 from rlmt.checkpoint import load_checkpoint, save_checkpoint
 from rlmt.config import Config, PolicyGradientConfig, to_dict
 from rlmt.data import check_prompt_lengths, encode_prompt, load_rows
-from rlmt.logprobs import grouped_response_logprobs, token_logprobs
+from rlmt.logprobs import activation_checkpointing, grouped_response_logprobs, token_logprobs
 from rlmt.objectives.advantages import group_relative_advantages, running_mean_baseline
 from rlmt.objectives.aggregate import loss_normalizer
 from rlmt.objectives.policy import kl_penalty_loss, ppo_clip_loss, reinforce_loss
@@ -131,7 +131,7 @@ def _response_logprobs(model, batch: RolloutBatch, groups: torch.Tensor, group_s
     gradient checkpointing is on (transformers then refuses a cache), where full sequences are used.
     """
     rows = (groups[:, None] * group_size + torch.arange(group_size)).flatten()
-    if getattr(model, "is_gradient_checkpointing", False) and model.training:
+    if activation_checkpointing(model) and model.training:
         target = torch.zeros_like(batch.attention_mask[rows], dtype=torch.bool)
         target[:, batch.prompt_len:] = batch.response_mask[rows]
         lp = token_logprobs(model, batch.input_ids[rows], batch.attention_mask[rows], target, temperature=temperature)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from rlmt.config import Config
-from rlmt.logprobs import _scored_positions, position_ids_from_mask
+from rlmt.logprobs import activation_checkpointing, _scored_positions, position_ids_from_mask
 from rlmt.objectives import (explained_variance, gae, kl_penalized_token_rewards, loss_normalizer, masked_mean,
                              ppo_clip_loss, value_loss, whiten)
 from rlmt.rollout import RolloutBatch
@@ -70,10 +70,7 @@ def _hidden_before_tokens(policy: nn.Module, batch: RolloutBatch, groups: Tensor
 
     rows, P, G = _rows(groups, group_size), batch.prompt_len, group_size
     body = policy.get_decoder()
-    checkpointing = getattr(policy, "is_activation_checkpointing", None)  # transformers >= 5 name
-    if checkpointing is None:
-        checkpointing = getattr(policy, "is_gradient_checkpointing", False)
-    if checkpointing and policy.training:
+    if activation_checkpointing(policy) and policy.training:
         ids, am = batch.input_ids[rows], batch.attention_mask[rows]
         h = body(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am),
                  use_cache=False).last_hidden_state  # (g*G, P+T, H)

@@ -49,7 +49,8 @@ def prepare_model(cfg: Config) -> LoadedModel:
         torch.set_num_threads(cfg.model.threads)
     lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=pick_device(cfg.model.device), seed=cfg.run.seed)
     if cfg.model.gradient_checkpointing:
-        lm.model.gradient_checkpointing_enable()
+        enable = getattr(lm.model, "activation_checkpointing_enable", None) or lm.model.gradient_checkpointing_enable
+        enable()
         lm.model.config.use_cache = False
     if cfg.model.lora.r > 0:
         lm.model = apply_lora(lm.model, cfg.model)
