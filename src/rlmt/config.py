@@ -54,6 +54,7 @@ class ModelConfig:
 class DataConfig:
     train: str = doc("", "training data: JSONL path (or any file the `datasets` library reads)")
     eval: str = doc("", "held-out data for `rlmt eval` and before/after numbers")
+    demonstrations: str = doc("", "SFT rows (prompt, completion, optional reward) for return-weighted optimization")
     chat: bool = doc(True, "format prompts with the tokenizer's chat template")
     system_prompt: Optional[str] = doc(None, "system message for chat prompts (None: the template's default)")
     max_prompt_tokens: int = doc(256, "longest allowed prompt, in tokens")
@@ -127,6 +128,11 @@ class PolicyGradientConfig:
     minibatches: int = doc(1, "optimizer steps per epoch (the rollout batch is split into this many)")
     aggregation: Literal["token_mean", "seq_mean", "seq_sum", "constant"] = doc(
         "token_mean", "loss reduction (normalized over the whole minibatch, so accumulation-invariant)")
+    curriculum: bool = doc(False, "draw prompts by running pass rate, favouring groups that still vary")
+    curriculum_momentum: float = doc(0.7, "EMA momentum of each prompt's running pass rate")
+    curriculum_floor: float = doc(0.02, "weight added to every prompt so solved/hopeless ones still return")
+    nll_coef: float = doc(0.0, "lambda: return-weighted optimization adds lambda * NLL on data.demonstrations")
+    nll_tau: Optional[float] = doc(None, "weight demonstrations by exp(R / tau) (normalized to mean 1); None: equal")
 
 
 @dataclass(frozen=True)
@@ -369,6 +375,9 @@ def validate(cfg: Config, where: str = "") -> None:
     need(cfg.pg.epochs >= 1, "pg.epochs", "must be >= 1")
     need(cfg.pg.minibatches >= 1, "pg.minibatches", "must be >= 1")
     need(cfg.pg.beta >= 0, "pg.beta", "must be >= 0")
+    need(cfg.pg.nll_coef == 0 or bool(cfg.data.demonstrations), "data.demonstrations",
+         "pg.nll_coef > 0 needs a demonstrations file")
+    need(cfg.pg.nll_tau is None or cfg.pg.nll_tau > 0, "pg.nll_tau", "must be > 0")
     need(cfg.trpo.max_kl > 0, "trpo.max_kl", "must be > 0")
     need(0 < cfg.trpo.backtrack_ratio < 1, "trpo.backtrack_ratio", "must be in (0, 1)")
     need(cfg.trpo.cg_iters >= 1, "trpo.cg_iters", "must be >= 1")

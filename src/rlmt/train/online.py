@@ -27,18 +27,19 @@ import torch
 
 from rlmt.checkpoint import load_checkpoint, save_checkpoint
 from rlmt.config import Config, PolicyGradientConfig, to_dict
-from rlmt.data import check_prompt_lengths, encode_prompt, load_rows
+from rlmt.curriculum import curriculum_weights, draw_prompts, update_pass_rates
+from rlmt.data import check_prompt_lengths, encode_prompt, load_rows, split_sft_row, tokenize_sft
 from rlmt.logprobs import activation_checkpointing, grouped_response_logprobs, token_logprobs
 from rlmt.objectives.advantages import group_relative_advantages, running_mean_baseline
 from rlmt.objectives.aggregate import loss_normalizer
-from rlmt.objectives.policy import kl_penalty_loss, ppo_clip_loss, reinforce_loss
+from rlmt.objectives.policy import kl_penalty_loss, nll_loss, ppo_clip_loss, reinforce_loss, return_weights
 from rlmt.records import RunRecorder
 from rlmt.rewards import build_reward_source, score_checked
 from rlmt.rollout import RolloutBatch, SamplingParams, generate
 from rlmt.train.optim import build_optimizer, guarded_step
 from rlmt.train.runner import _eval_metrics
 from rlmt.train.session import prepare_model, prompt_format, resume_checkpoint, save_final, seed_everything
-from rlmt.train.sft import step_indices
+from rlmt.train.sft import make_micro_batches, step_indices
 
 
 # ------------------------------------------------------------------------------------------ the parts
@@ -101,6 +102,55 @@ class UpdateContext:
     scheduler: object
     cfg: Config
     state: dict
+    demos: "Demonstrations | None" = None
+
+
+@dataclass
+class Demonstrations:
+    """Demonstrations for return-weighted optimization: token ids and (optional) rewards R (n,)."""
+
+    examples: list
+    rewards: torch.Tensor | None
+
+
+def load_demonstrations(cfg: Config, tokenizer, fmt, source) -> Demonstrations | None:
+    """Read ``data.demonstrations`` when ``pg.nll_coef > 0``; rewards come from a row's ``reward`` field,
+    else from the run's reward source applied to the demonstration's completion."""
+    if cfg.pg.nll_coef <= 0:
+        return None
+    report = load_rows(cfg.data.demonstrations, "sft", cfg.data.on_invalid)
+    examples = tokenize_sft(report.rows, tokenizer, fmt, cfg.data.max_prompt_tokens, cfg.data.max_completion_tokens,
+                            cfg.data.on_invalid, report)
+    rewards = None
+    if cfg.pg.nll_tau is not None:
+        rows = [r.data for r in report.rows]
+        if all(isinstance(r.get("reward"), (int, float)) for r in rows):
+            scores = [float(r["reward"]) for r in rows]
+        else:
+            scores = score_checked(source, rows, [split_sft_row(r)[1] for r in rows]).scores
+        rewards = torch.tensor([0.0 if s is None else s for s in scores])
+    return Demonstrations(examples, rewards)
+
+
+def demonstration_nll(ctx: UpdateContext) -> dict[str, float]:
+    """Add lambda * (weighted) NLL of ``optim.batch_size`` demonstrations to the pending gradient.
+
+    weights w = exp(R / tau) normalized to mean 1 (:func:`return_weights`) when ``pg.nll_tau`` is set.
+    The draw is a pure function of a counter kept in ``ctx.state``, so resume stays exact.
+    """
+    demos, cfg = ctx.demos, ctx.cfg
+    k = int(ctx.state.get("demo_draws", 0))
+    ctx.state["demo_draws"] = k + 1
+    idx = step_indices(k, cfg.optim.batch_size, len(demos.examples), cfg.run.seed + 1, True)
+    mb = make_micro_batches([demos.examples[i] for i in idx], cfg.optim.batch_size, ctx.policy.config.pad_token_id
+                            if ctx.policy.config.pad_token_id is not None else 0)[0]
+    device = next(ctx.policy.parameters()).device
+    mb = mb.to(device)
+    lp = token_logprobs(ctx.policy, mb.input_ids, mb.attention_mask, mb.target_mask)
+    weights = None if demos.rewards is None else return_weights(demos.rewards[idx], cfg.pg.nll_tau).to(device)
+    loss, metrics = nll_loss(lp, mb.target_mask, weights=weights, aggregation="token_mean")
+    (cfg.pg.nll_coef * loss).backward()
+    return {"demo/nll": metrics["nll"], "demo/nll_loss": cfg.pg.nll_coef * metrics["nll_loss"]}
 
 
 UpdateRule = Callable[[UpdateContext, Experience], dict]
@@ -117,9 +167,10 @@ def policy_gradient_update(ctx: UpdateContext, exp: Experience) -> dict[str, flo
     """REINFORCE and GRPO: sequence advantages, then the method's objective over minibatches."""
     rewards = sequence_rewards(exp, ctx.cfg.pg)
     adv, ctx.state["baseline"] = advantages_for(rewards, exp.group_size, ctx.cfg.pg, ctx.state.get("baseline"))
+    before_step = (lambda: demonstration_nll(ctx)) if ctx.demos is not None else None
     metrics = _optimize(ctx.trainable, ctx.policy, ctx.optimizer, ctx.scheduler, ctx.cfg,
                         policy_objective(ctx.cfg.algorithm), exp.batch, adv, exp.mask, exp.ref_logprobs,
-                        exp.temperature)
+                        exp.temperature, before_step)
     return {**metrics, "advantage/abs_mean": float(adv.abs().mean())}
 
 
@@ -186,12 +237,18 @@ def train_online(cfg: Config) -> Path:
                             tuple(cfg.rollout.stop))
     device = next(policy.parameters()).device
     train_t = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
-    ctx = UpdateContext(policy, critic, trainable, opt, sched, cfg, dict(state.get("update", {})))
+    ctx = UpdateContext(policy, critic, trainable, opt, sched, cfg, dict(state.get("update", {})),
+                        load_demonstrations(cfg, tok, fmt, source))
+    pass_rates = torch.tensor(state.get("pass_rates") or [float("nan")] * len(rows), dtype=torch.float32)
     for step in range(state["step"], total):
         t_step = time.perf_counter()
-        idx = step_indices(step, cfg.rollout.batch_prompts, len(rows), cfg.run.seed, cfg.data.shuffle)
-        step_rows = [rows[i] for i in idx]
         gen = torch.Generator(device=device).manual_seed(cfg.run.seed * 1_000_003 + step)
+        if pg.curriculum:
+            pick = torch.Generator().manual_seed(cfg.run.seed * 7_777_777 + step)
+            idx = draw_prompts(curriculum_weights(pass_rates, pg.curriculum_floor), cfg.rollout.batch_prompts, pick)
+        else:
+            idx = step_indices(step, cfg.rollout.batch_prompts, len(rows), cfg.run.seed, cfg.data.shuffle)
+        step_rows = [rows[i] for i in idx]
         batch = generate(policy, tok, [encode_prompt(tok, fmt, r.data["prompt"]) for r in step_rows], params, gen)
         rep_rows = [step_rows[int(i)].data for i in batch.prompt_index]
         scored = score_checked(source, rep_rows, batch.texts, invalid_as_none=cfg.reward.invalid_as_none)
@@ -205,6 +262,12 @@ def train_online(cfg: Config) -> Path:
                 ref_lp = _response_logprobs(ref, batch, torch.arange(N // G), G, train_t)
         metrics = method.update(ctx, Experience(batch, rewards, mask, ref_lp, G, train_t))
         groups = rewards.reshape(-1, G)
+        if pg.curriculum:
+            group_pass = (groups >= cfg.reward.pass_threshold).float().mean(-1)  # unscored counts as a fail
+            pass_rates = update_pass_rates(pass_rates, torch.tensor(idx), group_pass, pg.curriculum_momentum)
+            seen = ~torch.isnan(pass_rates)
+            metrics.update({"curriculum/seen": float(seen.sum()),
+                            "curriculum/mean_pass_rate": float(pass_rates[seen].mean()) if seen.any() else 0.0})
         r_ok = rewards[valid]
         metrics.update({
             "reward/mean": float(r_ok.mean()) if valid.any() else float("nan"),
@@ -219,9 +282,10 @@ def train_online(cfg: Config) -> Path:
         })
         rec.log(step + 1, metrics)
         if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < total:
-            save_checkpoint(run_dir, step + 1, policy, opt, sched, {"update": ctx.state}, cfg.run.keep_checkpoints,
-                            extras)
-    save_checkpoint(run_dir, total, policy, opt, sched, {"update": ctx.state}, cfg.run.keep_checkpoints, extras)
+            save_checkpoint(run_dir, step + 1, policy, opt, sched, {"update": ctx.state, "pass_rates": pass_rates.tolist()},
+                            cfg.run.keep_checkpoints, extras)
+    save_checkpoint(run_dir, total, policy, opt, sched, {"update": ctx.state, "pass_rates": pass_rates.tolist()},
+                    cfg.run.keep_checkpoints, extras)
     save_final(policy, tok, run_dir)
     if cfg.run.eval_before_after and cfg.data.eval:
         after = _eval_metrics(cfg, lm, fmt, "after", run_dir)
@@ -231,10 +295,12 @@ def train_online(cfg: Config) -> Path:
 
 
 def _optimize(trainable, policy, opt, sched, cfg: Config, objective, batch: RolloutBatch, adv: torch.Tensor,
-              mask: torch.Tensor, ref_lp: torch.Tensor | None, temperature: float) -> dict[str, float]:
+              mask: torch.Tensor, ref_lp: torch.Tensor | None, temperature: float,
+              before_step: Callable[[], dict] | None = None) -> dict[str, float]:
     """``pg.epochs`` passes over the rollout, ``pg.minibatches`` optimizer steps each, micro-batches of
     whole prompt groups (``optim.batch_size`` sequences, rounded to groups) accumulated with the minibatch's
-    global loss normalizer."""
+    global loss normalizer. ``before_step`` (optional) adds more gradient before each optimizer step (the
+    demonstration NLL of return-weighted optimization) and returns its metrics."""
     pg = cfg.pg
     G = cfg.rollout.num_samples
     if batch.input_ids.shape[0] % G:
@@ -272,13 +338,16 @@ def _optimize(trainable, policy, opt, sched, cfg: Config, objective, batch: Roll
                         loss_sums[k] = loss_sums.get(k, 0.0) + v
                     else:
                         token_weighted[k] = token_weighted.get(k, 0.0) + v * w
+            if before_step is not None:
+                for k, v in before_step().items():
+                    loss_sums[k] = loss_sums.get(k, 0.0) + v
             step = guarded_step(trainable, opt, sched, cfg.optim.max_grad_norm)
             n_steps += 1
             skipped += step["skipped_steps"]
             grad_norm, lr = step["grad_norm"], step["lr"]
     out = {k: v / tokens for k, v in token_weighted.items()} if tokens else {}
     out.update({k: v / n_steps for k, v in loss_sums.items()})
-    out["loss"] = out.get("policy_loss", 0.0) + out.get("kl_loss", 0.0)
+    out["loss"] = out.get("policy_loss", 0.0) + out.get("kl_loss", 0.0) + out.get("demo/nll_loss", 0.0)
     out.update({"skipped_steps": skipped, "grad_norm": grad_norm, "lr": lr, "tokens": tokens / max(1, pg.epochs)})
     return out
 
