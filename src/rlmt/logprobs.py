@@ -53,6 +53,30 @@ def _scored_positions(h: torch.Tensor, targets: torch.Tensor, head: torch.nn.Mod
     return torch.cat(lp_parts), torch.cat(ent_parts)
 
 
+def grouped_hidden_states(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                          response_ids: torch.Tensor, response_mask: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B0*G, T, H) final hidden states that predict each response token; position t holds the state before
+    response token t. Each prompt runs once (with gradient) and its KV cache is repeated for its G responses.
+
+    Shapes as in :func:`grouped_response_logprobs`.
+    """
+    from transformers import DynamicCache
+
+    T = response_ids.shape[1]
+    body = model.get_decoder()
+    cache = DynamicCache()
+    prompt_h = body(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
+                    past_key_values=cache, use_cache=True).last_hidden_state[:, -1]  # (B0, H)
+    if group_size > 1:
+        cache.batch_repeat_interleave(group_size)
+        prompt_h = prompt_h.repeat_interleave(group_size, 0)
+    full_mask = torch.cat([prompt_mask.repeat_interleave(group_size, 0), response_mask.long()], 1)  # (N, P+T)
+    positions = prompt_mask.sum(-1).repeat_interleave(group_size, 0)[:, None] + torch.arange(T, device=response_ids.device)
+    resp_h = body(input_ids=response_ids, attention_mask=full_mask, position_ids=positions,
+                  past_key_values=cache, use_cache=True).last_hidden_state  # (N, T, H)
+    return torch.cat([prompt_h[:, None], resp_h[:, :-1]], 1)
+
+
 def grouped_response_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                               response_ids: torch.Tensor, response_mask: torch.Tensor, group_size: int,
                               temperature: float = 1.0, chunk_tokens: int = 256,
@@ -70,22 +94,9 @@ def grouped_response_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, 
     Returns:
         (B0*G, T) float32 log-probs (0 off the mask); with ``return_entropy`` also (B0*G, T) entropies.
     """
-    from transformers import DynamicCache
-
     N, T = response_ids.shape
-    body = model.get_decoder()
     head = model.get_output_embeddings()
-    cache = DynamicCache()
-    prompt_h = body(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
-                    past_key_values=cache, use_cache=True).last_hidden_state[:, -1]  # (B0, H)
-    if group_size > 1:
-        cache.batch_repeat_interleave(group_size)
-        prompt_h = prompt_h.repeat_interleave(group_size, 0)
-    full_mask = torch.cat([prompt_mask.repeat_interleave(group_size, 0), response_mask.long()], 1)  # (N, P+T)
-    positions = prompt_mask.sum(-1).repeat_interleave(group_size, 0)[:, None] + torch.arange(T, device=response_ids.device)
-    resp_h = body(input_ids=response_ids, attention_mask=full_mask, position_ids=positions,
-                  past_key_values=cache, use_cache=True).last_hidden_state  # (N, T, H)
-    h = torch.cat([prompt_h[:, None], resp_h[:, :-1]], 1)  # (N, T, H): the state that predicts token t
+    h = grouped_hidden_states(model, prompt_ids, prompt_mask, response_ids, response_mask, group_size)
     sel = response_mask.bool()
     inv_t = 1.0 / temperature if temperature > 0 else 1.0
     lp, ent = _scored_positions(h[sel], response_ids[sel], head, inv_t, chunk_tokens)

@@ -168,9 +168,10 @@ def policy_gradient_update(ctx: UpdateContext, exp: Experience) -> dict[str, flo
     rewards = sequence_rewards(exp, ctx.cfg.pg)
     adv, ctx.state["baseline"] = advantages_for(rewards, exp.group_size, ctx.cfg.pg, ctx.state.get("baseline"))
     before_step = (lambda: demonstration_nll(ctx)) if ctx.demos is not None else None
+    ctx.state["updates"] = int(ctx.state.get("updates", 0)) + 1
     metrics = _optimize(ctx.trainable, ctx.policy, ctx.optimizer, ctx.scheduler, ctx.cfg,
                         policy_objective(ctx.cfg.algorithm), exp.batch, adv, exp.mask, exp.ref_logprobs,
-                        exp.temperature, before_step)
+                        exp.temperature, before_step, shuffle_seed=ctx.cfg.run.seed * 1_000_003 + ctx.state["updates"])
     return {**metrics, "advantage/abs_mean": float(adv.abs().mean())}
 
 
@@ -296,7 +297,7 @@ def train_online(cfg: Config) -> Path:
 
 def _optimize(trainable, policy, opt, sched, cfg: Config, objective, batch: RolloutBatch, adv: torch.Tensor,
               mask: torch.Tensor, ref_lp: torch.Tensor | None, temperature: float,
-              before_step: Callable[[], dict] | None = None) -> dict[str, float]:
+              before_step: Callable[[], dict] | None = None, shuffle_seed: int = 0) -> dict[str, float]:
     """``pg.epochs`` passes over the rollout, ``pg.minibatches`` optimizer steps each, micro-batches of
     whole prompt groups (``optim.batch_size`` sequences, rounded to groups) accumulated with the minibatch's
     global loss normalizer. ``before_step`` (optional) adds more gradient before each optimizer step (the
@@ -313,8 +314,8 @@ def _optimize(trainable, policy, opt, sched, cfg: Config, objective, batch: Roll
     tokens, n_steps, skipped, grad_norm, lr = 0.0, 0, 0.0, 0.0, 0.0
     policy.train()
     for epoch in range(pg.epochs):
-        order = torch.arange(n_groups) if epoch == 0 else torch.randperm(
-            n_groups, generator=torch.Generator().manual_seed(epoch))
+        order = torch.arange(n_groups) if epoch == 0 else torch.randperm(  # later epochs: a fresh group order
+            n_groups, generator=torch.Generator().manual_seed(shuffle_seed * 101 + epoch))
         for mb_groups in order.chunk(pg.minibatches):
             mb = (mb_groups[:, None] * G + torch.arange(G)).flatten()
             normalizer = loss_normalizer(mask[mb], pg.aggregation, max_len=cfg.rollout.max_new_tokens)

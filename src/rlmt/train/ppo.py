@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from rlmt.config import Config
-from rlmt.logprobs import activation_checkpointing, _scored_positions, position_ids_from_mask
+from rlmt.logprobs import activation_checkpointing, grouped_hidden_states, _scored_positions, position_ids_from_mask
 from rlmt.objectives import (explained_variance, gae, kl_penalized_token_rewards, loss_normalizer, masked_mean,
                              ppo_clip_loss, value_loss, whiten)
 from rlmt.rollout import RolloutBatch
@@ -66,29 +66,15 @@ def _hidden_before_tokens(policy: nn.Module, batch: RolloutBatch, groups: Tensor
     :func:`rlmt.logprobs.grouped_response_logprobs`; with gradient checkpointing (no cache allowed) the
     full sequences run instead. Position t holds the state before response token t.
     """
-    from transformers import DynamicCache
-
     rows, P, G = _rows(groups, group_size), batch.prompt_len, group_size
-    body = policy.get_decoder()
     if activation_checkpointing(policy) and policy.training:
         ids, am = batch.input_ids[rows], batch.attention_mask[rows]
-        h = body(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am),
-                 use_cache=False).last_hidden_state  # (g*G, P+T, H)
+        h = policy.get_decoder()(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am),
+                                 use_cache=False).last_hidden_state  # (g*G, P+T, H)
         return h[:, P - 1:-1]
     first = rows[::G]
-    p_ids, p_mask = batch.input_ids[first, :P], batch.attention_mask[first, :P]  # (g, P)
-    r_ids, r_mask = batch.response_ids[rows], batch.response_mask[rows]  # (g*G, T)
-    cache = DynamicCache()
-    prompt_h = body(input_ids=p_ids, attention_mask=p_mask, position_ids=position_ids_from_mask(p_mask),
-                    past_key_values=cache, use_cache=True).last_hidden_state[:, -1]  # (g, H)
-    if G > 1:
-        cache.batch_repeat_interleave(G)
-        prompt_h = prompt_h.repeat_interleave(G, 0)
-    full_mask = torch.cat([p_mask.repeat_interleave(G, 0), r_mask.long()], 1)  # (g*G, P+T)
-    positions = p_mask.sum(-1).repeat_interleave(G, 0)[:, None] + torch.arange(r_ids.shape[1], device=r_ids.device)
-    resp_h = body(input_ids=r_ids, attention_mask=full_mask, position_ids=positions,
-                  past_key_values=cache, use_cache=True).last_hidden_state  # (g*G, T, H)
-    return torch.cat([prompt_h[:, None], resp_h[:, :-1]], 1)
+    return grouped_hidden_states(policy, batch.input_ids[first, :P], batch.attention_mask[first, :P],
+                                 batch.response_ids[rows], batch.response_mask[rows], G)
 
 
 def response_logprobs_and_values(policy: nn.Module, value_head: nn.Module, batch: RolloutBatch, groups: Tensor,
