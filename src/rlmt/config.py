@@ -155,6 +155,14 @@ class TRPOConfig:
 
 
 @dataclass(frozen=True)
+class DPOConfig:
+    loss: Literal["dpo", "ipo", "cdpo"] = doc(
+        "dpo", "preference loss: 'dpo' (sigmoid), 'ipo' (squared), 'cdpo' (label-smoothed DPO)")
+    beta: float = doc(0.1, "strength of the implicit KL to the reference (DPO's beta, IPO's tau)")
+    label_smoothing: float = doc(0.0, "cdpo: probability eps that a preference label is flipped, in [0, 0.5)")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     num_samples: int = doc(4, "K samples per prompt for pass@1")
     temperature: float = doc(1.0, "sampling temperature for eval (0: greedy)")
@@ -178,7 +186,7 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class Config:
-    algorithm: Literal["sft", "rejection_sampling", "reinforce", "grpo", "ppo", "trpo"] = doc(
+    algorithm: Literal["sft", "rejection_sampling", "reinforce", "grpo", "ppo", "trpo", "dpo"] = doc(
         "sft", "training method")
     model: ModelConfig = section(ModelConfig, "the policy")
     data: DataConfig = section(DataConfig, "datasets and prompt formatting")
@@ -190,6 +198,7 @@ class Config:
     pg: PolicyGradientConfig = section(PolicyGradientConfig, "policy-gradient methods (REINFORCE, GRPO, PPO, TRPO)")
     ppo: PPOConfig = section(PPOConfig, "PPO: value head, GAE, value loss")
     trpo: TRPOConfig = section(TRPOConfig, "TRPO: trust region, conjugate gradient, line search")
+    dpo: DPOConfig = section(DPOConfig, "DPO and its variants: offline preference pairs against a frozen reference")
     eval: EvalConfig = section(EvalConfig, "evaluation")
     run: RunConfig = section(RunConfig, "run directory, seeding, checkpoints, logging")
 
@@ -383,6 +392,8 @@ def validate(cfg: Config, where: str = "") -> None:
     need(cfg.trpo.cg_iters >= 1, "trpo.cg_iters", "must be >= 1")
     need(cfg.trpo.cg_damping >= 0, "trpo.cg_damping", "must be >= 0")
     need(cfg.trpo.backtrack_steps >= 0, "trpo.backtrack_steps", "must be >= 0")
+    need(cfg.dpo.beta > 0, "dpo.beta", "must be > 0")
+    need(0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)")
     need(0 <= cfg.ppo.lam <= 1 and 0 <= cfg.ppo.gamma <= 1, "ppo.lam", "gamma and lam must be in [0, 1]")
     if cfg.algorithm in ("grpo", "reinforce", "trpo") and cfg.pg.advantage in ("group", "group_no_std", "leave_one_out"):
         need(cfg.rollout.num_samples >= 2, "rollout.num_samples", f"pg.advantage={cfg.pg.advantage} needs >= 2 samples per prompt")

@@ -35,23 +35,30 @@ from rlmt.objectives.policy import (
     return_weights,
     value_loss,
 )
+from rlmt.objectives.preference import LOSSES as PREFERENCE_LOSSES
+from rlmt.objectives.preference import cdpo_loss, dpo_loss, ipo_loss, log_ratio_margin
 
 __all__ = [
     "AGGREGATIONS",
     "KL_ESTIMATORS",
+    "PREFERENCE_LOSSES",
     "aggregate_loss",
     "approx_kl",
+    "cdpo_loss",
+    "dpo_loss",
     "entropy_from_logits",
     "explained_variance",
     "gae",
     "grape_aggregate",
     "group_relative_advantages",
+    "ipo_loss",
     "is_finite_loss",
     "kl_k1",
     "kl_k3",
     "kl_penalized_token_rewards",
     "kl_penalty_loss",
     "last_token_index",
+    "log_ratio_margin",
     "loss_normalizer",
     "masked_mean",
     "masked_sum",

@@ -204,6 +204,12 @@ def _online(cfg: Config) -> Path:
     return train_online(cfg)
 
 
+def _dpo(cfg: Config) -> Path:
+    from rlmt.train.dpo import train_dpo
+
+    return train_dpo(cfg)
+
+
 ALGORITHMS: dict[str, Callable[[Config], Path]] = {
     "sft": train_sft,
     "rejection_sampling": train_rejection,
@@ -211,4 +217,5 @@ ALGORITHMS: dict[str, Callable[[Config], Path]] = {
     "grpo": _online,
     "ppo": _online,
     "trpo": _online,
+    "dpo": _dpo,
 }

@@ -1,0 +1,206 @@
+"""DPO and its variants (IPO, cDPO): the offline loop over preference pairs (prompt, chosen, rejected).
+
+The reference is the policy before any update. Its sequence log-probs of every pair are computed once, before
+a checkpoint is loaded (so on a resume the weights are still the initial ones), and cached in
+RUN_DIR/reference_logps.pt, which a resume reloads instead of recomputing.
+
+A step takes ``batch_size * grad_accum`` pairs (a pure function of (seed, step), as in SFT). The chosen and
+rejected completions of a micro-batch run as one batch of 2B rows; each micro-batch's loss is its pairs'
+sum divided by the step's pair count, so the accumulated gradient does not depend on the split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from rlmt.checkpoint import load_checkpoint, save_checkpoint
+from rlmt.config import Config, DPOConfig, to_dict
+from rlmt.data import DataError, LoadReport, PromptFormat, Row, SFTExample, completion_end_ids, encode_prompt, load_rows
+from rlmt.logprobs import token_logprobs
+from rlmt.objectives.preference import LOSSES, PreferenceLoss, log_ratio_margin
+from rlmt.records import RunRecorder, write_atomic
+from rlmt.train.optim import build_optimizer, guarded_step
+from rlmt.train.session import prepare_model, prompt_format, resume_checkpoint, save_final, seed_everything
+from rlmt.train.sft import TokenBatch, collate_sft, examples_per_step, step_indices, total_steps_for
+
+REFERENCE_FILE = "reference_logps.pt"
+
+
+@dataclass
+class PreferencePair:
+    """Token ids of one pair; both completions end with the end-of-turn token."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+def tokenize_preference(rows: Sequence[Row], tokenizer, fmt: PromptFormat, max_prompt_tokens: int,
+                        max_completion_tokens: int, on_invalid: str = "error",
+                        report: LoadReport | None = None) -> list[PreferencePair]:
+    """Tokenize preference rows; over-long prompts are an error (or skipped), long completions truncated."""
+    out = []
+    end = completion_end_ids(tokenizer)
+    for row in rows:
+        p_ids = encode_prompt(tokenizer, fmt, row.data["prompt"])
+        if len(p_ids) > max_prompt_tokens:
+            if on_invalid == "skip":
+                if report is not None:
+                    report.skip("prompt longer than data.max_prompt_tokens")
+                continue
+            raise DataError(row.file, row.line, "prompt",
+                            f"prompt is {len(p_ids)} tokens, longer than data.max_prompt_tokens={max_prompt_tokens}")
+        completions = []
+        for key in ("chosen", "rejected"):
+            ids = tokenizer(row.data[key], add_special_tokens=False)["input_ids"] + end
+            if len(ids) > max_completion_tokens:
+                ids = ids[:max_completion_tokens]
+                if report is not None:
+                    report.skip(f"{key} truncated to data.max_completion_tokens (kept)")
+            completions.append(ids)
+        out.append(PreferencePair(p_ids, *completions))
+    return out
+
+
+def collate_pairs(pairs: Sequence[PreferencePair], pad_id: int) -> TokenBatch:
+    """(2B, L) right-padded rows: the B chosen completions, then the B rejected ones, targets on completions."""
+    return collate_sft([SFTExample(p.prompt_ids, p.chosen_ids) for p in pairs]
+                       + [SFTExample(p.prompt_ids, p.rejected_ids) for p in pairs], pad_id)
+
+
+def sequence_logprobs(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
+    """(2B, L) batch -> (2B,) sum of log pi over each row's completion tokens."""
+    lp = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.target_mask)  # (2B, L), 0 off-target
+    return lp.sum(-1)
+
+
+@torch.no_grad()
+def pair_logprobs(model: torch.nn.Module, pairs: Sequence[PreferencePair], batch_size: int, pad_id: int,
+                  device) -> torch.Tensor:
+    """(N, 2) [chosen, rejected] sequence log-probs of ``pairs`` under ``model`` in eval mode, no grad."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        seq = sequence_logprobs(model, collate_pairs(chunk, pad_id).to(device)).float().cpu()
+        out.append(torch.stack([seq[:len(chunk)], seq[len(chunk):]], -1))
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros((0, 2))
+
+
+def reference_logprobs(run_dir: Path, model: torch.nn.Module, splits: dict[str, list[PreferencePair]],
+                       batch_size: int, pad_id: int, device) -> tuple[dict[str, torch.Tensor], bool]:
+    """{split: (N, 2)} reference log-probs, loaded from RUN_DIR/reference_logps.pt when it matches the data,
+    otherwise computed with ``model`` (which must still hold the initial weights) and saved.
+    Returns (log-probs, whether they were loaded)."""
+    path = run_dir / REFERENCE_FILE
+    if path.exists():
+        cached = torch.load(path, map_location="cpu")
+        if set(cached) == set(splits) and all(cached[k].shape == (len(v), 2) for k, v in splits.items()):
+            return cached, True
+    ref = {k: pair_logprobs(model, v, batch_size, pad_id, device) for k, v in splits.items()}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(ref, tmp)
+    os.replace(tmp, path)
+    return ref, False
+
+
+def preference_loss(cfg: DPOConfig) -> PreferenceLoss:
+    """The configured loss with its hyperparameters bound: ``f(pc, pr, rc, rr, normalizer=...)``."""
+    extra = {"label_smoothing": cfg.label_smoothing} if cfg.loss == "cdpo" else {}
+    return partial(LOSSES[cfg.loss], beta=cfg.beta, **extra)
+
+
+def dpo_update(model: torch.nn.Module, micro_batches: list[tuple[list[PreferencePair], torch.Tensor]],
+               loss_fn: PreferenceLoss, optimizer, scheduler, max_grad_norm: float, pad_id: int,
+               device) -> dict[str, float]:
+    """One optimizer step over micro-batches of (pairs, reference (b, 2)); metrics over the whole step."""
+    t0 = time.perf_counter()
+    n_pairs = sum(len(pairs) for pairs, _ in micro_batches)
+    model.train()
+    policy = []
+    for pairs, ref in micro_batches:
+        b = len(pairs)
+        seq = sequence_logprobs(model, collate_pairs(pairs, pad_id).to(device))  # (2b,)
+        ref = ref.to(device=seq.device, dtype=seq.dtype)
+        loss, _ = loss_fn(seq[:b], seq[b:], ref[:, 0], ref[:, 1], normalizer=n_pairs)
+        loss.backward()
+        policy.append(seq.detach().view(2, b).T)  # (b, 2)
+    pol, ref = torch.cat(policy), torch.cat([r.to(policy[0].device, policy[0].dtype) for _, r in micro_batches])
+    _, metrics = loss_fn(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1])
+    return {**metrics, **guarded_step(model, optimizer, scheduler, max_grad_norm), "pairs": float(n_pairs),
+            "time/step_s": time.perf_counter() - t0}
+
+
+def preference_accuracy(model: torch.nn.Module, pairs: list[PreferencePair], ref: torch.Tensor, beta: float,
+                        batch_size: int, pad_id: int, device) -> dict[str, float]:
+    """Share of held-out pairs whose implicit reward margin is > 0 (ties, e.g. before training, count as wrong)."""
+    pol = pair_logprobs(model, pairs, batch_size, pad_id, device)
+    h = log_ratio_margin(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1])  # (N,)
+    return {"preference_accuracy": float((h > 0).float().mean()), "rewards/margin": float(beta * h.mean()),
+            "pairs": float(len(pairs))}
+
+
+def _load_pairs(cfg: Config, path: str, lm, fmt, limit: int) -> tuple[list[PreferencePair], LoadReport]:
+    report = load_rows(path, "preference", cfg.data.on_invalid, limit)
+    pairs = tokenize_preference(report.rows, lm.tokenizer, fmt, cfg.data.max_prompt_tokens,
+                                cfg.data.max_completion_tokens, cfg.data.on_invalid, report)
+    return pairs, report
+
+
+def train_dpo(cfg: Config) -> Path:
+    run_dir = Path(cfg.run.output_dir)
+    seed_everything(cfg.run.seed)
+    lm = prepare_model(cfg)
+    fmt = prompt_format(cfg)
+    pad_id = lm.tokenizer.pad_token_id
+    device = next(lm.model.parameters()).device
+    pairs, report = _load_pairs(cfg, cfg.data.train, lm, fmt, cfg.data.limit)
+    splits = {"train": pairs}
+    if cfg.data.eval:
+        splits["eval"] = _load_pairs(cfg, cfg.data.eval, lm, fmt, cfg.eval.max_prompts)[0]
+    total = total_steps_for(cfg, len(pairs))
+    opt, sched = build_optimizer(lm.model, cfg.optim, total)
+    ckpt = resume_checkpoint(cfg)
+    ref, reloaded = reference_logprobs(run_dir, lm.model, splits, cfg.optim.batch_size, pad_id, device)
+    start = load_checkpoint(ckpt, lm.model, opt, sched)["step"] if ckpt else 0
+    rec = RunRecorder(run_dir, to_dict(cfg), start if ckpt else None, cfg.run.tensorboard, cfg.run.log_every,
+                      total, cfg.run.progress)
+    rec.note(f"reference log-probs {'reloaded from' if reloaded else 'computed, saved to'} {run_dir / REFERENCE_FILE}")
+    if report.skipped:
+        rec.note(f"data: {len(pairs)} pairs; filtered/adjusted: {report.skipped}")
+    accuracy = partial(preference_accuracy, beta=cfg.dpo.beta, batch_size=cfg.optim.batch_size, pad_id=pad_id,
+                       device=device)
+    if cfg.run.eval_before_after and "eval" in splits and not ckpt:
+        before = accuracy(lm.model, splits["eval"], ref["eval"])
+        write_atomic(run_dir / "eval-before.json", json.dumps(before, indent=1))
+        rec.note(f"eval before: {json.dumps(before)}")
+    loss_fn = preference_loss(cfg.dpo)
+    per_step = examples_per_step(cfg)
+    bs = cfg.optim.batch_size
+    for step in range(start, total):
+        idx = step_indices(step, per_step, len(pairs), cfg.run.seed, cfg.data.shuffle)
+        mbs = [([pairs[i] for i in idx[j:j + bs]], ref["train"][idx[j:j + bs]]) for j in range(0, len(idx), bs)]
+        metrics = dpo_update(lm.model, mbs, loss_fn, opt, sched, cfg.optim.max_grad_norm, pad_id, device)
+        rec.log(step + 1, {**metrics, "epoch": (step + 1) * per_step / len(pairs)})
+        if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < total:
+            save_checkpoint(run_dir, step + 1, lm.model, opt, sched, {"pairs_seen": (step + 1) * per_step},
+                            cfg.run.keep_checkpoints)
+    save_checkpoint(run_dir, total, lm.model, opt, sched, {"pairs_seen": total * per_step}, cfg.run.keep_checkpoints)
+    save_final(lm.model, lm.tokenizer, run_dir)
+    if "eval" in splits:
+        after = accuracy(lm.model, splits["eval"], ref["eval"])
+        write_atomic(run_dir / "eval-after.json", json.dumps(after, indent=1))
+        rec.note(f"eval after: {json.dumps(after)}")
+    rec.close()
+    return run_dir
