@@ -26,11 +26,21 @@ def _sft_data(path: Path) -> Path:
 def _args(kind: str, data_dir: Path, out: Path) -> list[str]:
     common = ["model.name=tiny-random", f"run.output_dir={out}", "run.save_every=1", "run.progress=false",
               "run.keep_checkpoints=3"]
+    if kind == "dpo":
+        rows = [{"prompt": f"What is {i} + 1?", "chosen": f"{i + 1}", "rejected": f"{i + 2}"} for i in range(24)]
+        path = data_dir / "pref.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return ["algorithm=dpo", f"data.train={path}", "optim.max_steps=30", "optim.batch_size=2",
+                "optim.grad_accum=2", "optim.lr=1e-3"] + common
     if kind == "sft":
         return ["algorithm=sft", f"data.train={_sft_data(data_dir / 'sft.jsonl')}", "optim.max_steps=30",
                 "optim.batch_size=2", "optim.grad_accum=2", "optim.lr=1e-3", "optim.schedule=cosine",
                 "optim.warmup_steps=3"] + common
     train, _ = write_addition_split(data_dir, 32, 4)
+    if kind == "grpo":
+        return ["algorithm=grpo", f"data.train={train}", "optim.max_steps=12", "rollout.num_samples=4",
+                "rollout.batch_prompts=2", "rollout.max_new_tokens=6", "optim.lr=1e-3", "pg.curriculum=true",
+                "reward.source=regex", "reward.args={pattern: '[0-9]'}"] + common
     return ["algorithm=rejection_sampling", f"data.train={train}", "rejection.rounds=4",
             "rejection.prompts_per_round=6", "rejection.keep_top_k=2", "rejection.threshold=0",
             "rollout.num_samples=3", "rollout.max_new_tokens=6", "optim.batch_size=2", "optim.lr=1e-3",
@@ -54,7 +64,7 @@ def _final_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "final" / "model.safetensors")
 
 
-@pytest.mark.parametrize("kind", ["sft", "rejection_sampling"])
+@pytest.mark.parametrize("kind", ["sft", "rejection_sampling", "dpo", "grpo"])
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, kind):
     straight = tmp_path / "straight"
     p = _run(_args(kind, tmp_path, straight))
