@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import peak_rss_mb, run_child  # noqa: E402
 
 PROMPTS_PER_STEP, SAMPLES, MAX_NEW, LR, BETA = 4, 8, 64, 1e-6, 0.04
 DECODE_FLOOR_TOK_S = 850.0  # DESIGN.md: measured decode floor at batch 32 on these 2-core machines
@@ -32,10 +31,6 @@ def _rows(n: int = 256) -> list[dict]:
     from rlmt.tasks import addition_rows
 
     return addition_rows(n, seed=0)
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def matmul_peak_gflops() -> float:
@@ -67,7 +62,7 @@ def run_rlmt(steps: int, work: Path) -> dict:
     total = time.perf_counter() - t0
     rows = read_metrics(run)
     step_s = [r["time/step_s"] for r in rows]
-    return {"step_s": step_s, "total_s": total, "peak_rss_mb": _peak_rss_mb(),
+    return {"step_s": step_s, "total_s": total, "peak_rss_mb": peak_rss_mb(),
             "rollout_tok_s": statistics.median(r["rollout/tokens_per_s"] for r in rows),
             "rollout_s": [r["rollout/seconds"] for r in rows], "seq_tokens": [r["train/sequence_tokens"] for r in rows],
             "reward": [r["reward/mean"] for r in rows]}
@@ -105,18 +100,8 @@ def run_trl(steps: int, work: Path) -> dict:
                           train_dataset=Dataset.from_list(rows), callbacks=[Timer()])
     t0 = time.perf_counter()
     trainer.train()
-    return {"step_s": times, "total_s": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb(),
+    return {"step_s": times, "total_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
             "reward": [h["reward"] for h in trainer.state.log_history if "reward" in h]}
-
-
-def _child(which: str, steps: int) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, __file__, "--worker", which, "--steps", str(steps), "--work", tmp]
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-        if out.returncode != 0 or not line:
-            raise RuntimeError(f"{which} failed:\n{out.stderr[-3000:]}")
-        return json.loads(line[-1][len("RESULT "):])
 
 
 def main() -> None:
@@ -130,7 +115,7 @@ def main() -> None:
         fn = run_rlmt if a.worker == "rlmt" else run_trl
         print("RESULT " + json.dumps(fn(a.steps, Path(a.work))), flush=True)
         return
-    results = {w: _child(w, a.steps) for w in (["rlmt", "trl"] if not a.only else [a.only])}
+    results = {w: run_child(__file__, w, a.steps) for w in (["rlmt", "trl"] if not a.only else [a.only])}
     print(f"GRPO step: {PROMPTS_PER_STEP} prompts x {SAMPLES} samples, <= {MAX_NEW} new tokens, beta {BETA}, CPU")
     print(f"{'':8}{'s/step (median, after 1st)':>28}{'peak RSS MB':>14}{'steps':>8}")
     med = {}

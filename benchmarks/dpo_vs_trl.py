@@ -1,0 +1,112 @@
+"""DPO step time and peak memory: rlmt vs TRL's DPOTrainer, side by side in one run.
+
+Same model (SmolLM2-135M-Instruct, float32, CPU), same data (128 arithmetic pairs: chosen states the right
+sum, rejected is off by a little), same settings: 8 pairs per step, lr 5e-6, beta 0.1. Each side runs in its
+own process. rlmt computes the reference log-probs of all pairs once before training (TRL runs the reference
+model every step); the one-off cost is printed separately and also shown amortized over the steps run.
+
+    python benchmarks/dpo_vs_trl.py --steps 6          # needs `pip install -e .[bench]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import peak_rss_mb, run_child  # noqa: E402
+
+PAIRS_PER_STEP, LR, BETA = 8, 5e-6, 0.1
+
+
+def _pairs(n: int = 128) -> list[dict]:
+    rng = random.Random(0)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(10, 99), rng.randint(1, 9)
+        wrong = a + b + rng.choice([-2, -1, 1, 2, 10])
+        out.append({"prompt": f"What is {a} + {b}? Reply with only the number.",
+                    "chosen": f"The answer is {a + b}.", "rejected": f"The answer is {wrong}."})
+    return out
+
+
+def run_rlmt(steps: int, work: Path) -> dict:
+    from rlmt.config import load_config
+    from rlmt.records import read_metrics
+    from rlmt.train.runner import train
+
+    data = work / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _pairs()))
+    cfg = load_config(None, [
+        "algorithm=dpo", "model.name=smollm2-135m-instruct", f"data.train={data}", f"optim.lr={LR}",
+        f"dpo.beta={BETA}", f"optim.batch_size={PAIRS_PER_STEP}", f"optim.max_steps={steps}",
+        f"run.output_dir={work / 'run'}", "run.progress=false"])
+    t0 = time.perf_counter()
+    run = train(cfg)
+    total = time.perf_counter() - t0
+    step_s = [r["time/step_s"] for r in read_metrics(run)]
+    return {"step_s": step_s, "total_s": total, "peak_rss_mb": peak_rss_mb(), "train_s": sum(step_s)}
+
+
+def run_trl(steps: int, work: Path) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from rlmt.models import embedded_model_dir
+
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+             "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in _pairs()]
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t)
+
+    args = DPOConfig(output_dir=str(work / "trl"), use_cpu=True, bf16=False, per_device_train_batch_size=PAIRS_PER_STEP,
+                     gradient_accumulation_steps=1, max_steps=steps, logging_steps=1, learning_rate=LR, beta=BETA,
+                     report_to=[], save_strategy="no", seed=0)
+    trainer = DPOTrainer(model=str(embedded_model_dir()), args=args, train_dataset=Dataset.from_list(rows),
+                         callbacks=[Timer()])
+    t0 = time.perf_counter()
+    trainer.train()
+    return {"step_s": times, "total_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(), "train_s": sum(times)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--only", choices=["rlmt", "trl"], help="run one side only")
+    ap.add_argument("--worker", choices=["rlmt", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        fn = run_rlmt if a.worker == "rlmt" else run_trl
+        print("RESULT " + json.dumps(fn(a.steps, Path(a.work))), flush=True)
+        return
+    results = {w: run_child(__file__, w, a.steps) for w in (["rlmt", "trl"] if not a.only else [a.only])}
+    print(f"DPO step: {PAIRS_PER_STEP} pairs, beta {BETA}, lr {LR}, CPU")
+    print(f"{'':8}{'s/step (median, after 1st)':>28}{'peak RSS MB':>14}{'wall s':>9}{'steps':>7}")
+    med = {}
+    for w, r in results.items():
+        med[w] = statistics.median(r["step_s"][1:] or r["step_s"])
+        print(f"{w:8}{med[w]:>28.2f}{r['peak_rss_mb']:>14.0f}{r['total_s']:>9.1f}{len(r['step_s']):>7}")
+    if len(results) == 2:
+        rl = results["rlmt"]
+        print(f"ratio rlmt/TRL: step time {med['rlmt'] / med['trl']:.2f}x (target <= 0.5), "
+              f"peak RSS {rl['peak_rss_mb'] / results['trl']['peak_rss_mb']:.2f}x (target <= 0.6)")
+        print(f"rlmt one-off work outside the steps (model load, reference log-probs of all 128 pairs, saving): "
+              f"{rl['total_s'] - rl['train_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
