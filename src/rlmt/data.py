@@ -211,43 +211,46 @@ def split_sft_row(row: dict) -> tuple[str | list, str]:
     return msgs[:-1], msgs[-1]["content"]
 
 
+def prompt_ids_within_limit(row: Row, prompt, tokenizer, fmt: PromptFormat, max_prompt_tokens: int,
+                           on_invalid: str = "error", report: LoadReport | None = None) -> list[int] | None:
+    """Token ids of ``prompt``; None (skipped, counted) or a :class:`DataError` when it is too long."""
+    ids = encode_prompt(tokenizer, fmt, prompt)
+    if len(ids) <= max_prompt_tokens:
+        return ids
+    if on_invalid == "skip":
+        if report is not None:
+            report.skip("prompt longer than data.max_prompt_tokens")
+        return None
+    raise DataError(row.file, row.line, "prompt" if "prompt" in row.data else "messages",
+                    f"prompt is {len(ids)} tokens, longer than data.max_prompt_tokens={max_prompt_tokens}")
+
+
+def encode_completion(tokenizer, text: str, max_completion_tokens: int, report: LoadReport | None = None,
+                      field_name: str = "completion") -> list[int]:
+    """Completion ids followed by the end-of-turn token, truncated to ``max_completion_tokens`` (counted)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + completion_end_ids(tokenizer)
+    if len(ids) > max_completion_tokens:
+        ids = ids[:max_completion_tokens]
+        if report is not None:
+            report.skip(f"{field_name} truncated to data.max_completion_tokens (kept)")
+    return ids
+
+
 def tokenize_sft(rows: Sequence[Row], tokenizer, fmt: PromptFormat, max_prompt_tokens: int,
                  max_completion_tokens: int, on_invalid: str = "error",
                  report: LoadReport | None = None) -> list[SFTExample]:
     """Tokenize SFT rows; over-long prompts are an error (or skipped), long completions are truncated."""
     out = []
-    end = completion_end_ids(tokenizer)
     for row in rows:
         prompt, completion = split_sft_row(row.data)
-        p_ids = encode_prompt(tokenizer, fmt, prompt)
-        if len(p_ids) > max_prompt_tokens:
-            if on_invalid == "skip":
-                if report is not None:
-                    report.skip("prompt longer than data.max_prompt_tokens")
-                continue
-            raise DataError(row.file, row.line, "prompt" if "prompt" in row.data else "messages",
-                            f"prompt is {len(p_ids)} tokens, longer than data.max_prompt_tokens={max_prompt_tokens}")
-        c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + end
-        if len(c_ids) > max_completion_tokens:
-            c_ids = c_ids[:max_completion_tokens]
-            if report is not None:
-                report.skip("completion truncated to data.max_completion_tokens (kept)")
-        out.append(SFTExample(p_ids, c_ids))
+        p_ids = prompt_ids_within_limit(row, prompt, tokenizer, fmt, max_prompt_tokens, on_invalid, report)
+        if p_ids is not None:
+            out.append(SFTExample(p_ids, encode_completion(tokenizer, completion, max_completion_tokens, report)))
     return out
 
 
 def check_prompt_lengths(rows: Sequence[Row], tokenizer, fmt: PromptFormat, max_prompt_tokens: int,
                          on_invalid: str = "error", report: LoadReport | None = None) -> list[Row]:
     """Drop (or reject) prompt rows whose formatted prompt exceeds ``max_prompt_tokens``."""
-    kept = []
-    for row in rows:
-        n = len(encode_prompt(tokenizer, fmt, row.data["prompt"]))
-        if n > max_prompt_tokens:
-            if on_invalid == "skip":
-                if report is not None:
-                    report.skip("prompt longer than data.max_prompt_tokens")
-                continue
-            raise DataError(row.file, row.line, "prompt",
-                            f"prompt is {n} tokens, longer than data.max_prompt_tokens={max_prompt_tokens}")
-        kept.append(row)
-    return kept
+    return [row for row in rows if prompt_ids_within_limit(row, row.data["prompt"], tokenizer, fmt,
+                                                           max_prompt_tokens, on_invalid, report) is not None]

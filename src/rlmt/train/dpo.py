@@ -23,7 +23,8 @@ import torch
 
 from rlmt.checkpoint import load_checkpoint, save_checkpoint
 from rlmt.config import Config, DPOConfig, to_dict
-from rlmt.data import DataError, LoadReport, PromptFormat, Row, SFTExample, completion_end_ids, encode_prompt, load_rows
+from rlmt.data import (LoadReport, PromptFormat, Row, SFTExample, encode_completion, load_rows,
+                       prompt_ids_within_limit)
 from rlmt.logprobs import token_logprobs
 from rlmt.objectives.preference import LOSSES, PreferenceLoss, log_ratio_margin
 from rlmt.records import RunRecorder, write_atomic
@@ -48,24 +49,12 @@ def tokenize_preference(rows: Sequence[Row], tokenizer, fmt: PromptFormat, max_p
                         report: LoadReport | None = None) -> list[PreferencePair]:
     """Tokenize preference rows; over-long prompts are an error (or skipped), long completions truncated."""
     out = []
-    end = completion_end_ids(tokenizer)
     for row in rows:
-        p_ids = encode_prompt(tokenizer, fmt, row.data["prompt"])
-        if len(p_ids) > max_prompt_tokens:
-            if on_invalid == "skip":
-                if report is not None:
-                    report.skip("prompt longer than data.max_prompt_tokens")
-                continue
-            raise DataError(row.file, row.line, "prompt",
-                            f"prompt is {len(p_ids)} tokens, longer than data.max_prompt_tokens={max_prompt_tokens}")
-        completions = []
-        for key in ("chosen", "rejected"):
-            ids = tokenizer(row.data[key], add_special_tokens=False)["input_ids"] + end
-            if len(ids) > max_completion_tokens:
-                ids = ids[:max_completion_tokens]
-                if report is not None:
-                    report.skip(f"{key} truncated to data.max_completion_tokens (kept)")
-            completions.append(ids)
+        p_ids = prompt_ids_within_limit(row, row.data["prompt"], tokenizer, fmt, max_prompt_tokens, on_invalid, report)
+        if p_ids is None:
+            continue
+        completions = [encode_completion(tokenizer, row.data[k], max_completion_tokens, report, k)
+                       for k in ("chosen", "rejected")]
         out.append(PreferencePair(p_ids, *completions))
     return out
 
