@@ -80,8 +80,9 @@ ESCAPED = [{"input": "", "output": "escaped"}]  # a hostile program prints "esca
 
 def test_infinite_loop_times_out():
     res = run_sandboxed("while True: pass", limits=LIMITS)
-    assert res.timed_out and res.killed_reason == "timeout"
-    assert LIMITS.wall_seconds <= res.wall_seconds < LIMITS.wall_seconds + SLACK
+    # wall and CPU limits are both 2 s: on an idle machine either may fire first; both end the loop in time
+    assert (res.timed_out and res.killed_reason == "timeout") or res.killed_reason == "cpu"
+    assert res.returncode != 0 and res.wall_seconds < LIMITS.wall_seconds + SLACK
     assert _score("while True: pass", [{"input": "", "output": ""}])[0] == 0.0
 
 
