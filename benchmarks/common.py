@@ -23,3 +23,39 @@ def run_child(script: str, which: str, steps: int) -> dict:
         if out.returncode != 0 or not line:
             raise RuntimeError(f"{which} failed:\n{out.stderr[-3000:]}")
         return json.loads(line[-1][len("RESULT "):])
+
+
+def side_by_side(script: str, doc: str, default_steps: int, run_rlmt, run_trl, title: str,
+                 step_target: float, rss_target: float = 0.6) -> dict | None:
+    """The shared command line of a side-by-side benchmark.
+
+    As a worker (``--worker rlmt|trl``) it runs one side and prints ``RESULT {json}``; otherwise it runs each
+    side in its own process, prints seconds per step (median after the first), peak RSS, wall time and the
+    ratios against the targets, and returns the results (None in a worker).
+    """
+    import argparse
+    import statistics
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=default_steps)
+    ap.add_argument("--only", choices=["rlmt", "trl"], help="run one side only")
+    ap.add_argument("--worker", choices=["rlmt", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        fn = run_rlmt if a.worker == "rlmt" else run_trl
+        print("RESULT " + json.dumps(fn(a.steps, Path(a.work))), flush=True)
+        return None
+    results = {w: run_child(script, w, a.steps) for w in (["rlmt", "trl"] if not a.only else [a.only])}
+    print(title)
+    print(f"{'':8}{'s/step (median, after 1st)':>28}{'peak RSS MB':>14}{'wall s':>9}{'steps':>7}")
+    med = {}
+    for w, r in results.items():
+        med[w] = statistics.median(r["step_s"][1:] or r["step_s"])
+        print(f"{w:8}{med[w]:>28.2f}{r['peak_rss_mb']:>14.0f}{r['total_s']:>9.1f}{len(r['step_s']):>7}")
+    if len(results) == 2:
+        print(f"ratio rlmt/TRL: step time {med['rlmt'] / med['trl']:.2f}x (target <= {step_target}), "
+              f"peak RSS {results['rlmt']['peak_rss_mb'] / results['trl']['peak_rss_mb']:.2f}x "
+              f"(target <= {rss_target})")
+    return results

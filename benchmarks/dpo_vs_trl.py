@@ -10,16 +10,14 @@ model every step); the one-off cost is printed separately and also shown amortiz
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import peak_rss_mb, run_child  # noqa: E402
+from common import peak_rss_mb, side_by_side  # noqa: E402
 
 PAIRS_PER_STEP, LR, BETA = 8, 5e-6, 0.1
 
@@ -83,27 +81,10 @@ def run_trl(steps: int, work: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--only", choices=["rlmt", "trl"], help="run one side only")
-    ap.add_argument("--worker", choices=["rlmt", "trl"], help=argparse.SUPPRESS)
-    ap.add_argument("--work", help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.worker:
-        fn = run_rlmt if a.worker == "rlmt" else run_trl
-        print("RESULT " + json.dumps(fn(a.steps, Path(a.work))), flush=True)
-        return
-    results = {w: run_child(__file__, w, a.steps) for w in (["rlmt", "trl"] if not a.only else [a.only])}
-    print(f"DPO step: {PAIRS_PER_STEP} pairs, beta {BETA}, lr {LR}, CPU")
-    print(f"{'':8}{'s/step (median, after 1st)':>28}{'peak RSS MB':>14}{'wall s':>9}{'steps':>7}")
-    med = {}
-    for w, r in results.items():
-        med[w] = statistics.median(r["step_s"][1:] or r["step_s"])
-        print(f"{w:8}{med[w]:>28.2f}{r['peak_rss_mb']:>14.0f}{r['total_s']:>9.1f}{len(r['step_s']):>7}")
-    if len(results) == 2:
+    results = side_by_side(__file__, __doc__, 6, run_rlmt, run_trl,
+                           f"DPO step: {PAIRS_PER_STEP} pairs, beta {BETA}, lr {LR}, CPU", step_target=0.5)
+    if results and "rlmt" in results:
         rl = results["rlmt"]
-        print(f"ratio rlmt/TRL: step time {med['rlmt'] / med['trl']:.2f}x (target <= 0.5), "
-              f"peak RSS {rl['peak_rss_mb'] / results['trl']['peak_rss_mb']:.2f}x (target <= 0.6)")
         print(f"rlmt one-off work outside the steps (model load, reference log-probs of all 128 pairs, saving): "
               f"{rl['total_s'] - rl['train_s']:.1f} s")
 

@@ -12,7 +12,6 @@ measured matmul peak.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import statistics
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import peak_rss_mb, run_child  # noqa: E402
+from common import peak_rss_mb, side_by_side  # noqa: E402
 
 PROMPTS_PER_STEP, SAMPLES, MAX_NEW, LR, BETA = 4, 8, 64, 1e-6, 0.04
 DECODE_FLOOR_TOK_S = 850.0  # DESIGN.md: measured decode floor at batch 32 on these 2-core machines
@@ -105,26 +104,11 @@ def run_trl(steps: int, work: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--only", choices=["rlmt", "trl"], help="run one side only")
-    ap.add_argument("--worker", choices=["rlmt", "trl"], help=argparse.SUPPRESS)
-    ap.add_argument("--work", help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.worker:
-        fn = run_rlmt if a.worker == "rlmt" else run_trl
-        print("RESULT " + json.dumps(fn(a.steps, Path(a.work))), flush=True)
+    results = side_by_side(__file__, __doc__, 4, run_rlmt, run_trl,
+                           f"GRPO step: {PROMPTS_PER_STEP} prompts x {SAMPLES} samples, <= {MAX_NEW} new tokens, "
+                           f"beta {BETA}, CPU", step_target=0.33)
+    if not results:
         return
-    results = {w: run_child(__file__, w, a.steps) for w in (["rlmt", "trl"] if not a.only else [a.only])}
-    print(f"GRPO step: {PROMPTS_PER_STEP} prompts x {SAMPLES} samples, <= {MAX_NEW} new tokens, beta {BETA}, CPU")
-    print(f"{'':8}{'s/step (median, after 1st)':>28}{'peak RSS MB':>14}{'steps':>8}")
-    med = {}
-    for w, r in results.items():
-        med[w] = statistics.median(r["step_s"][1:] or r["step_s"])
-        print(f"{w:8}{med[w]:>28.1f}{r['peak_rss_mb']:>14.0f}{len(r['step_s']):>8}")
-    if len(results) == 2:
-        print(f"ratio rlmt/TRL: step time {med['rlmt'] / med['trl']:.2f}x (target <= 0.33), "
-              f"peak RSS {results['rlmt']['peak_rss_mb'] / results['trl']['peak_rss_mb']:.2f}x (target <= 0.6)")
     if "rlmt" in results:
         r = results["rlmt"]
         tok_s = r["rollout_tok_s"]

@@ -53,15 +53,13 @@ def cmd_eval(args) -> int:
     from rlmt.rewards import build_reward_source
     from rlmt.train.runner import write_samples
     from rlmt.evaluate import evaluate
-    from rlmt.train.session import prepare_model, prompt_format, seed_everything
+    from rlmt.train.session import start_run
 
     cfg = _load(args)
     path = cfg.data.eval or cfg.data.train
     if not path:
         raise ConfigError("data.eval: set data.eval (or data.train) to a prompt file")
-    seed_everything(cfg.run.seed)
-    lm = prepare_model(cfg)
-    fmt = prompt_format(cfg)
+    _, lm, fmt = start_run(cfg)
     report = load_rows(path, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts)
     rows = check_prompt_lengths(report.rows, lm.tokenizer, fmt, cfg.data.max_prompt_tokens, cfg.data.on_invalid, report)
     source = build_reward_source(cfg.reward.source, cfg.reward.args)
@@ -83,12 +81,10 @@ def cmd_generate(args) -> int:
     from rlmt.config import ConfigError
     from rlmt.data import encode_prompt, load_rows
     from rlmt.rollout import SamplingParams, generate
-    from rlmt.train.session import prepare_model, prompt_format, seed_everything
+    from rlmt.train.session import start_run
 
     cfg = _load(args)
-    seed_everything(cfg.run.seed)
-    lm = prepare_model(cfg)
-    fmt = prompt_format(cfg)
+    _, lm, fmt = start_run(cfg)
     if args.prompt:
         prompts = [{"prompt": p} for p in args.prompt]
     else:

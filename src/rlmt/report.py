@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from rlmt.records import read_metrics
+
 Series = dict[str, tuple[list[float], list[float]]]  # key -> (steps, values), finite values only
 MAX_SAMPLES = 8
 MAX_CHARS = 2000  # of one shown response or prompt
@@ -42,19 +44,6 @@ def _number(v: Any) -> float | None:
     if isinstance(v, (int, float)) and math.isfinite(v):
         return float(v)
     return None
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The rows of ``metrics.jsonl``; blank lines and lines cut by a kill are skipped."""
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 def metric_series(rows: list[dict[str, Any]]) -> Series:

@@ -29,7 +29,7 @@ from rlmt.logprobs import token_logprobs
 from rlmt.objectives.preference import LOSSES, PreferenceLoss, log_ratio_margin
 from rlmt.records import RunRecorder, write_atomic
 from rlmt.train.optim import build_optimizer, guarded_step
-from rlmt.train.session import prepare_model, prompt_format, resume_checkpoint, save_final, seed_everything
+from rlmt.train.session import resume_checkpoint, save_final, start_run
 from rlmt.train.sft import TokenBatch, collate_sft, examples_per_step, step_indices, total_steps_for
 
 REFERENCE_FILE = "reference_logps.pt"
@@ -148,10 +148,7 @@ def _load_pairs(cfg: Config, path: str, lm, fmt, limit: int) -> tuple[list[Prefe
 
 
 def train_dpo(cfg: Config) -> Path:
-    run_dir = Path(cfg.run.output_dir)
-    seed_everything(cfg.run.seed)
-    lm = prepare_model(cfg)
-    fmt = prompt_format(cfg)
+    run_dir, lm, fmt = start_run(cfg)
     pad_id = lm.tokenizer.pad_token_id
     device = next(lm.model.parameters()).device
     pairs, report = _load_pairs(cfg, cfg.data.train, lm, fmt, cfg.data.limit)

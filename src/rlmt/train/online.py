@@ -38,7 +38,7 @@ from rlmt.rewards import build_reward_source, score_checked
 from rlmt.rollout import RolloutBatch, SamplingParams, generate
 from rlmt.train.optim import build_optimizer, guarded_step
 from rlmt.train.runner import _eval_metrics
-from rlmt.train.session import prepare_model, prompt_format, resume_checkpoint, save_final, seed_everything
+from rlmt.train.session import resume_checkpoint, save_final, start_run
 from rlmt.train.sft import make_micro_batches, step_indices
 
 
@@ -208,11 +208,8 @@ def reference_of(policy, ref_copy):
 
 
 def train_online(cfg: Config) -> Path:
-    run_dir = Path(cfg.run.output_dir)
-    seed_everything(cfg.run.seed)
-    lm = prepare_model(cfg)
+    run_dir, lm, fmt = start_run(cfg)
     policy, tok = lm.model, lm.tokenizer
-    fmt = prompt_format(cfg)
     report = load_rows(cfg.data.train, "prompt", cfg.data.on_invalid, cfg.data.limit)
     rows = check_prompt_lengths(report.rows, tok, fmt, cfg.data.max_prompt_tokens, cfg.data.on_invalid, report)
     source = build_reward_source(cfg.reward.source, cfg.reward.args)

@@ -22,7 +22,7 @@ from rlmt.records import RunRecorder, write_atomic
 from rlmt.rewards import build_reward_source
 from rlmt.rollout import SamplingParams
 from rlmt.train.optim import build_optimizer
-from rlmt.train.session import prepare_model, prompt_format, resume_checkpoint, save_final, seed_everything
+from rlmt.train.session import resume_checkpoint, save_final, start_run
 from rlmt.train.sft import examples_per_step, make_micro_batches, sft_update, step_indices, total_steps_for
 
 
@@ -50,10 +50,7 @@ def train(cfg: Config) -> Path:
 
 
 def train_sft(cfg: Config) -> Path:
-    run_dir = Path(cfg.run.output_dir)
-    seed_everything(cfg.run.seed)
-    lm = prepare_model(cfg)
-    fmt = prompt_format(cfg)
+    run_dir, lm, fmt = start_run(cfg)
     report = load_rows(cfg.data.train, "sft", cfg.data.on_invalid, cfg.data.limit)
     examples = tokenize_sft(report.rows, lm.tokenizer, fmt, cfg.data.max_prompt_tokens,
                             cfg.data.max_completion_tokens, cfg.data.on_invalid, report)
@@ -143,10 +140,7 @@ def _run_round(cfg: Config, lm, fmt, rows: list[Row], source, r: int, note: Call
 
 def train_rejection(cfg: Config) -> Path:
     """R rounds of: sample G per prompt, score, keep the best, SFT on the kept set."""
-    run_dir = Path(cfg.run.output_dir)
-    seed_everything(cfg.run.seed)
-    lm = prepare_model(cfg)
-    fmt = prompt_format(cfg)
+    run_dir, lm, fmt = start_run(cfg)
     report = load_rows(cfg.data.train, "prompt", cfg.data.on_invalid, cfg.data.limit)
     rows = check_prompt_lengths(report.rows, lm.tokenizer, fmt, cfg.data.max_prompt_tokens, cfg.data.on_invalid, report)
     source = build_reward_source(cfg.reward.source, cfg.reward.args)

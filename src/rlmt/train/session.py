@@ -61,6 +61,12 @@ def prompt_format(cfg: Config) -> PromptFormat:
     return PromptFormat(chat=cfg.data.chat, system_prompt=cfg.data.system_prompt)
 
 
+def start_run(cfg: Config) -> tuple[Path, LoadedModel, PromptFormat]:
+    """What every training loop does first: seed, load the model as configured, pick the prompt format."""
+    seed_everything(cfg.run.seed)
+    return Path(cfg.run.output_dir), prepare_model(cfg), prompt_format(cfg)
+
+
 def resume_checkpoint(cfg: Config) -> Path | None:
     """The checkpoint to resume from, or None for a fresh run.
 
