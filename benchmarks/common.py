@@ -59,3 +59,19 @@ def side_by_side(script: str, doc: str, default_steps: int, run_rlmt, run_trl, t
               f"peak RSS {results['rlmt']['peak_rss_mb'] / results['trl']['peak_rss_mb']:.2f}x "
               f"(target <= {rss_target})")
     return results
+
+
+def trl_step_timer(times: list[float]):
+    """A transformers ``TrainerCallback`` that appends each optimizer step's wall time to ``times``."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t)
+
+    return StepTimer()

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import peak_rss_mb, side_by_side  # noqa: E402
+from common import peak_rss_mb, side_by_side, trl_step_timer  # noqa: E402
 
 PAIRS_PER_STEP, LR, BETA = 8, 5e-6, 0.1
 
@@ -53,7 +53,6 @@ def run_rlmt(steps: int, work: Path) -> dict:
 
 def run_trl(steps: int, work: Path) -> dict:
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     from rlmt.models import embedded_model_dir
@@ -63,18 +62,11 @@ def run_trl(steps: int, work: Path) -> dict:
              "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in _pairs()]
     times: list[float] = []
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.t)
-
     args = DPOConfig(output_dir=str(work / "trl"), use_cpu=True, bf16=False, per_device_train_batch_size=PAIRS_PER_STEP,
                      gradient_accumulation_steps=1, max_steps=steps, logging_steps=1, learning_rate=LR, beta=BETA,
                      report_to=[], save_strategy="no", seed=0)
     trainer = DPOTrainer(model=str(embedded_model_dir()), args=args, train_dataset=Dataset.from_list(rows),
-                         callbacks=[Timer()])
+                         callbacks=[trl_step_timer(times)])
     t0 = time.perf_counter()
     trainer.train()
     return {"step_s": times, "total_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(), "train_s": sum(times)}

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import peak_rss_mb, side_by_side  # noqa: E402
+from common import peak_rss_mb, side_by_side, trl_step_timer  # noqa: E402
 
 PROMPTS_PER_STEP, SAMPLES, MAX_NEW, LR, BETA = 4, 8, 64, 1e-6, 0.04
 DECODE_FLOOR_TOK_S = 850.0  # DESIGN.md: measured decode floor at batch 32 on these 2-core machines
@@ -70,7 +70,6 @@ def run_rlmt(steps: int, work: Path) -> dict:
 def run_trl(steps: int, work: Path) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from rlmt.models import embedded_model_dir
@@ -84,19 +83,12 @@ def run_trl(steps: int, work: Path) -> dict:
 
     times: list[float] = []
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.t)
-
     args = GRPOConfig(output_dir=str(work / "trl"), use_cpu=True, bf16=False, per_device_train_batch_size=SAMPLES,
                       num_generations=SAMPLES, gradient_accumulation_steps=PROMPTS_PER_STEP,
                       max_completion_length=MAX_NEW, max_steps=steps, logging_steps=1, learning_rate=LR,
                       beta=BETA, report_to=[], save_strategy="no", temperature=1.0, seed=0)
     trainer = GRPOTrainer(model=str(embedded_model_dir()), reward_funcs=correct, args=args,
-                          train_dataset=Dataset.from_list(rows), callbacks=[Timer()])
+                          train_dataset=Dataset.from_list(rows), callbacks=[trl_step_timer(times)])
     t0 = time.perf_counter()
     trainer.train()
     return {"step_s": times, "total_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb(),
