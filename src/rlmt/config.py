@@ -163,6 +163,28 @@ class DPOConfig:
 
 
 @dataclass(frozen=True)
+class RewardModelConfig:
+    step_separator: str = doc("\n", "process RM: split a response (or a row without `steps`) into steps at this string")
+    step_aggregate: Literal["min", "product", "mean", "last"] = doc(
+        "min", "process RM: how per-step scores combine into the outcome score")
+    normalize: bool = doc(True, "after training, store the mean/std of train-set scores so the RM returns z-scores")
+
+
+@dataclass(frozen=True)
+class GrapeConfig:
+    rubric: str = doc("", "rubric YAML: categories, system prompts and weighted items (see examples/grape/)")
+    critic: dict = doc({}, "critic backend: {backend: local|http, model|base_url, ...} (see rlmt.chat)")
+    critic_mode: Literal["json", "logprobs"] = doc(
+        "json", "json: the critic writes reasoning + JSON score/confidence; logprobs (local only): score and "
+                "confidence read from the critic's distribution over the score digits")
+    gate_on_verifiable: bool = doc(True, "items with `gated_by` are skipped (missing) when their gate item scored 0")
+    low_confidence: float = doc(0.5, "oversight: flag items whose mean confidence stays below this")
+    min_score_std: float = doc(0.02, "oversight: flag items whose score std over the run is below this")
+    revise: bool = doc(False, "critique-revise: the policy revises each group's lowest-scored response; the "
+                              "revision joins training as a return-weighted demonstration")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     num_samples: int = doc(4, "K samples per prompt for pass@1")
     temperature: float = doc(1.0, "sampling temperature for eval (0: greedy)")
@@ -186,8 +208,8 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class Config:
-    algorithm: Literal["sft", "rejection_sampling", "reinforce", "grpo", "ppo", "trpo", "dpo"] = doc(
-        "sft", "training method")
+    algorithm: Literal["sft", "rejection_sampling", "reinforce", "grpo", "ppo", "trpo", "dpo", "reward_model",
+                       "process_reward_model", "grape", "pipeline"] = doc("sft", "training method")
     model: ModelConfig = section(ModelConfig, "the policy")
     data: DataConfig = section(DataConfig, "datasets and prompt formatting")
     optim: OptimConfig = section(OptimConfig, "optimizer, schedule and batching")
@@ -199,6 +221,10 @@ class Config:
     ppo: PPOConfig = section(PPOConfig, "PPO: value head, GAE, value loss")
     trpo: TRPOConfig = section(TRPOConfig, "TRPO: trust region, conjugate gradient, line search")
     dpo: DPOConfig = section(DPOConfig, "DPO and its variants: offline preference pairs against a frozen reference")
+    rm: RewardModelConfig = section(RewardModelConfig, "reward models: outcome (Bradley-Terry) and process (per step)")
+    grape: GrapeConfig = section(GrapeConfig, "GRAPE: rubric rewards from confidence-weighted critiques")
+    stages: list = doc([], "pipeline: ordered stages [{name, ...config keys}], each merged over this config; "
+                           "'${NAME}' in a value is stage NAME's final/ directory")
     eval: EvalConfig = section(EvalConfig, "evaluation")
     run: RunConfig = section(RunConfig, "run directory, seeding, checkpoints, logging")
 

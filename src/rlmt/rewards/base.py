@@ -19,14 +19,25 @@ class RewardError(RuntimeError):
 
 @dataclass
 class RewardResult:
-    """``scores[i]`` is the reward of response i, or None when it could not be scored."""
+    """``scores[i]`` is the reward of response i, or None when it could not be scored.
+
+    ``token_rewards[i]`` (optional, dense sources such as a process RM) lists ``(char_end, reward)`` pairs:
+    a reward placed on the token that ends at character ``char_end`` of response i. ``metrics`` (optional)
+    are step-level figures (e.g. per-rubric-item statistics) that the online loop logs as they are.
+    """
 
     scores: list[float | None]
     details: list[dict[str, Any]] = field(default_factory=list)
+    token_rewards: list[list[tuple[int, float]]] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class RewardSource(Protocol):
-    """Anything with a ``name`` and a ``score(rows, responses) -> RewardResult`` method."""
+    """Anything with a ``name`` and a ``score(rows, responses) -> RewardResult`` method.
+
+    A source may also define ``finish(run_dir: Path) -> None``: the online loop calls it once after training
+    (GRAPE writes its rubric report there).
+    """
 
     name: str
 
@@ -74,4 +85,8 @@ def score_checked(source: RewardSource, rows: Sequence[dict], responses: Sequenc
             scores.append(None)
             continue
         scores.append(v)
-    return RewardResult(scores, details)
+    token_rewards = result.token_rewards
+    if token_rewards is not None and len(token_rewards) != len(responses):
+        raise RewardError(f"reward source {source.name!r} returned {len(token_rewards)} token-reward lists for "
+                          f"{len(responses)} responses")
+    return RewardResult(scores, details, token_rewards, dict(result.metrics or {}))

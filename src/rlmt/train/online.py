@@ -277,6 +277,7 @@ def train_online(cfg: Config) -> Path:
             **{k: v for k, v in batch.stats.items() if k != "rollout/decode_steps"},
             "train/sequence_tokens": float(batch.attention_mask.sum()),
             "time/step_s": time.perf_counter() - t_step,
+            **scored.metrics,
         })
         rec.log(step + 1, metrics)
         if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < total:
@@ -285,6 +286,8 @@ def train_online(cfg: Config) -> Path:
     save_checkpoint(run_dir, total, policy, opt, sched, {"update": ctx.state, "pass_rates": pass_rates.tolist()},
                     cfg.run.keep_checkpoints, extras)
     save_final(policy, tok, run_dir)
+    if hasattr(source, "finish"):
+        source.finish(run_dir)
     if cfg.run.eval_before_after and cfg.data.eval:
         after = _eval_metrics(cfg, lm, fmt, "after", run_dir)
         rec.note(f"eval after: pass@1 {after['pass@1']:.3f}  reward/mean {after['reward/mean']:.3f}")
