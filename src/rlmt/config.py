@@ -421,7 +421,9 @@ def validate(cfg: Config, where: str = "") -> None:
     need(cfg.dpo.beta > 0, "dpo.beta", "must be > 0")
     need(0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)")
     need(0 <= cfg.ppo.lam <= 1 and 0 <= cfg.ppo.gamma <= 1, "ppo.lam", "gamma and lam must be in [0, 1]")
-    if cfg.algorithm in ("grpo", "reinforce", "trpo") and cfg.pg.advantage in ("group", "group_no_std", "leave_one_out"):
+    if cfg.algorithm == "grape":
+        need(bool(cfg.grape.rubric), "grape.rubric", "algorithm grape needs a rubric file")
+    if cfg.algorithm in ("grpo", "reinforce", "trpo", "grape") and cfg.pg.advantage in ("group", "group_no_std", "leave_one_out"):
         need(cfg.rollout.num_samples >= 2, "rollout.num_samples", f"pg.advantage={cfg.pg.advantage} needs >= 2 samples per prompt")
 
 

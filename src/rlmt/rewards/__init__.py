@@ -16,6 +16,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "math_answer": ("rlmt.rewards.math_answer", "MathAnswerReward"),
     "regex": ("rlmt.rewards.regex", "RegexReward"),
     "code_tests": ("rlmt.rewards.code_tests", "CodeTestsReward"),
+    "rubric": ("rlmt.grape.scorer", "RubricReward"),
 }
 
 
@@ -36,4 +37,15 @@ def build_reward_source(name: str, args: dict[str, Any] | None = None) -> Reward
         raise ConfigError(f"reward.args: bad arguments for reward source {name!r} {args}: {e}") from e
 
 
-__all__ = ["REGISTRY", "RewardError", "RewardResult", "RewardSource", "build_reward_source", "score_checked"]
+def reward_source_for(cfg) -> RewardSource:
+    """The run's reward source: for ``algorithm: grape`` the rubric source built from the ``grape`` section,
+    otherwise ``reward.source`` with ``reward.args``."""
+    if cfg.algorithm == "grape":
+        g = cfg.grape
+        return build_reward_source("rubric", {"rubric": g.rubric, "critic": g.critic, "critic_mode": g.critic_mode,
+                                              "gate_on_verifiable": g.gate_on_verifiable,
+                                              "low_confidence": g.low_confidence, "min_score_std": g.min_score_std})
+    return build_reward_source(cfg.reward.source, cfg.reward.args)
+
+
+__all__ = ["reward_source_for", "REGISTRY", "RewardError", "RewardResult", "RewardSource", "build_reward_source", "score_checked"]

@@ -34,7 +34,7 @@ from rlmt.objectives.advantages import group_relative_advantages, running_mean_b
 from rlmt.objectives.aggregate import loss_normalizer
 from rlmt.objectives.policy import kl_penalty_loss, nll_loss, ppo_clip_loss, reinforce_loss, return_weights
 from rlmt.records import RunRecorder
-from rlmt.rewards import build_reward_source, score_checked
+from rlmt.rewards import reward_source_for, score_checked
 from rlmt.rollout import RolloutBatch, SamplingParams, generate
 from rlmt.train.optim import build_optimizer, guarded_step
 from rlmt.train.runner import _eval_metrics
@@ -67,7 +67,7 @@ def advantages_for(rewards: torch.Tensor, group_size: int, cfg: PolicyGradientCo
 
 def policy_objective(method: str) -> Callable:
     """(lp, old_lp, adv, mask, cfg, normalizer) -> (loss, metrics) for ``method``."""
-    if method == "grpo":
+    if method in ("grpo", "grape"):
         return lambda lp, old, adv, mask, cfg, n: ppo_clip_loss(lp, old, adv, mask, cfg.clip_eps, cfg.clip_eps_high,
                                                                cfg.aggregation, n)
     if method == "reinforce":
@@ -211,8 +211,9 @@ def train_online(cfg: Config) -> Path:
     run_dir, lm, fmt = start_run(cfg)
     policy, tok = lm.model, lm.tokenizer
     report = load_rows(cfg.data.train, "prompt", cfg.data.on_invalid, cfg.data.limit)
-    rows = check_prompt_lengths(report.rows, tok, fmt, cfg.data.max_prompt_tokens, cfg.data.on_invalid, report)
-    source = build_reward_source(cfg.reward.source, cfg.reward.args)
+    source = reward_source_for(cfg)
+    rows = source.prepare_rows(report.rows) if hasattr(source, "prepare_rows") else report.rows
+    rows = check_prompt_lengths(rows, tok, fmt, cfg.data.max_prompt_tokens, cfg.data.on_invalid, report)
     pg, G = cfg.pg, cfg.rollout.num_samples
     total = cfg.optim.max_steps or max(1, math.ceil(cfg.optim.epochs * len(rows) / cfg.rollout.batch_prompts))
     method = METHODS[cfg.algorithm]
@@ -372,6 +373,7 @@ def _lazy(module: str, name: str) -> Callable:
 METHODS: dict[str, OnlineMethod] = {
     "reinforce": OnlineMethod(policy_gradient_update),
     "grpo": OnlineMethod(policy_gradient_update),
+    "grape": OnlineMethod(policy_gradient_update),  # GRPO's update on the rubric reward (rlmt.grape)
     "ppo": OnlineMethod(_lazy("rlmt.train.ppo", "ppo_update"), _lazy("rlmt.train.ppo", "make_value_head")),
     "trpo": OnlineMethod(_lazy("rlmt.train.trpo", "trpo_update")),
 }

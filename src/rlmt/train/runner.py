@@ -19,7 +19,7 @@ from rlmt.config import Config, to_dict
 from rlmt.data import Row, SFTExample, check_prompt_lengths, load_rows, tokenize_sft
 from rlmt.evaluate import ScoredSamples, evaluate, sample_and_score, summarize
 from rlmt.records import RunRecorder, write_atomic
-from rlmt.rewards import build_reward_source
+from rlmt.rewards import build_reward_source, reward_source_for
 from rlmt.rollout import SamplingParams
 from rlmt.train.optim import build_optimizer
 from rlmt.train.session import resume_checkpoint, save_final, start_run
@@ -28,11 +28,18 @@ from rlmt.train.sft import examples_per_step, make_micro_batches, sft_update, st
 
 def _eval_metrics(cfg: Config, lm, fmt, tag: str, run_dir: Path) -> dict[str, float]:
     rows = load_rows(cfg.data.eval, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts).rows
-    source = build_reward_source(cfg.reward.source, cfg.reward.args)
+    source = reward_source_for(cfg)
+    if hasattr(source, "prepare_rows"):
+        rows = source.prepare_rows(rows)
     metrics, samples = evaluate(lm.model, lm.tokenizer, fmt, rows, source, cfg.eval.num_samples,
                                 cfg.eval.temperature, cfg.eval.max_new_tokens, cfg.run.seed + 7919,
                                 cfg.rollout.batch_prompts, cfg.reward.pass_threshold, stop=cfg.rollout.stop,
                                 invalid_as_none=cfg.reward.invalid_as_none)
+    by_category: dict[str, list[float]] = {}
+    for s, d in zip(samples.scores, samples.details):
+        if s is not None and "category" in d:
+            by_category.setdefault(d["category"], []).append(s)
+    metrics.update({f"reward/{c}/mean": sum(v) / len(v) for c, v in sorted(by_category.items())})
     write_samples(run_dir / f"eval-{tag}.jsonl", samples)
     write_atomic(run_dir / f"eval-{tag}.json", json.dumps(metrics, indent=1))
     return metrics
@@ -211,5 +218,6 @@ ALGORITHMS: dict[str, Callable[[Config], Path]] = {
     "grpo": _online,
     "ppo": _online,
     "trpo": _online,
+    "grape": _online,
     "dpo": _dpo,
 }
