@@ -167,6 +167,9 @@ class RewardModelConfig:
     step_separator: str = doc("\n", "process RM: split a response (or a row without `steps`) into steps at this string")
     step_aggregate: Literal["min", "product", "mean", "last"] = doc(
         "min", "process RM: how per-step scores combine into the outcome score")
+    dense_outcome_coef: float = doc(
+        1.0, "PPO/REINFORCE with dense (per-step) rewards: weight of the outcome score on the last token "
+             "(0: dense step rewards only)")
     normalize: bool = doc(True, "after training, store the mean/std of train-set scores so the RM returns z-scores")
 
 

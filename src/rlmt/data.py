@@ -4,7 +4,9 @@ Row kinds (DESIGN.md, "The user's surface"):
 
 - prompt rows: ``prompt`` (text, or a list of chat messages) plus task fields (``answer``, ``tests``, ...);
 - SFT rows: ``prompt`` + ``completion``, or ``messages`` whose last message is the assistant's reply;
-- preference rows: ``prompt``, ``chosen``, ``rejected``.
+- preference rows: ``prompt``, ``chosen``, ``rejected``;
+- step rows (process reward models): ``prompt``, ``steps`` (non-empty strings), ``labels`` (numbers in
+  [0, 1] or booleans, one per step).
 
 Every row is validated before any training starts. A problem raises :class:`DataError` naming the file,
 the line and the field; with ``on_invalid="skip"`` the row is dropped and counted instead.
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
 
-RowKind = Literal["prompt", "sft", "preference"]
+RowKind = Literal["prompt", "sft", "preference", "steps"]
 
 
 class DataError(ValueError):
@@ -117,6 +119,23 @@ def _check_prompt(row: dict) -> tuple[str, str] | None:
     return ("prompt", err) if err else None
 
 
+def _check_steps(row: dict) -> tuple[str, str] | None:
+    steps, labels = row.get("steps"), row.get("labels")
+    if not isinstance(steps, list) or not steps:
+        return "steps", "missing" if "steps" not in row else "must be a non-empty list of strings"
+    for i, s in enumerate(steps):
+        if not isinstance(s, str) or not s.strip():
+            return "steps", f"step {i} must be a non-empty string, got {s!r}"
+    if not isinstance(labels, list):
+        return "labels", "missing" if "labels" not in row else "must be a list of numbers in [0, 1] or booleans"
+    if len(labels) != len(steps):
+        return "labels", f"{len(labels)} labels for {len(steps)} steps"
+    for i, y in enumerate(labels):
+        if not isinstance(y, (bool, int, float)) or not 0 <= y <= 1:
+            return "labels", f"label {i} must be a number in [0, 1] or a boolean, got {y!r}"
+    return None
+
+
 def validate_row(row: Any, kind: RowKind) -> tuple[str | None, str] | None:
     """Return (field, problem) for an invalid row, None for a valid one."""
     if not isinstance(row, dict):
@@ -131,6 +150,8 @@ def validate_row(row: Any, kind: RowKind) -> tuple[str | None, str] | None:
     bad = _check_prompt(row)
     if bad:
         return bad
+    if kind == "steps":
+        return _check_steps(row)
     keys = {"prompt": [], "sft": ["completion"], "preference": ["chosen", "rejected"]}[kind]
     for key in keys:
         err = _check_text(row, key)
