@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +32,12 @@ from rlmt.curriculum import curriculum_weights, draw_prompts, update_pass_rates
 from rlmt.data import check_prompt_lengths, encode_prompt, load_rows, split_sft_row, tokenize_sft
 from rlmt.logprobs import activation_checkpointing, grouped_response_logprobs, token_logprobs
 from rlmt.objectives.advantages import group_relative_advantages, running_mean_baseline
-from rlmt.objectives.aggregate import loss_normalizer
+from rlmt.objectives.aggregate import loss_normalizer, masked_mean
 from rlmt.objectives.policy import kl_penalty_loss, nll_loss, ppo_clip_loss, reinforce_loss, return_weights
 from rlmt.records import RunRecorder
 from rlmt.rewards import reward_source_for, score_checked
 from rlmt.rollout import RolloutBatch, SamplingParams, generate
+from rlmt.train.dense import dense_reinforce_advantages, dense_rewards_for
 from rlmt.train.optim import build_optimizer, guarded_step
 from rlmt.train.runner import _eval_metrics
 from rlmt.train.session import resume_checkpoint, save_final, start_run
@@ -85,6 +87,7 @@ class Experience:
     ref_logprobs: torch.Tensor | None  # (N, T) log pi_ref, when pg.beta > 0
     group_size: int
     temperature: float  # the sampler's temperature, used for every log-prob
+    token_rewards: torch.Tensor | None = None  # (N, T) dense rewards (PPO, REINFORCE; rlmt.train.dense), 0 off mask
 
 
 @dataclass
@@ -164,15 +167,38 @@ def sequence_rewards(exp: Experience, pg: PolicyGradientConfig) -> torch.Tensor:
 
 
 def policy_gradient_update(ctx: UpdateContext, exp: Experience) -> dict[str, float]:
-    """REINFORCE and GRPO: sequence advantages, then the method's objective over minibatches."""
+    """REINFORCE and GRPO: sequence advantages, then the method's objective over minibatches.
+
+    REINFORCE with dense rewards (``exp.token_rewards``) uses per-token advantages instead
+    (:func:`dense_advantages`); GRPO/GRAPE never receive dense rewards (see :mod:`rlmt.train.dense`).
+    """
     rewards = sequence_rewards(exp, ctx.cfg.pg)
-    adv, ctx.state["baseline"] = advantages_for(rewards, exp.group_size, ctx.cfg.pg, ctx.state.get("baseline"))
+    if exp.token_rewards is not None and ctx.cfg.algorithm == "reinforce":
+        adv, ctx.state["baseline"] = dense_advantages(exp, rewards, ctx.cfg, ctx.state.get("baseline"))
+    else:
+        adv, ctx.state["baseline"] = advantages_for(rewards, exp.group_size, ctx.cfg.pg, ctx.state.get("baseline"))
     before_step = (lambda: demonstration_nll(ctx)) if ctx.demos is not None else None
     ctx.state["updates"] = int(ctx.state.get("updates", 0)) + 1
     metrics = _optimize(ctx.trainable, ctx.policy, ctx.optimizer, ctx.scheduler, ctx.cfg,
                         policy_objective(ctx.cfg.algorithm), exp.batch, adv, exp.mask, exp.ref_logprobs,
                         exp.temperature, before_step, shuffle_seed=ctx.cfg.run.seed * 1_000_003 + ctx.state["updates"])
-    return {**metrics, "advantage/abs_mean": float(adv.abs().mean())}
+    abs_mean = float(adv.abs().mean()) if adv.ndim == 1 else float(masked_mean(adv.abs(), exp.mask))
+    return {**metrics, "advantage/abs_mean": abs_mean}
+
+
+def dense_advantages(exp: Experience, rewards: torch.Tensor, cfg: Config,
+                     baseline: float | None) -> tuple[torch.Tensor, float | None]:
+    """REINFORCE with dense rewards: (N, T) advantages ``A_t = G_t - b`` (:func:`dense_reinforce_advantages`).
+
+    The baseline b of each sequence comes from ``pg.advantage`` applied to its total return
+    ``G_0 = c * R + sum_t d_t`` (c = ``rm.dense_outcome_coef``): b = G_0 - A(G_0). ``group`` acts as
+    ``group_no_std`` here: a sequence's std would rescale token returns that differ along the sequence.
+    """
+    c = cfg.rm.dense_outcome_coef
+    total = c * rewards + exp.token_rewards.sum(-1)  # (N,), NaN where unscored
+    pg = dataclasses.replace(cfg.pg, advantage="group_no_std") if cfg.pg.advantage == "group" else cfg.pg
+    seq_adv, baseline = advantages_for(total, exp.group_size, pg, baseline)
+    return dense_reinforce_advantages(rewards, exp.token_rewards, exp.mask, total - seq_adv, c), baseline
 
 
 def _response_logprobs(model, batch: RolloutBatch, groups: torch.Tensor, group_size: int,
@@ -259,7 +285,9 @@ def train_online(cfg: Config) -> Path:
         if pg.beta > 0:
             with torch.no_grad(), reference_of(policy, ref_copy) as ref:
                 ref_lp = _response_logprobs(ref, batch, torch.arange(N // G), G, train_t)
-        metrics = method.update(ctx, Experience(batch, rewards, mask, ref_lp, G, train_t))
+        dense = dense_rewards_for(cfg.algorithm, batch.response_ids, batch.response_mask, tok, scored.token_rewards,
+                                  mask)
+        metrics = method.update(ctx, Experience(batch, rewards, mask, ref_lp, G, train_t, dense))
         groups = rewards.reshape(-1, G)
         if pg.curriculum:
             group_pass = (groups >= cfg.reward.pass_threshold).float().mean(-1)  # unscored counts as a fail

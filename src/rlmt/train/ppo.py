@@ -3,7 +3,8 @@
 One rollout (:class:`~rlmt.train.online.Experience`, N = prompts x G sequences, T response tokens) becomes:
 
 1. old values V_old (N, T) from one no-grad pass, and per-token rewards with the KL penalty folded in:
-   ``r_t = -beta * (log pi_old(y_t) - log pi_ref(y_t)) + [t = last] * score``;
+   ``r_t = -beta * (log pi_old(y_t) - log pi_ref(y_t)) + [t = last] * score`` (+ dense step rewards d_t,
+   with the score weighted by ``rm.dense_outcome_coef``, when the reward source gives them);
 2. ``A, R = GAE(r, V_old; gamma, lam)`` (returns R = A + V_old), A whitened over the response tokens;
 3. ``pg.epochs`` passes, ``pg.minibatches`` optimizer steps each, over micro-batches of whole prompt groups
    accumulated under the minibatch's global normalizer (the same schedule as GRPO's ``_optimize``):
@@ -25,9 +26,10 @@ from torch import Tensor, nn
 
 from rlmt.config import Config
 from rlmt.logprobs import activation_checkpointing, grouped_hidden_states, _scored_positions, position_ids_from_mask
-from rlmt.objectives import (explained_variance, gae, kl_penalized_token_rewards, loss_normalizer, masked_mean,
+from rlmt.objectives import (explained_variance, gae, loss_normalizer, masked_mean,
                              ppo_clip_loss, value_loss, whiten)
 from rlmt.rollout import RolloutBatch
+from rlmt.train.dense import ppo_token_rewards
 from rlmt.train.online import Experience, UpdateContext
 from rlmt.train.optim import guarded_step
 
@@ -165,7 +167,8 @@ def ppo_update(ctx: UpdateContext, exp: Experience) -> dict[str, float]:
     with torch.no_grad():
         old_values = torch.cat([forward(g)[1] for g in torch.arange(n_groups).split(per_micro)])  # (N, T)
     ref_lp = exp.ref_logprobs if exp.ref_logprobs is not None else old_lp
-    token_rewards = kl_penalized_token_rewards(exp.rewards.nan_to_num(0.0), old_lp, ref_lp, mask, pg.beta)
+    token_rewards = ppo_token_rewards(exp.rewards.nan_to_num(0.0), exp.token_rewards, old_lp, ref_lp, mask, pg.beta,
+                                      cfg.rm.dense_outcome_coef)  # + dense step rewards (rlmt.train.dense)
     adv, returns = gae(token_rewards, old_values, mask, pc.gamma, pc.lam)  # (N, T) each
     loss_adv = whiten(adv, mask) if pc.whiten_advantages else adv
 
