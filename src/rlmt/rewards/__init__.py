@@ -17,6 +17,7 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "regex": ("rlmt.rewards.regex", "RegexReward"),
     "code_tests": ("rlmt.rewards.code_tests", "CodeTestsReward"),
     "rubric": ("rlmt.grape.scorer", "RubricReward"),
+    "process_reward_model": ("rlmt.rewards.process_reward_model", "ProcessRewardModelReward"),
 }
 
 

@@ -211,6 +211,12 @@ def _dpo(cfg: Config) -> Path:
     return train_dpo(cfg)
 
 
+def _process_reward_model(cfg: Config) -> Path:
+    from rlmt.train.process_reward_model import train_process_reward_model
+
+    return train_process_reward_model(cfg)
+
+
 ALGORITHMS: dict[str, Callable[[Config], Path]] = {
     "sft": train_sft,
     "rejection_sampling": train_rejection,
@@ -220,4 +226,5 @@ ALGORITHMS: dict[str, Callable[[Config], Path]] = {
     "trpo": _online,
     "grape": _online,
     "dpo": _dpo,
+    "process_reward_model": _process_reward_model,
 }
