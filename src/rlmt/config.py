@@ -426,6 +426,11 @@ def validate(cfg: Config, where: str = "") -> None:
     need(0 <= cfg.ppo.lam <= 1 and 0 <= cfg.ppo.gamma <= 1, "ppo.lam", "gamma and lam must be in [0, 1]")
     if cfg.algorithm == "grape":
         need(bool(cfg.grape.rubric), "grape.rubric", "algorithm grape needs a rubric file")
+    need(cfg.algorithm == "pipeline" or not cfg.stages, "stages", "only algorithm pipeline runs stages")
+    if cfg.algorithm == "pipeline":
+        need(bool(cfg.stages), "stages", "algorithm pipeline needs at least one stage")
+        need(cfg.run.resume.lower() in ("true", "false"), "run.resume",
+             "a pipeline resumes each stage from its own checkpoints; use true/false, not a path")
     if cfg.algorithm in ("grpo", "reinforce", "trpo", "grape") and cfg.pg.advantage in ("group", "group_no_std", "leave_one_out"):
         need(cfg.rollout.num_samples >= 2, "rollout.num_samples", f"pg.advantage={cfg.pg.advantage} needs >= 2 samples per prompt")
 

@@ -36,7 +36,7 @@ from rlmt.objectives.policy import (
     value_loss,
 )
 from rlmt.objectives.preference import LOSSES as PREFERENCE_LOSSES
-from rlmt.objectives.preference import cdpo_loss, dpo_loss, ipo_loss, log_ratio_margin
+from rlmt.objectives.preference import bradley_terry_loss, cdpo_loss, dpo_loss, ipo_loss, log_ratio_margin
 
 __all__ = [
     "AGGREGATIONS",
@@ -44,6 +44,7 @@ __all__ = [
     "PREFERENCE_LOSSES",
     "aggregate_loss",
     "approx_kl",
+    "bradley_terry_loss",
     "cdpo_loss",
     "dpo_loss",
     "entropy_from_logits",

@@ -1,4 +1,5 @@
-"""Offline preference losses (DPO, IPO, conservative DPO), each ``-> (loss, metrics)``.
+"""Offline preference losses (DPO, IPO, conservative DPO; the reward model's Bradley-Terry at the end),
+each ``-> (loss, metrics)``.
 
 Inputs are (B,) *sequence* log-probabilities: the sum over a completion's tokens of log pi(y_t | x, y_<t),
 for the policy (with grad) and the frozen reference, of the chosen (preferred) and rejected completions.
@@ -77,6 +78,24 @@ def cdpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor
     per_pair = -(1.0 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     loss = per_pair.sum() / (normalizer or h.shape[0])
     return loss, _metrics(loss, policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+
+
+def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor, normalizer: float | None = None,
+                       ) -> tuple[Tensor, dict[str, float]]:
+    """Bradley-Terry reward-model loss (Ouyang et al. 2022, eq. 1): with scalar rewards r (B,) of the chosen
+    and rejected completions,
+
+        loss = sum_i -log sigmoid(r_w,i - r_l,i) / normalizer
+
+    Metrics: ``loss``, ``rewards/accuracy`` (share with r_w > r_l; ties count as wrong), ``rewards/margin``
+    (mean r_w - r_l), ``rewards/chosen`` and ``rewards/rejected`` (mean rewards).
+    """
+    d = r_chosen - r_rejected  # (B,)
+    loss = -F.logsigmoid(d).sum() / (normalizer or d.shape[0])
+    with torch.no_grad():
+        return loss, {"loss": float(loss.detach()), "rewards/accuracy": float((d > 0).float().mean()),
+                      "rewards/margin": float(d.mean()), "rewards/chosen": float(r_chosen.mean()),
+                      "rewards/rejected": float(r_rejected.mean())}
 
 
 PreferenceLoss = Callable[..., tuple[Tensor, dict[str, float]]]

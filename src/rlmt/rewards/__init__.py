@@ -17,7 +17,9 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "regex": ("rlmt.rewards.regex", "RegexReward"),
     "code_tests": ("rlmt.rewards.code_tests", "CodeTestsReward"),
     "rubric": ("rlmt.grape.scorer", "RubricReward"),
+    "judge": ("rlmt.judge", "JudgeReward"),
     "process_reward_model": ("rlmt.rewards.process_reward_model", "ProcessRewardModelReward"),
+    "reward_model": ("rlmt.rewards.reward_model", "RewardModelReward"),
 }
 
 

@@ -211,6 +211,18 @@ def _dpo(cfg: Config) -> Path:
     return train_dpo(cfg)
 
 
+def _reward_model(cfg: Config) -> Path:
+    from rlmt.train.reward_model import train_reward_model
+
+    return train_reward_model(cfg)
+
+
+def _pipeline(cfg: Config) -> Path:
+    from rlmt.train.pipeline import train_pipeline
+
+    return train_pipeline(cfg)
+
+
 def _process_reward_model(cfg: Config) -> Path:
     from rlmt.train.process_reward_model import train_process_reward_model
 
@@ -227,4 +239,6 @@ ALGORITHMS: dict[str, Callable[[Config], Path]] = {
     "grape": _online,
     "dpo": _dpo,
     "process_reward_model": _process_reward_model,
+    "reward_model": _reward_model,
+    "pipeline": _pipeline,
 }
