@@ -1,4 +1,4 @@
-"""The ``rlmt`` command line: train, eval, generate, demo, report.
+"""The ``rlmt`` command line: train, eval, generate, demo, report, serve, judge.
 
 Bad input (config, data, model) ends with a one-line error naming the file, line and field, and a non-zero
 exit code; tracebacks are for bugs.
@@ -125,6 +125,43 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from rlmt.serve import serve
+
+    return serve(args.model, args.host, args.port, args.max_batch, args.seed, args.device)
+
+
+def cmd_judge(args) -> int:
+    from rlmt.chat import build_chat_backend
+    from rlmt.config import ConfigError
+    from rlmt.judge import (DEFAULT_PREAMBLE, PairwiseJudge, load_judge_rows, preference_dataset,
+                            sample_responses, write_jsonl_atomic)
+
+    if args.judge_backend == "http" and not (args.base_url and args.model):
+        raise ConfigError("--judge-backend http needs --base-url URL and --model NAME")
+    rows, responses = load_judge_rows(args.rows, need_responses=not args.policy)
+    if args.policy:
+        if args.num_samples < 2:
+            raise ConfigError("--num-samples: need at least 2 responses per prompt to compare")
+        responses = sample_responses(args.policy, [r["prompt"] for r in rows], args.num_samples,
+                                     args.temperature, args.max_new_tokens, args.seed)
+    spec = ({"backend": "http", "base_url": args.base_url, "model": args.model, "concurrency": args.concurrency,
+             "timeout_s": args.timeout, "cache_path": args.cache} if args.judge_backend == "http" else
+            {"backend": "local", "model": args.judge_model, "seed": args.seed})
+    if args.preamble_file and not Path(args.preamble_file).is_file():
+        raise ConfigError(f"--preamble-file: {args.preamble_file} does not exist")
+    preamble = Path(args.preamble_file).read_text() if args.preamble_file else DEFAULT_PREAMBLE
+    try:
+        backend = build_chat_backend(spec)
+    except ValueError as e:
+        raise ConfigError(f"judge backend: {e}") from e
+    judge = PairwiseJudge(backend, preamble, args.chain_of_thought)
+    prefs, stats = preference_dataset(rows, responses, judge, args.pairs, args.max_pairs)
+    write_jsonl_atomic(args.out, prefs)
+    print(json.dumps({"out": args.out, **stats, **judge.backend.stats.as_metrics("chat")}))
+    return 0
+
+
 def cmd_help_config(_args=None) -> int:
     from rlmt.config import describe
 
@@ -187,6 +224,42 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (run.output_dir of a training run)")
     r.add_argument("--output", metavar="FILE", help="write the HTML here instead of RUN_DIR/report.html")
     r.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible /v1/chat/completions endpoint",
+                       description="Load MODEL and answer POST /v1/chat/completions and GET /v1/models, batching "
+                                   "concurrent requests. Prints one line `rlmt serve: listening on "
+                                   "http://HOST:PORT/v1` once ready; --port 0 picks a free port.")
+    s.add_argument("--model", required=True, help="tiny-random, smollm2-135m-instruct or a model directory")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    s.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
+    s.add_argument("--max-batch", type=int, default=16, help="most requests generated together (default 16)")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    s.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    s.set_defaults(func=cmd_serve)
+
+    j = sub.add_parser("judge", help="RLAIF: judge response pairs in both orders, write DPO preference JSONL",
+                       description="Each row of --rows has `prompt` and `responses` (>= 2 strings; or give "
+                                   "--policy to sample them). Pairs are judged in both orders; only consistent, "
+                                   "decisive verdicts are written to --out as {prompt, chosen, rejected}.")
+    j.add_argument("--rows", required=True, help="JSONL of {prompt, responses}")
+    j.add_argument("--out", required=True, help="preference JSONL to write (atomically)")
+    j.add_argument("--judge-backend", choices=["http", "local"], default="http", help="default http")
+    j.add_argument("--base-url", help="http: the endpoint, e.g. http://127.0.0.1:8000/v1")
+    j.add_argument("--model", help="http: the model name to send")
+    j.add_argument("--judge-model", default="smollm2-135m-instruct", help="local: the judge model")
+    j.add_argument("--concurrency", type=int, default=4, help="http: requests in flight (default 4)")
+    j.add_argument("--timeout", type=float, default=30.0, help="http: seconds per request (default 30)")
+    j.add_argument("--cache", help="http: JSONL reply cache, reloaded on start")
+    j.add_argument("--pairs", choices=["adjacent", "all"], default="adjacent", help="which pairs to compare")
+    j.add_argument("--max-pairs", type=int, default=0, help="at most this many pairs per row (0: no cap)")
+    j.add_argument("--chain-of-thought", action="store_true", help="ask the judge to reason before the verdict")
+    j.add_argument("--preamble-file", help="a text file replacing the judge's default preamble")
+    j.add_argument("--policy", help="sample the responses from this model instead of reading them")
+    j.add_argument("--num-samples", type=int, default=4, help="with --policy: responses per prompt (default 4)")
+    j.add_argument("--temperature", type=float, default=1.0, help="with --policy: sampling temperature")
+    j.add_argument("--max-new-tokens", type=int, default=128, help="with --policy: response length cap")
+    j.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    j.set_defaults(func=cmd_judge)
     return p
 
 
