@@ -1,0 +1,157 @@
+"""`rlmt serve`: request parsing, the OpenAI response shape, 400/404 errors, and batching of concurrent requests,
+on a server in this process over LocalChat(tiny-random); LocalChat itself (order, cache, failures)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from rlmt.chat import ChatReply, ChatRequest
+from rlmt.chat.local import LocalChat
+from rlmt.serve import BadRequest, completion_body, make_server, parse_chat_request
+
+
+def msgs(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from rlmt.models import load_model
+
+    return load_model("tiny-random")
+
+
+class CountingChat:
+    """LocalChat wrapper that records the size of every batch the server hands it."""
+
+    def __init__(self, chat):
+        self.chat, self.batches, self.name, self.stats = chat, [], chat.name, chat.stats
+
+    def complete_with_finish(self, requests):
+        self.batches.append(len(requests))
+        return self.chat.complete_with_finish(requests)
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    chat = CountingChat(LocalChat.from_loaded(tiny, max_batch=8, cache=False))
+    srv = make_server(chat, "127.0.0.1", 0, "tiny-random", max_batch=8)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1", chat
+    srv.shutdown()
+    srv.server_close()
+
+
+def post(url: str, body) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = urllib.request.Request(url + "/chat/completions", data=data, method="POST",
+                               headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(r, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+# ---------------------------------------------------------------------------------------------- pure parts
+
+
+def test_parse_chat_request_accepts_openai_bodies():
+    r = parse_chat_request(json.dumps({"model": "x", "messages": msgs("hi"), "max_tokens": 5, "temperature": 0}).encode())
+    assert r == ChatRequest(({"role": "user", "content": "hi"},), 5, 0.0)
+    assert parse_chat_request(json.dumps({"messages": msgs("hi")}).encode(), 7).max_tokens == 7
+
+
+@pytest.mark.parametrize("body,param", [
+    (b"{not json", None),
+    (b"[]", None),
+    (json.dumps({"messages": []}).encode(), "messages"),
+    (json.dumps({"messages": [{"role": "user"}]}).encode(), "messages"),
+    (json.dumps({"messages": [{"role": "tool", "content": "x"}]}).encode(), "messages"),
+    (json.dumps({"messages": msgs("x"), "max_tokens": 0}).encode(), "max_tokens"),
+    (json.dumps({"messages": msgs("x"), "max_tokens": "9"}).encode(), "max_tokens"),
+    (json.dumps({"messages": msgs("x"), "temperature": 5}).encode(), "temperature"),
+    (json.dumps({"messages": msgs("x"), "stream": True}).encode(), "stream"),
+    (json.dumps({"messages": msgs("x"), "n": 3}).encode(), "n"),
+])
+def test_parse_chat_request_rejects(body, param):
+    with pytest.raises(BadRequest) as e:
+        parse_chat_request(body)
+    assert e.value.param == param
+
+
+def test_completion_body_shape():
+    body = completion_body(ChatReply("hi", None, 4, 2), finished=False, model="m")
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+
+
+# ---------------------------------------------------------------------------------------------- the server
+
+
+def test_chat_completion_round_trip(server):
+    url, _ = server
+    code, body = post(url, {"model": "tiny-random", "messages": msgs("hello"), "max_tokens": 4, "temperature": 0})
+    assert code == 200 and isinstance(body["choices"][0]["message"]["content"], str)
+    assert body["choices"][0]["finish_reason"] in ("stop", "length")
+    assert 0 < body["usage"]["completion_tokens"] <= 4 and body["usage"]["prompt_tokens"] > 0
+    again = post(url, {"messages": msgs("hello"), "max_tokens": 4, "temperature": 0})[1]
+    assert again["choices"][0]["message"]["content"] == body["choices"][0]["message"]["content"]  # greedy
+
+
+def test_models_health_and_404(server):
+    url, _ = server
+    with urllib.request.urlopen(url + "/models", timeout=10) as r:
+        assert json.loads(r.read())["data"][0]["id"] == "tiny-random"
+    with urllib.request.urlopen(url.rsplit("/v1", 1)[0] + "/health", timeout=10) as r:
+        assert json.loads(r.read())["status"] == "ok"
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(url + "/nothing", timeout=10)
+    assert e.value.code == 404 and "error" in json.loads(e.value.read())
+
+
+def test_bad_request_is_400_with_openai_error(server):
+    url, _ = server
+    code, body = post(url, {"messages": msgs("x"), "temperature": -1})
+    assert code == 400
+    assert body["error"]["type"] == "invalid_request_error" and body["error"]["param"] == "temperature"
+    assert post(url, b"garbage")[0] == 400
+
+
+def test_concurrent_requests_share_batches(server):
+    url, chat = server
+    chat.batches.clear()
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: post(url, {"messages": msgs(f"q{i}"), "max_tokens": 3}), range(8)))
+    assert all(code == 200 for code, _ in results)
+    assert sum(chat.batches) == 8 and max(chat.batches) <= 8 and len(chat.batches) < 8
+
+
+# ---------------------------------------------------------------------------------------------- LocalChat
+
+
+def test_local_chat_order_cache_and_stats(tiny):
+    chat = LocalChat.from_loaded(tiny, max_batch=2)
+    reqs = [ChatRequest(tuple(msgs(t)), n, 0.0) for t, n in [("a", 3), ("bb", 5), ("a", 3), ("ccc", 3), ("d", 4)]]
+    replies = chat.complete(reqs)
+    assert len(replies) == 5 and replies[0].text == replies[2].text
+    assert [r.completion_tokens <= q.max_tokens for r, q in zip(replies, reqs)] == [True] * 5
+    singles = [chat.complete([q])[0] for q in reqs]  # cached now, and the batch gave the same greedy texts
+    assert [r.text for r in singles] == [r.text for r in replies] and all(r.cached for r in singles)
+    assert chat.stats.requests == 10 and chat.stats.calls == 4 and chat.stats.cache_hits == 6
+
+
+def test_local_chat_failed_batch_is_failed_replies(tiny, monkeypatch):
+    chat = LocalChat.from_loaded(tiny)
+    monkeypatch.setattr(chat, "prompt_ids", lambda r: (_ for _ in ()).throw(RuntimeError("boom")))
+    reply = chat.complete([ChatRequest(tuple(msgs("x")), 3, 0.0)])[0]
+    assert reply.text is None and "boom" in reply.error and chat.stats.failures == 1
