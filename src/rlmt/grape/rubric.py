@@ -166,7 +166,7 @@ def parse_rubric(data: Any, path: str = "<rubric>") -> Rubric:
         items = [_item(it, str(name), default_scale, f"{where}.items[{i}]") for i, it in enumerate(raw_items)]
         ids = [it.id for it in items]
         for i, it in enumerate(items):
-            if ids.count(it.id) > 1:
+            if it.id in ids[:i]:
                 raise RubricError(f"{where}.items[{i}].id: {it.id!r} is used by more than one item")
             if it.gated_by:
                 if it.gated_by not in ids or it.gated_by == it.id:
