@@ -228,7 +228,10 @@ WINNER_SCORE = {"first": 1.0, "tie": 0.5, "second": 0.0}
 class JudgeReward:
     """Reward source ``judge``: each response against the row's reference, judged in both orders.
 
-    ``backend`` is a chat-backend spec (``{backend: local|http, ...}``, see :mod:`rlmt.chat`).
+    ``backend`` is a chat-backend spec (``{backend: local|http, ...}``, see :mod:`rlmt.chat`). In ``metrics``,
+    ``judge/{decisive,ties,inconsistent,missing,wins,losses,no_reference}`` count this call;
+    ``judge/cache_hits`` and ``judge/chat/*`` (the backend's calls, cache hits, failures, tokens, cost) are
+    running totals since the source was built.
     """
 
     backend: dict
