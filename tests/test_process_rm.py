@@ -337,3 +337,36 @@ def test_ppo_with_the_process_rm_as_reward_source_runs(prm_run, tmp_path):
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["skipped_steps"] == 0 for r in rows)
+
+
+def test_process_update_is_accumulation_invariant():
+    """batch 6 x accumulation 1 == batch 2 x accumulation 3 (rows with different step counts)."""
+    import copy
+
+    from rlmt.train.process_reward_model import ProcessHead, StepExample, collate_steps, process_update
+
+    lm = load_model("tiny-random")
+    rng = random.Random(5)
+    examples = []
+    for i in range(6):
+        n = 1 + i % 3
+        completion = [rng.randrange(256) for _ in range(3 * n)]
+        examples.append(StepExample([rng.randrange(256) for _ in range(2 + i % 2)], completion,
+                                    [3 * k + 2 for k in range(n)], [float(rng.random() < 0.5) for _ in range(n)]))
+    deltas = []
+    for bs in (6, 2):
+        model = copy.deepcopy(lm.model)
+        head = ProcessHead(model.config.hidden_size)
+        torch.nn.init.normal_(head.linear.weight, std=0.1, generator=torch.Generator().manual_seed(0))
+        trainable = torch.nn.ModuleList([model, head])
+        before = [p.detach().clone() for p in trainable.parameters()]
+        opt = torch.optim.SGD(trainable.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        mbs = [collate_steps(examples[j:j + bs], lm.tokenizer.pad_token_id) for j in range(0, 6, bs)]
+        metrics = process_update(model, head, trainable, mbs, opt, sched, 0.0, "cpu")
+        assert metrics["steps"] == 12.0
+        deltas.append(([p.detach() - b for p, b in zip(trainable.parameters(), before)], metrics["loss"]))
+    (d1, l1), (d2, l2) = deltas
+    assert l1 == pytest.approx(l2, abs=1e-6)
+    for a, b in zip(d1, d2):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
