@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_example_config_loads_and_its_data_validates(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = load_config(path)
-    kind = "sft" if cfg.algorithm == "sft" else "prompt"
+    kind = {"sft": "sft", "process_reward_model": "steps"}.get(cfg.algorithm, "prompt")
     for data in (cfg.data.train, cfg.data.eval):
         if data:
-            rows = load_rows(data, kind if data == cfg.data.train else "prompt").rows
+            rows = load_rows(data, kind if data == cfg.data.train or kind == "steps" else "prompt").rows
             assert rows and (kind == "sft" or all("answer" in r.data for r in rows))
