@@ -22,6 +22,14 @@ from rlmt.train.runner import train
 T = torch.tensor
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _restore_threads():
+    """The runs here use model.threads=1 (robust timings on a busy 2-core box); later test files get theirs back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def _sigmoid(x):
     return 1.0 / (1.0 + math.exp(-x))
 
@@ -195,6 +203,9 @@ def test_source_scores_equal_a_direct_forward_and_are_z_scores(trained):
     z = [(r - meta["score_mean"]) / meta["score_std"] for r in raw]
     assert result.scores == pytest.approx(z, abs=1e-6)
     assert raw[0] > raw[1]  # it learned the preference: a number beats a refusal
+    # an SFT row with ``messages`` is scored on its turns before the last, like the same prompt row
+    sft_row = {"messages": rows[2]["prompt"] + [{"role": "assistant", "content": "ignored"}]}
+    assert source.score([sft_row], responses[2:]).details[0]["raw_score"] == pytest.approx(raw[2], abs=1e-6)
     plain = build_reward_source("reward_model", {"path": str(final), "normalize": False})
     assert plain.score(rows, responses).scores == pytest.approx(raw, abs=1e-5)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from rlmt.data import encode_completion, encode_prompt
+from rlmt.data import encode_completion, encode_prompt, split_sft_row
 from rlmt.rewards.base import RewardResult
 
 
@@ -35,7 +35,9 @@ class RewardModelReward:
 
     def score(self, rows: Sequence[dict], responses: Sequence[str]) -> RewardResult:
         rm, tok = self.model, self.model.tokenizer
-        prompts = [encode_prompt(tok, rm.prompt_format, row["prompt"]) for row in rows]
+        # prompt rows have ``prompt``; SFT rows (e.g. scored demonstrations) may have ``messages`` instead
+        prompts = [encode_prompt(tok, rm.prompt_format, row["prompt"] if "prompt" in row else split_sft_row(row)[0])
+                   for row in rows]
         limit = rm.max_completion_tokens or 10**9
         completions = [encode_completion(tok, text, limit) for text in responses]
         raw = rm.score(prompts, completions, self.batch_size).tolist()

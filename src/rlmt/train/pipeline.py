@@ -15,7 +15,8 @@ Every stage config is built and validated before the first stage runs, so a typo
 once, naming ``stages[i].key``. A finished stage writes ``<stage dir>/STAGE_DONE`` (atomically, after its
 ``final/``) with its final path and a hash of its config, and is skipped when the pipeline runs again; if its
 config has changed since, the pipeline stops rather than reuse stale weights. An interrupted stage resumes
-from its own latest checkpoint. ``<run.output_dir>/pipeline.json`` lists the stages and their status.
+from its own latest checkpoint. ``<run.output_dir>/pipeline.json`` lists the stages and their status. So the
+pipeline always continues what is in its directory: its own ``run.resume`` (true or false) changes nothing.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ STAGE_MARKER = "STAGE_DONE"
 PIPELINE_FILE = "pipeline.json"
 _REF = re.compile(r"\$\{([^}]*)\}")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-# run keys that change how a run is shown, not what it computes: not part of a stage's identity
-_COSMETIC = ("progress", "log_every", "tensorboard")
+# run keys that change how a run is shown or kept, not what it computes: not part of a stage's identity
+_COSMETIC = ("progress", "log_every", "tensorboard", "save_every", "keep_checkpoints")
 
 
 @dataclass(frozen=True)
