@@ -1,7 +1,7 @@
 """DPO step time and peak memory: rlmt vs TRL's DPOTrainer, side by side in one run.
 
 Same model (SmolLM2-135M-Instruct, float32, CPU), same data (128 arithmetic pairs: chosen states the right
-sum, rejected is off by a little), same settings: 8 pairs per step, lr 5e-6, beta 0.1. Each side runs in its
+sum, rejected is off by a little), same settings: 8 pairs per step, lr 5e-6, beta 0.1, gradient checkpointing (TRL's default). Each side runs in its
 own process. rlmt computes the reference log-probs of all pairs once before training (TRL runs the reference
 model every step); the one-off cost is printed separately and also shown amortized over the steps run.
 
@@ -33,6 +33,14 @@ def _pairs(n: int = 128) -> list[dict]:
     return out
 
 
+def rlmt_overrides(data: Path, steps: int, work: Path) -> list[str]:
+    """rlmt's settings (also used by memory_profile.py). Gradient checkpointing as in TRL, whose DPOConfig
+    turns it on by default (the math is the same; it trades recompute for activation memory)."""
+    return ["algorithm=dpo", "model.name=smollm2-135m-instruct", f"data.train={data}", f"optim.lr={LR}",
+            f"dpo.beta={BETA}", f"optim.batch_size={PAIRS_PER_STEP}", f"optim.max_steps={steps}",
+            "model.gradient_checkpointing=true", f"run.output_dir={work / 'run'}", "run.progress=false"]
+
+
 def run_rlmt(steps: int, work: Path) -> dict:
     from rlmt.config import load_config
     from rlmt.records import read_metrics
@@ -40,10 +48,7 @@ def run_rlmt(steps: int, work: Path) -> dict:
 
     data = work / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _pairs()))
-    cfg = load_config(None, [
-        "algorithm=dpo", "model.name=smollm2-135m-instruct", f"data.train={data}", f"optim.lr={LR}",
-        f"dpo.beta={BETA}", f"optim.batch_size={PAIRS_PER_STEP}", f"optim.max_steps={steps}",
-        f"run.output_dir={work / 'run'}", "run.progress=false"])
+    cfg = load_config(None, rlmt_overrides(data, steps, work))
     t0 = time.perf_counter()
     run = train(cfg)
     total = time.perf_counter() - t0

@@ -43,6 +43,15 @@ def matmul_peak_gflops() -> float:
     return 5 * 2 * 2048**3 / (time.perf_counter() - t) / 1e9
 
 
+def rlmt_overrides(data: Path, steps: int, work: Path) -> list[str]:
+    """rlmt's settings (also used by memory_profile.py)."""
+    return ["algorithm=grpo", "model.name=smollm2-135m-instruct", f"data.train={data}",
+            f"rollout.num_samples={SAMPLES}", f"rollout.batch_prompts={PROMPTS_PER_STEP}",
+            f"rollout.max_new_tokens={MAX_NEW}", "rollout.temperature=1.0", f"optim.lr={LR}", f"pg.beta={BETA}",
+            "optim.batch_size=8", f"optim.max_steps={steps}", f"run.output_dir={work / 'run'}", "run.progress=false",
+            "optim.max_grad_norm=1.0"]
+
+
 def run_rlmt(steps: int, work: Path) -> dict:
     from rlmt.config import load_config
     from rlmt.records import read_metrics
@@ -50,12 +59,7 @@ def run_rlmt(steps: int, work: Path) -> dict:
 
     data = work / "prompts.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
-    cfg = load_config(None, [
-        "algorithm=grpo", "model.name=smollm2-135m-instruct", f"data.train={data}",
-        f"rollout.num_samples={SAMPLES}", f"rollout.batch_prompts={PROMPTS_PER_STEP}",
-        f"rollout.max_new_tokens={MAX_NEW}", "rollout.temperature=1.0", f"optim.lr={LR}", f"pg.beta={BETA}",
-        "optim.batch_size=8", f"optim.max_steps={steps}", f"run.output_dir={work / 'run'}", "run.progress=false",
-        "optim.max_grad_norm=1.0"])
+    cfg = load_config(None, rlmt_overrides(data, steps, work))
     t0 = time.perf_counter()
     run = train(cfg)
     total = time.perf_counter() - t0

@@ -24,28 +24,35 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    targets: torch.Tensor, inv_temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden (M, H), targets (M,) -> (log p(target) (M,), entropy (M,)) at temperature 1/inv_temperature."""
+                    targets: torch.Tensor, inv_temperature: float,
+                    entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden (M, H), targets (M,) -> (log p(target) (M,), entropy (M,)) at temperature 1/inv_temperature.
+
+    With ``entropy=False`` the entropy is zeros and the two extra (M, V) tensors it needs are never made."""
     logits = F.linear(hidden, weight, bias).float()  # (M, V)
     if inv_temperature != 1.0:
         logits = logits * inv_temperature
     lse = torch.logsumexp(logits, dim=-1)  # (M,)
     target_logits = logits.gather(-1, targets[:, None]).squeeze(-1)
+    if not entropy:
+        return target_logits - lse, lse.detach().new_zeros(lse.shape)
     probs = torch.softmax(logits, dim=-1)
     entropy = lse - (probs * logits).sum(-1)
     return target_logits - lse, entropy
 
 
 def _scored_positions(h: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, inv_t: float,
-                      chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """h (M, H) hidden states that predict ``targets`` (M,) -> (log-probs (M,), entropies (M,)), chunked."""
+                      chunk_tokens: int, entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """h (M, H) hidden states that predict ``targets`` (M,) -> (log-probs (M,), entropies (M,)), chunked.
+    ``entropy=False``: zeros instead of entropies, and less memory per chunk."""
     lp_parts, ent_parts = [], []
     for start in range(0, h.shape[0], chunk_tokens):
         hc, tc = h[start:start + chunk_tokens], targets[start:start + chunk_tokens]
         if torch.is_grad_enabled() and hc.requires_grad:
-            lp, ent = checkpoint(_chunk_logprobs, hc, head.weight, head.bias, tc, inv_t, use_reentrant=False)
+            lp, ent = checkpoint(_chunk_logprobs, hc, head.weight, head.bias, tc, inv_t, entropy,
+                                 use_reentrant=False)
         else:
-            lp, ent = _chunk_logprobs(hc, head.weight, head.bias, tc, inv_t)
+            lp, ent = _chunk_logprobs(hc, head.weight, head.bias, tc, inv_t, entropy)
         lp_parts.append(lp)
         ent_parts.append(ent.detach())
     if not lp_parts:
@@ -99,7 +106,7 @@ def grouped_response_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, 
     h = grouped_hidden_states(model, prompt_ids, prompt_mask, response_ids, response_mask, group_size)
     sel = response_mask.bool()
     inv_t = 1.0 / temperature if temperature > 0 else 1.0
-    lp, ent = _scored_positions(h[sel], response_ids[sel], head, inv_t, chunk_tokens)
+    lp, ent = _scored_positions(h[sel], response_ids[sel], head, inv_t, chunk_tokens, return_entropy)
     zeros = h.new_zeros((N, T), dtype=torch.float32)
     out = zeros.masked_scatter(sel, lp) if sel.any() else zeros + 0.0 * h.sum()
     return (out, zeros.masked_scatter(sel, ent)) if return_entropy else out
@@ -131,7 +138,7 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     h = hidden[:, :-1][sel]  # (M, H)
     targets = input_ids[:, 1:][sel]  # (M,)
     inv_t = 1.0 / temperature if temperature > 0 else 1.0
-    lp, ent = _scored_positions(h, targets, head, inv_t, chunk_tokens)
+    lp, ent = _scored_positions(h, targets, head, inv_t, chunk_tokens, return_entropy)
     zeros = hidden.new_zeros((B, L - 1), dtype=torch.float32)
     if sel.any():
         out = F.pad(zeros.masked_scatter(sel, lp), (1, 0))

@@ -171,9 +171,42 @@ def _parse_tiny(name: str) -> tuple[int, int]:
     return layers, hidden
 
 
+_MMAP_THRESHOLD_DEFAULT = 1 << 20
+
+
+def limit_heap_fragmentation() -> int:
+    """Fix glibc's mmap threshold so that every block of 1 MiB or more is its own mapping, returned to the OS
+    as soon as it is freed; returns the threshold set (0: nothing done).
+
+    glibc starts at 128 KiB but raises the threshold (up to 32 MiB) each time a mapped block is freed, after
+    which activations and gradients of a few MiB come from the heap, and freed ones stay resident as
+    fragmented free heap: on CPU training of SmolLM2-135M that was ~0.5 GB of the peak RSS (measured with
+    benchmarks/memory_profile.py). A fixed threshold turns the adjustment off; the numbers computed do not
+    change. ``RLMT_MMAP_THRESHOLD`` sets another value in bytes (0 leaves glibc alone). Linux/glibc only.
+    """
+    try:
+        threshold = int(os.environ.get("RLMT_MMAP_THRESHOLD", _MMAP_THRESHOLD_DEFAULT))
+    except ValueError:
+        threshold = _MMAP_THRESHOLD_DEFAULT
+    if threshold <= 0:
+        return 0
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return threshold if libc.mallopt(-3, threshold) == 1 else 0  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return 0
+
+
 def load_model(name: str, dtype: str = "float32", device: str = "cpu", seed: int = 0) -> LoadedModel:
-    """Load a policy and tokenizer by name (see the module docstring)."""
+    """Load a policy and tokenizer by name (see the module docstring).
+
+    On CPU this also fixes glibc's mmap threshold (:func:`limit_heap_fragmentation`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if str(device).startswith("cpu"):
+        limit_heap_fragmentation()
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     if name.startswith("tiny-random"):
@@ -186,6 +219,90 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", seed: int
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return LoadedModel(model, tok, name, path)
+
+
+def _file_mappings() -> list[tuple[int, int, str, str]]:
+    """(start, end, permissions, path) of this process's file-backed memory mappings (Linux; else [])."""
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(None, 5)
+                if len(parts) == 6 and parts[5].startswith("/"):
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    out.append((lo, hi, parts[1], parts[5].strip()))
+    except OSError:
+        pass
+    return out
+
+
+def _weight_mappings(model: torch.nn.Module, path: str) -> list[tuple[int, int]]:
+    """The private file mappings of ``path`` that hold *every* parameter of ``model``, or [] if any parameter
+    lives elsewhere (then paging is not possible)."""
+    maps = [(lo, hi) for lo, hi, perm, p in _file_mappings() if perm.endswith("p") and p == path]
+    used = set()
+    for p in model.parameters():
+        ptr = p.data_ptr()
+        hit = next(((lo, hi) for lo, hi in maps if lo <= ptr and ptr + p.numel() * p.element_size() <= hi), None)
+        if hit is None:
+            return []
+        used.add(hit)
+    return sorted(used)
+
+
+def frozen_reference(lm: LoadedModel, dtype: str = "float32") -> torch.nn.Module:
+    """A frozen (eval, no-grad) copy of ``lm.model``'s *current* weights, to use as a KL reference.
+
+    When the policy came from a float32 safetensors checkpoint on the CPU and still holds exactly the
+    weights in that file, the copy is loaded from the file again: transformers memory-maps it, so its weights
+    are clean file-backed pages that :func:`release_reference_pages` can drop from the process between
+    reference passes (the next pass faults them back in from the page cache; the numbers are the same bits).
+    Otherwise (tiny models, other dtypes, GPU, weights already changed) it is a ``copy.deepcopy``.
+    """
+    import copy
+
+    model = lm.model
+    params = list(model.parameters())
+    weights = Path(lm.path) / "model.safetensors"
+    if (dtype == "float32" and not is_tiny(lm.name) and weights.exists()
+            and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)):
+        from transformers import AutoModelForCausalLM
+
+        ref = AutoModelForCausalLM.from_pretrained(lm.path, dtype=torch.float32).eval().requires_grad_(False)
+        ref_params = dict(ref.named_parameters())
+        same = set(ref_params) == {n for n, _ in model.named_parameters()} and all(
+            torch.equal(ref_params[n], p) for n, p in model.named_parameters())
+        spans = _weight_mappings(ref, str(weights.resolve())) if same else []
+        shared = any(lo <= p.data_ptr() < hi for p in params for lo, hi in spans)  # never page the policy
+        if spans and not shared:
+            ref._rlmt_weights = (str(weights.resolve()), spans)  # marks it pageable
+            release_reference_pages(ref)
+            return ref
+        del ref
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def release_reference_pages(ref: torch.nn.Module) -> int:
+    """Drop the resident pages of a :func:`frozen_reference` loaded from its file (no-op for a deepcopy);
+    returns the bytes of mappings released.
+
+    ``madvise(MADV_DONTNEED)`` on a private file mapping discards the process's pages; the next access reads
+    the file again (from the page cache). The reference is never written, so nothing is lost, and even a
+    written page would come back as the file's (= the reference's) value.
+    """
+    path, spans = getattr(ref, "_rlmt_weights", (None, None))
+    if path is None or _weight_mappings(ref, path) != spans:
+        return 0
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    released = 0
+    for lo, hi in spans:
+        if libc.madvise(lo, hi - lo, mmap.MADV_DONTNEED) == 0:
+            released += hi - lo
+    return released
 
 
 def is_tiny(name: str) -> bool:

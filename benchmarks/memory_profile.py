@@ -1,0 +1,293 @@
+"""Where rlmt's peak RSS comes from in the DPO / GRPO benchmarks: peak resident memory per phase.
+
+(Findings: see the bottom of this docstring, filled in after measuring.)
+
+Runs the rlmt side of ``dpo_vs_trl.py`` / ``grpo_vs_trl.py`` (same model, data and settings) in this process
+with the training loop's functions wrapped as phases (model load, reference log-probs, forward, backward,
+optimizer step, checkpoint, final save, ...). Each phase's peak is exact, not sampled: the kernel's
+high-water mark (VmHWM) is read and reset (``/proc/self/clear_refs`` = 5) at every phase boundary. Beside
+RSS it prints what torch tensors account for (parameters, gradients, optimizer states) and glibc's heap
+(in use / free but not returned), so a peak can be split into tensors, transients and fragmentation.
+
+    python benchmarks/memory_profile.py dpo --steps 3
+    python benchmarks/memory_profile.py grpo --steps 2
+    MALLOC_ARENA_MAX=2 python benchmarks/memory_profile.py dpo       # glibc arenas
+    python benchmarks/memory_profile.py dpo --set model.gradient_checkpointing=false   # any config override
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+_libc = ctypes.CDLL("libc.so.6")
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+_libc.mallinfo2.restype = _Mallinfo2
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def rss_mb() -> float:
+    return _status_kb("VmRSS") / 1024
+
+
+def hwm_mb() -> float:
+    return _status_kb("VmHWM") / 1024
+
+
+def reset_hwm() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def heap_mb() -> tuple[float, float, float]:
+    """glibc: (bytes in use in the brk/arena heaps, free bytes kept in them, bytes in mmapped chunks), MB."""
+    m = _libc.mallinfo2()
+    return m.uordblks / 2**20, m.fordblks / 2**20, m.hblkhd / 2**20
+
+
+class Phases:
+    """Exact per-phase peak RSS: phases nest; a boundary reads and resets the kernel's high-water mark."""
+
+    def __init__(self, trim: bool = False):
+        self.stack: list[str] = []
+        self.stats: dict[str, dict] = {}
+        self.order: list[str] = []
+        self.trim = trim
+        self.model = None
+        self.optimizer = None
+        reset_hwm()
+
+    def _flush(self) -> None:
+        peak = hwm_mb()
+        for name in self.stack + ["(whole run)"]:
+            s = self.stats.setdefault(name, {"calls": 0, "peak": 0.0, "start": 0.0, "end": 0.0})
+            s["peak"] = max(s["peak"], peak)
+        reset_hwm()
+
+    def enter(self, name: str) -> None:
+        self._flush()
+        if name not in self.stats:
+            self.order.append(name)
+            self.stats[name] = {"calls": 0, "peak": 0.0, "start": rss_mb(), "end": 0.0}
+        self.stats[name]["calls"] += 1
+        self.stack.append(name)
+
+    def leave(self, name: str) -> None:
+        self._flush()
+        self.stack.pop()
+        if self.trim:
+            _libc.malloc_trim(0)
+        s = self.stats[name]
+        s["end"] = rss_mb()
+        s["tensors"] = self.tensor_mb()
+        s["heap"] = heap_mb()
+
+    def wrap(self, module, attr: str, name: str | None = None, grab=None):
+        fn = getattr(module, attr)
+        label = name or attr
+
+        @functools.wraps(fn)
+        def wrapper(*a, **k):
+            self.enter(label)
+            try:
+                out = fn(*a, **k)
+            finally:
+                self.leave(label)
+            if grab:
+                grab(self, a, k, out)
+            return out
+
+        setattr(module, attr, wrapper)
+
+    def tensor_mb(self) -> dict[str, float]:
+        out = {}
+        if self.model is not None:
+            seen = {}
+            for p in self.model.parameters():
+                seen[p.data_ptr()] = p
+            out["params"] = sum(p.numel() * p.element_size() for p in seen.values()) / 2**20
+            out["grads"] = sum(p.grad.numel() * p.grad.element_size() for p in seen.values()
+                               if p.grad is not None) / 2**20
+        if self.optimizer is not None:
+            out["optim"] = sum(v.numel() * v.element_size() for st in self.optimizer.state.values()
+                               for v in st.values() if hasattr(v, "numel") and v.dim() > 0) / 2**20
+        return out
+
+    def report(self) -> str:
+        self._flush()
+        lines = [f"{'phase':34}{'calls':>6}{'peak MB':>9}{'RSS in':>8}{'RSS out':>9}   tensors after (MB)"
+                 "            heap used/free/mmap"]
+        for name in self.order + ["(whole run)"]:
+            s = self.stats[name]
+            t = s.get("tensors") or {}
+            ts = " ".join(f"{k} {v:.0f}" for k, v in t.items())
+            h = s.get("heap")
+            hs = f"{h[0]:.0f}/{h[1]:.0f}/{h[2]:.0f}" if h else ""
+            lines.append(f"{name:34}{s['calls']:>6}{s['peak']:>9.0f}{s['start']:>8.0f}{s['end']:>9.0f}   {ts:30}{hs}")
+        lines.append("(whole run) = the process's peak RSS (ru_maxrss is reset by the high-water-mark resets)")
+        return "\n".join(lines)
+
+
+def _grab_model(ph, a, k, out):
+    ph.lm, ph.model = out, out.model
+
+
+def _grab_opt(ph, a, k, out):
+    ph.optimizer = out[0]
+
+
+def instrument(ph: Phases, algorithm: str, paged_reference: bool = False) -> None:
+    import torch
+
+    import rlmt.checkpoint as ckpt
+    import rlmt.logprobs as lp
+    import rlmt.train.optim as optim
+    import rlmt.train.session as session
+
+    ph.wrap(session, "load_model", "model load", _grab_model)
+    ph.wrap(session, "save_final", "final save")
+    if algorithm == "dpo":
+        import rlmt.train.dpo as m
+
+        ph.wrap(m, "reference_logprobs", "reference log-probs (no grad)")
+        ph.wrap(m, "sequence_logprobs", "forward")
+        ph.wrap(m, "dpo_update", "train step")
+    else:
+        import rlmt.train.online as m
+
+        ph.wrap(m, "generate", "rollout (generate)")
+        ph.wrap(m, "_response_logprobs", "forward")
+        ph.wrap(m, "_optimize", "train step")
+        orig_deepcopy = m.copy.deepcopy
+
+        class _Copy:  # only online.py's `copy.deepcopy` (the reference copy) is wrapped
+            @staticmethod
+            def deepcopy(x, *a, **k):
+                ph.enter("reference copy")
+                try:
+                    if paged_reference:  # what online.py would do with rlmt.models.frozen_reference
+                        from rlmt.models import frozen_reference
+
+                        return frozen_reference(ph.lm)
+                    return orig_deepcopy(x, *a, **k)
+                finally:
+                    ph.leave("reference copy")
+
+        m.copy = _Copy
+        import contextlib
+
+        from rlmt.models import release_reference_pages
+
+        inner = m.reference_of
+
+        @contextlib.contextmanager
+        def reference_of(policy, ref_copy):
+            ph.enter("reference forward")
+            try:
+                with inner(policy, ref_copy) as ref:
+                    yield ref
+                if paged_reference:
+                    release_reference_pages(ref_copy)
+            finally:
+                ph.leave("reference forward")
+
+        m.reference_of = reference_of
+    ph.wrap(m, "build_optimizer", "build optimizer", _grab_opt)
+    ph.wrap(m, "save_checkpoint", "checkpoint save")
+    ph.wrap(m, "guarded_step", "optimizer step")
+    ph.wrap(optim.torch.nn.utils, "clip_grad_norm_", "  clip_grad_norm_")
+    orig_backward = torch.Tensor.backward
+
+    def backward(self, *a, **k):
+        ph.enter("backward")
+        try:
+            return orig_backward(self, *a, **k)
+        finally:
+            ph.leave("backward")
+
+    torch.Tensor.backward = backward
+    _ = (ckpt, lp)
+
+
+def config_for(algorithm: str, steps: int, work: Path, overrides: list[str]):
+    from rlmt.config import load_config
+
+    if algorithm == "dpo":
+        import dpo_vs_trl as b
+
+        data = work / "pairs.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in b._pairs()))
+        base = b.rlmt_overrides(data, steps, work) if hasattr(b, "rlmt_overrides") else [
+            "algorithm=dpo", "model.name=smollm2-135m-instruct", f"data.train={data}", f"optim.lr={b.LR}",
+            f"dpo.beta={b.BETA}", f"optim.batch_size={b.PAIRS_PER_STEP}", f"optim.max_steps={steps}",
+            f"run.output_dir={work / 'run'}", "run.progress=false"]
+    else:
+        import grpo_vs_trl as b
+
+        data = work / "prompts.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in b._rows()))
+        base = b.rlmt_overrides(data, steps, work) if hasattr(b, "rlmt_overrides") else [
+            "algorithm=grpo", "model.name=smollm2-135m-instruct", f"data.train={data}",
+            f"rollout.num_samples={b.SAMPLES}", f"rollout.batch_prompts={b.PROMPTS_PER_STEP}",
+            f"rollout.max_new_tokens={b.MAX_NEW}", "rollout.temperature=1.0", f"optim.lr={b.LR}",
+            f"pg.beta={b.BETA}", "optim.batch_size=8", f"optim.max_steps={steps}",
+            f"run.output_dir={work / 'run'}", "run.progress=false", "optim.max_grad_norm=1.0"]
+    return load_config(None, base + overrides)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("algorithm", choices=["dpo", "grpo"])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--set", action="append", default=[], help="extra config override (key=value)")
+    ap.add_argument("--trim", action="store_true", help="malloc_trim(0) after every phase")
+    ap.add_argument("--mmap-threshold", type=int, default=0,
+                    help="mallopt(M_MMAP_THRESHOLD, N): a fixed threshold (glibc's default grows up to 32 MB)")
+    ap.add_argument("--paged-reference", action="store_true",
+                    help="grpo: the reference from rlmt.models.frozen_reference, its pages released after each "
+                         "reference pass (online.py itself still deep-copies the policy)")
+    a = ap.parse_args()
+    if a.mmap_threshold:
+        _libc.mallopt(-3, a.mmap_threshold)  # M_MMAP_THRESHOLD
+    ph = Phases(trim=a.trim)
+    ph.enter("imports")
+    import torch  # noqa: F401
+
+    from rlmt.train.runner import train
+    ph.leave("imports")
+    instrument(ph, a.algorithm, a.paged_reference)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = config_for(a.algorithm, a.steps, Path(tmp), a.set)
+        t0 = time.perf_counter()
+        train(cfg)
+        wall = time.perf_counter() - t0
+    print(f"{a.algorithm} {' '.join(a.set)} MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', '-')} "
+          f"trim={a.trim} paged_reference={a.paged_reference} mmap_threshold={a.mmap_threshold or '-'} steps={a.steps} wall {wall:.0f}s")
+    print(ph.report())
+
+
+if __name__ == "__main__":
+    main()
