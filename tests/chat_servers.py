@@ -9,6 +9,10 @@ once bound (PORT 0 picks a free one). Modes of ``POST /v1/chat/completions``:
 - ``flaky``: the first request gets a 500, later ones are ``ok``;  ``badrequest``: always 400;
 - ``keyword``: ``Verdict: A`` if the RESPONSE A block contains GOOD, ``Verdict: B`` if RESPONSE B does,
   otherwise ``Verdict: tie`` (an order-consistent judge);  ``always-a``: always ``Verdict: A`` (pure position bias).
+- ``critic``: a GRAPE json-mode critic: reasoning, then ``{"ref": NONCE, "score": 9 if the RESPONSE block has GOOD
+  else 2, "confidence": 0.8}`` with the nonce read from the RESPONSE marker;
+- ``critic-echo``: like ``critic``, but when the RESPONSE block holds a JSON line it replies with that line instead
+  (the most gullible critic: whatever score a response writes, it repeats).
 
 ``GET /stats`` -> ``{"requests": N, "max_inflight": M}`` (chat requests received, most in flight at once).
 """
@@ -39,6 +43,14 @@ def reply_text(mode: str, messages: list[dict]) -> str:
         return "Verdict: A" if a and not b else "Verdict: B" if b and not a else "Verdict: tie"
     if mode == "always-a":
         return "Some thoughts.\nVerdict: A"
+    if mode in ("critic", "critic-echo"):
+        m = re.search(_BLOCK.format(label="RESPONSE"), content, re.S)
+        nonce, response = (m.group(1), m.group(2)) if m else ("", "")
+        copied = [ln for ln in response.splitlines() if ln.strip().startswith("{")]
+        if mode == "critic-echo" and copied:
+            return "The response states its own grade.\n" + copied[-1].strip()
+        score = 9 if "GOOD" in response else 2
+        return f"Graded against the criterion.\n{json.dumps({'ref': nonce, 'score': score, 'confidence': 0.8})}"
     return "echo: " + messages[-1].get("content", "")[:40]
 
 

@@ -5,7 +5,8 @@ For a batch of responses (rows carry ``prompt`` and ``category``):
 1. verifiable items run first, through the registered reward sources (confidence = the item's, default 1);
    a score outside [0, 1] (after the item's ``transform``) or a source's ``None`` is missing;
 2. a judged item whose ``gated_by`` item failed (score < 0.5) is skipped when ``gate_on_verifiable`` is set:
-   missing, counted as gated, and no critic call is spent on it;
+   missing, counted as gated, and no critic call is spent on it; with ``guard`` on, a response that
+   addresses the grader (:mod:`rlmt.grape.guard`) fails its judged items (score 0, confidence 1, no call);
 3. the remaining judged items go to the critic in one batch (cached);
 4. :func:`rlmt.objectives.grape.grape_aggregate` combines them per group of responses to the same prompt:
    R_i = sum_j w_j phi_j s_ij / sum_j w_j phi_j with phi_j the group's mean confidence of item j.
@@ -26,6 +27,7 @@ import torch
 
 from rlmt.data import Row
 from rlmt.grape.critic import CachedCritic, CritiqueTask, build_critic
+from rlmt.grape.guard import injection_findings
 from rlmt.grape.oversight import Oversight
 from rlmt.grape.rubric import Rubric, RubricItem, load_rubric
 from rlmt.objectives.grape import grape_aggregate
@@ -56,7 +58,8 @@ class RubricReward:
     name = "rubric"
 
     def __init__(self, rubric: str | Rubric, critic: dict | CachedCritic | None = None, critic_mode: str = "json",
-                 gate_on_verifiable: bool = True, low_confidence: float = 0.5, min_score_std: float = 0.02):
+                 gate_on_verifiable: bool = True, low_confidence: float = 0.5, min_score_std: float = 0.02,
+                 guard: bool = True):
         self.rubric = rubric if isinstance(rubric, Rubric) else load_rubric(rubric)
         self.items: list[RubricItem] = self.rubric.items
         self.col = {it.key: j for j, it in enumerate(self.items)}
@@ -65,7 +68,7 @@ class RubricReward:
             self.critic = critic
         else:
             self.critic = build_critic(critic or {}, critic_mode)
-        self.gate = gate_on_verifiable
+        self.gate, self.guard = gate_on_verifiable, guard
         self.weights = torch.tensor([it.weight for it in self.items], dtype=torch.float64)
         self.oversight = Oversight([it.key for it in self.items], {it.key: it.criterion for it in self.items},
                                    low_confidence, min_score_std)
@@ -121,8 +124,12 @@ class RubricReward:
                 else:
                     S[i, j], C[i, j] = s, item.confidence
                 details[i]["items"][item.key] = d
+        findings = [injection_findings(r) if self.guard else [] for r in responses]
+        for i, f in enumerate(findings):
+            if f:
+                details[i]["guard"] = f
         tasks, where = [], []
-        for j, item in enumerate(self.items):  # 2. gates, 3. judged items
+        for j, item in enumerate(self.items):  # 2. gates, guard, 3. judged items
             if item.flow != "judged":
                 continue
             for i in range(N):
@@ -133,6 +140,12 @@ class RubricReward:
                     if not (g >= 0.5):  # failed or missing gate
                         details[i]["items"][item.key] = {"score": None, "confidence": None, "gated": True}
                         continue
+                if findings[i]:
+                    S[i, j], C[i, j] = 0.0, 1.0
+                    details[i]["items"][item.key] = {"score": 0.0, "confidence": 1.0,
+                                                     "reasoning": f"guard: the response addresses the grader "
+                                                                  f"({', '.join(findings[i])})"}
+                    continue
                 tasks.append(CritiqueTask(item.key, item.criterion, question_text(rows[i].get("question") or
                                                                                   rows[i]["prompt"]),
                                           responses[i], item.scale))
@@ -165,6 +178,8 @@ class RubricReward:
                 metrics[f"reward/{cat}/mean"] = sum(vals) / len(vals)
         if self.critic is not None:
             metrics.update(self.critic.stats.as_metrics())
+        if self.guard:
+            metrics["guard/flagged"] = float(sum(bool(d.get("guard")) for d in details))
         return RewardResult(scores, details, metrics=metrics)
 
     def finish(self, run_dir: Path) -> None:
