@@ -374,3 +374,62 @@ def test_json_critic_over_http_scores_and_resists_an_echoing_critic(critic_serve
     # the echoed JSON has no ref (nonce): missing, never the 10 it asked for
     assert out.details[2]["items"]["math.tone"]["score"] is None
     assert "ref" in out.details[2]["items"]["math.tone"]["error"]
+
+
+# ---------------------------------------------------------------------------------------------- critique-revise
+
+
+def test_revision_messages_name_the_weakest_criteria():
+    from rlmt.grape.revise import revision_messages
+
+    items = {"m.a": {"score": 0.0, "reasoning": "wrong sum"}, "m.b": {"score": 0.9},
+             "m.c": {"score": 0.2, "reasoning": "digit distribution mean 2/9"}, "m.d": {"score": None, "gated": True}}
+    msgs = revision_messages("What is 2+3?", "7", items, {"m.a": "correct sum", "m.b": "brief", "m.c": "clear"})
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user"] and msgs[1]["content"] == "7"
+    fb = msgs[-1]["content"]
+    assert "- correct sum (score 0.0 of 1): wrong sum" in fb and "- clear (score 0.2 of 1)\n" in fb
+    assert "brief" not in fb and "digit distribution" not in fb
+
+
+def _grape_cfg(tmp_path, out, *extra):
+    import yaml
+
+    from rlmt.config import load_config
+
+    rubric = tmp_path / "rubric.yaml"
+    rubric.write_text(yaml.safe_dump(RUBRIC))
+    rows = [{"prompt": f"What is {a} + 2?", "answer": a + 2, "category": "math"} for a in range(4)]
+    data = tmp_path / "p.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return load_config(None, ["algorithm=grape", "model.name=tiny-random", f"grape.rubric={rubric}",
+                              "grape.critic={backend: local, model: tiny-random}", "grape.critic_mode=logprobs",
+                              f"data.train={data}", "data.max_prompt_tokens=512", "rollout.num_samples=3",
+                              "rollout.batch_prompts=2", "rollout.max_new_tokens=4", "run.progress=false",
+                              "optim.lr=1e-3", f"run.output_dir={out}", *extra])
+
+
+def test_critique_revise_keeps_improvements_as_demonstrations_and_resumes_exactly(tmp_path):
+    from rlmt.checkpoint import load_checkpoint  # noqa: F401 - the state is read from disk below
+    from rlmt.records import read_metrics
+    from rlmt.train.runner import train
+
+    revise = ["grape.revise=true", "pg.nll_coef=0.5", "pg.nll_tau=1.0", "run.save_every=1", "run.keep_checkpoints=5"]
+    full = train(_grape_cfg(tmp_path, tmp_path / "full", "optim.max_steps=3", *revise))
+    m = read_metrics(full / "metrics.jsonl")
+    assert all(r["revise/attempts"] == 2 for r in m)  # one revision per prompt group
+    assert all(0 <= r["revise/kept"] <= 2 for r in m)
+    pools = [r["revise/pool"] for r in m]
+    assert pools == sorted(pools) and pools[-1] == sum(r["revise/kept"] for r in m)
+    if pools[0] > 0:  # demonstrations exist from step 1 on: the NLL term is trained
+        assert "demo/nll" in m[0]
+    half = train(_grape_cfg(tmp_path, tmp_path / "half", "optim.max_steps=2", *revise))
+    resumed = train(_grape_cfg(tmp_path, tmp_path / "half", "optim.max_steps=3", "run.resume=true", *revise))
+    assert resumed == half
+    m2 = read_metrics(half / "metrics.jsonl")
+    drop = ("time/", "rollout/seconds", "rollout/tokens_per_s", "critic/")  # critic/*: totals of this process
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith(drop)}  # noqa: E731
+    assert [strip(r) for r in m2] == [strip(r) for r in m]
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(full / "final" / "model.safetensors")), load_file(str(half / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -414,8 +414,11 @@ def validate(cfg: Config, where: str = "") -> None:
     need(cfg.pg.epochs >= 1, "pg.epochs", "must be >= 1")
     need(cfg.pg.minibatches >= 1, "pg.minibatches", "must be >= 1")
     need(cfg.pg.beta >= 0, "pg.beta", "must be >= 0")
-    need(cfg.pg.nll_coef == 0 or bool(cfg.data.demonstrations), "data.demonstrations",
-         "pg.nll_coef > 0 needs a demonstrations file")
+    revise = cfg.algorithm == "grape" and cfg.grape.revise
+    need(cfg.pg.nll_coef == 0 or bool(cfg.data.demonstrations) or revise, "data.demonstrations",
+         "pg.nll_coef > 0 needs a demonstrations file (or grape.revise)")
+    need(not revise or cfg.pg.nll_coef > 0, "pg.nll_coef", "grape.revise needs pg.nll_coef > 0 (the weight of the "
+         "revisions' NLL)")
     need(cfg.pg.nll_tau is None or cfg.pg.nll_tau > 0, "pg.nll_tau", "must be > 0")
     need(cfg.trpo.max_kl > 0, "trpo.max_kl", "must be > 0")
     need(0 < cfg.trpo.backtrack_ratio < 1, "trpo.backtrack_ratio", "must be in (0, 1)")

@@ -18,15 +18,21 @@ Two modes (``grape.critic_mode``):
   digit has c = 1; one that knows nothing (uniform), or is split between 0 and 9, has c = 0. It always
   parses, which is what a 135M critic needs.
 
-Untrusted text (the question and the response) is shown between per-call random delimiters with
-look-alike delimiters escaped (:mod:`rlmt.chat.untrusted`), and the grading instructions come both before
-and after it. :class:`CachedCritic` caches by (critic, item, criterion, question, response).
+Untrusted text (the question and the response) is shown between per-call delimiters with look-alike
+delimiters escaped (:mod:`rlmt.chat.untrusted`), and the grading instructions come both before and after
+it. The delimiter's nonce is HMAC-SHA256(nonce_key, task)[:16]: unguessable by a policy that does not hold
+the key, yet the same for the same task, so rewards are reproducible (exact resume; a backend's cache can
+hit). ``nonce_key`` defaults to a fresh random secret per critic; runs pass a key derived from the seed.
+:class:`CachedCritic` caches by (critic, item, criterion, question, response).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
+import secrets
 import threading
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
@@ -34,7 +40,7 @@ from typing import Protocol, Sequence
 import torch
 
 from rlmt.chat import ChatBackend, ChatRequest
-from rlmt.chat.untrusted import new_nonce, wrap_untrusted
+from rlmt.chat.untrusted import wrap_untrusted
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,18 @@ def critic_messages(task: CritiqueTask, nonce: str, mode: str = "json") -> list[
             {"role": "user", "content": f"{before}\n\n{question}\n\n{response}\n\n{after}"}]
 
 
+def task_nonce(key: bytes, task: CritiqueTask) -> str:
+    """16 hex characters: HMAC-SHA256 under ``key`` of everything the critic is shown."""
+    msg = json.dumps([task.item_key, task.criterion, list(task.scale), task.question, task.response]).encode()
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()[:16]
+
+
+def _key(nonce_key: str | bytes | None) -> bytes:
+    if nonce_key is None:
+        return secrets.token_bytes(32)
+    return nonce_key.encode() if isinstance(nonce_key, str) else nonce_key
+
+
 def normalise_score(value: float, scale: tuple[float, float]) -> float:
     lo, hi = scale
     return (value - lo) / (hi - lo)
@@ -158,13 +176,15 @@ def digit_score(digit_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class ChatCritic:
     """json mode over any :class:`ChatBackend` (local model or OpenAI-compatible endpoint)."""
 
-    def __init__(self, backend: ChatBackend, max_tokens: int = 256, require_ref: bool = True):
+    def __init__(self, backend: ChatBackend, max_tokens: int = 256, require_ref: bool = True,
+                 nonce_key: str | bytes | None = None):
         self.backend, self.max_tokens, self.require_ref = backend, max_tokens, require_ref
+        self.nonce_key = _key(nonce_key)
         self.name = f"chat:{backend.name}"
         self.stats = CriticStats()
 
     def critique(self, tasks: Sequence[CritiqueTask]) -> list[Critique]:
-        nonces = [new_nonce() for _ in tasks]
+        nonces = [task_nonce(self.nonce_key, t) for t in tasks]
         requests = [ChatRequest(tuple(critic_messages(t, n, "json")), self.max_tokens, 0.0)
                     for t, n in zip(tasks, nonces)]
         replies = self.backend.complete(requests) if requests else []
@@ -181,13 +201,14 @@ class LogprobCritic:
     """logprobs mode on a local causal LM: one batched forward per critique, no sampling."""
 
     def __init__(self, model: str | object = "smollm2-135m-instruct", batch_size: int = 8, device: str = "cpu",
-                 seed: int = 0):
+                 seed: int = 0, nonce_key: str | bytes | None = None):
         from rlmt.models import LoadedModel, load_model
 
         lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, seed=seed)
         self.model, self.tokenizer = lm.model.eval().requires_grad_(False), lm.tokenizer
         self.name = f"logprobs:{model if isinstance(model, str) else type(lm.model).__name__}"
         self.batch_size = batch_size
+        self.nonce_key = _key(nonce_key)
         self.stats = CriticStats()
         ids = [self.tokenizer.encode(str(d), add_special_tokens=False) for d in range(10)]
         if any(len(i) != 1 for i in ids):
@@ -223,7 +244,7 @@ class LogprobCritic:
         with self._lock:
             for start in range(0, len(tasks), self.batch_size):
                 chunk = tasks[start:start + self.batch_size]
-                probs, mass = self.digit_probs([self.prompt_ids(t, new_nonce()) for t in chunk])
+                probs, mass = self.digit_probs([self.prompt_ids(t, task_nonce(self.nonce_key, t)) for t in chunk])
                 s, c = digit_score(probs)
                 for k in range(len(chunk)):
                     top = int(probs[k].argmax())
@@ -275,15 +296,15 @@ class CachedCritic:
         return out
 
 
-def build_critic(spec: dict, mode: str = "json") -> CachedCritic:
+def build_critic(spec: dict, mode: str = "json", nonce_key: str | bytes | None = None) -> CachedCritic:
     """A cached critic from ``grape.critic`` (``{backend: local|http, ...}``) and ``grape.critic_mode``."""
     spec = dict(spec or {"backend": "local", "model": "smollm2-135m-instruct"})
     if mode == "logprobs":
         if spec.pop("backend", "local") != "local":
             raise ValueError("grape.critic: critic_mode 'logprobs' needs a local critic (backend: local)")
-        return CachedCritic(LogprobCritic(**spec))
+        return CachedCritic(LogprobCritic(**spec, nonce_key=nonce_key))
     from rlmt.chat import build_chat_backend
 
     max_tokens = spec.pop("max_tokens", 256)
     require_ref = spec.pop("require_ref", True)
-    return CachedCritic(ChatCritic(build_chat_backend(spec), max_tokens, require_ref))
+    return CachedCritic(ChatCritic(build_chat_backend(spec), max_tokens, require_ref, nonce_key))

@@ -59,7 +59,7 @@ class RubricReward:
 
     def __init__(self, rubric: str | Rubric, critic: dict | CachedCritic | None = None, critic_mode: str = "json",
                  gate_on_verifiable: bool = True, low_confidence: float = 0.5, min_score_std: float = 0.02,
-                 guard: bool = True):
+                 guard: bool = True, nonce_key: str | None = None):
         self.rubric = rubric if isinstance(rubric, Rubric) else load_rubric(rubric)
         self.items: list[RubricItem] = self.rubric.items
         self.col = {it.key: j for j, it in enumerate(self.items)}
@@ -67,7 +67,7 @@ class RubricReward:
         if isinstance(critic, CachedCritic) or critic is None and not needs_critic:
             self.critic = critic
         else:
-            self.critic = build_critic(critic or {}, critic_mode)
+            self.critic = build_critic(critic or {}, critic_mode, nonce_key)
         self.gate, self.guard = gate_on_verifiable, guard
         self.weights = torch.tensor([it.weight for it in self.items], dtype=torch.float64)
         self.oversight = Oversight([it.key for it in self.items], {it.key: it.criterion for it in self.items},

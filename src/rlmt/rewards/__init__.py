@@ -47,6 +47,7 @@ def reward_source_for(cfg) -> RewardSource:
         g = cfg.grape
         return build_reward_source("rubric", {"rubric": g.rubric, "critic": g.critic, "critic_mode": g.critic_mode,
                                               "gate_on_verifiable": g.gate_on_verifiable, "guard": g.guard,
+                                              "nonce_key": f"rlmt-critic-{cfg.run.seed}",
                                               "low_confidence": g.low_confidence, "min_score_std": g.min_score_std})
     return build_reward_source(cfg.reward.source, cfg.reward.args)
 

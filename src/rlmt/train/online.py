@@ -119,7 +119,7 @@ class Demonstrations:
 def load_demonstrations(cfg: Config, tokenizer, fmt, source) -> Demonstrations | None:
     """Read ``data.demonstrations`` when ``pg.nll_coef > 0``; rewards come from a row's ``reward`` field,
     else from the run's reward source applied to the demonstration's completion."""
-    if cfg.pg.nll_coef <= 0:
+    if cfg.pg.nll_coef <= 0 or not cfg.data.demonstrations:
         return None
     report = load_rows(cfg.data.demonstrations, "sft", cfg.data.on_invalid)
     examples = tokenize_sft(report.rows, tokenizer, fmt, cfg.data.max_prompt_tokens, cfg.data.max_completion_tokens,
@@ -262,8 +262,13 @@ def train_online(cfg: Config) -> Path:
                             tuple(cfg.rollout.stop))
     device = next(policy.parameters()).device
     train_t = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
-    ctx = UpdateContext(policy, critic, trainable, opt, sched, cfg, dict(state.get("update", {})),
-                        load_demonstrations(cfg, tok, fmt, source))
+    base_demos = load_demonstrations(cfg, tok, fmt, source)
+    ctx = UpdateContext(policy, critic, trainable, opt, sched, cfg, dict(state.get("update", {})), base_demos)
+    revise = cfg.algorithm == "grape" and cfg.grape.revise  # GRAPE critique-revise (rlmt.grape.revise)
+    if revise:
+        from rlmt.grape.revise import revise_step, revision_demonstrations
+
+        ctx.demos = revision_demonstrations(ctx.state, base_demos)
     pass_rates = torch.tensor(state.get("pass_rates") or [float("nan")] * len(rows), dtype=torch.float32)
     for step in range(state["step"], total):
         t_step = time.perf_counter()
@@ -287,7 +292,8 @@ def train_online(cfg: Config) -> Path:
                 ref_lp = _response_logprobs(ref, batch, torch.arange(N // G), G, train_t)
         dense = dense_rewards_for(cfg.algorithm, batch.response_ids, batch.response_mask, tok, scored.token_rewards,
                                   mask)
-        metrics = method.update(ctx, Experience(batch, rewards, mask, ref_lp, G, train_t, dense))
+        revised = revise_step(ctx, base_demos, tok, fmt, rep_rows, batch, scored, source, params, gen) if revise else {}
+        metrics = {**method.update(ctx, Experience(batch, rewards, mask, ref_lp, G, train_t, dense)), **revised}
         groups = rewards.reshape(-1, G)
         if pg.curriculum:
             group_pass = (groups >= cfg.reward.pass_threshold).float().mean(-1)  # unscored counts as a fail
