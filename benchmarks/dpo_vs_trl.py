@@ -1,9 +1,10 @@
 """DPO step time and peak memory: rlmt vs TRL's DPOTrainer, side by side in one run.
 
 Same model (SmolLM2-135M-Instruct, float32, CPU), same data (128 arithmetic pairs: chosen states the right
-sum, rejected is off by a little), same settings: 8 pairs per step, lr 5e-6, beta 0.1, gradient checkpointing (TRL's default). Each side runs in its
-own process. rlmt computes the reference log-probs of all pairs once before training (TRL runs the reference
-model every step); the one-off cost is printed separately and also shown amortized over the steps run.
+sum, rejected is off by a little), same settings: 8 pairs per step, lr 5e-6, beta 0.1, gradient
+checkpointing (TRL's default). Each side runs in its own process. rlmt computes the reference log-probs of
+all pairs once before training (TRL runs the reference model every step); the one-off cost is printed
+separately and also shown amortized over the steps run.
 
     python benchmarks/dpo_vs_trl.py --steps 6          # needs `pip install -e .[bench]`
 """

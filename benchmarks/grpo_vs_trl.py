@@ -2,10 +2,10 @@
 
 Same model (SmolLM2-135M-Instruct, float32, CPU), same data (two-digit plus one-digit addition, chat
 prompts), same settings: 4 prompts x 8 samples per optimizer step, at most 64 new tokens, temperature 1,
-lr 1e-6, beta 0.04, one optimization epoch. Each framework runs in its own process (peak RSS is per
-process). Prints seconds per step (median of the steps after the first), peak RSS and the ratios, plus
-rlmt's rollout tokens/s as a fraction of the decode floor and its training FLOP/s as a fraction of the
-measured matmul peak.
+lr 1e-6, beta 0.04, one optimization epoch, gradient checkpointing (TRL's default). Each framework runs in
+its own process (peak RSS is per process). Prints seconds per step (median of the steps after the first),
+peak RSS and the ratios, plus rlmt's rollout tokens/s as a fraction of the decode floor and its training
+FLOP/s as a fraction of the measured matmul peak.
 
     python benchmarks/grpo_vs_trl.py --steps 4          # needs `pip install -e .[bench]`
 """
@@ -44,12 +44,14 @@ def matmul_peak_gflops() -> float:
 
 
 def rlmt_overrides(data: Path, steps: int, work: Path) -> list[str]:
-    """rlmt's settings (also used by memory_profile.py)."""
+    """rlmt's settings (also used by memory_profile.py). Gradient checkpointing as in TRL, whose GRPOConfig
+    turns it on by default (same math; rlmt then scores full sequences instead of sharing each prompt's KV
+    cache across its G samples, so the training phase recomputes more)."""
     return ["algorithm=grpo", "model.name=smollm2-135m-instruct", f"data.train={data}",
             f"rollout.num_samples={SAMPLES}", f"rollout.batch_prompts={PROMPTS_PER_STEP}",
             f"rollout.max_new_tokens={MAX_NEW}", "rollout.temperature=1.0", f"optim.lr={LR}", f"pg.beta={BETA}",
             "optim.batch_size=8", f"optim.max_steps={steps}", f"run.output_dir={work / 'run'}", "run.progress=false",
-            "optim.max_grad_norm=1.0"]
+            "optim.max_grad_norm=1.0", "model.gradient_checkpointing=true"]
 
 
 def run_rlmt(steps: int, work: Path) -> dict:

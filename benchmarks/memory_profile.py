@@ -1,20 +1,63 @@
 """Where rlmt's peak RSS comes from in the DPO / GRPO benchmarks: peak resident memory per phase.
 
-(Findings: see the bottom of this docstring, filled in after measuring.)
+Runs the rlmt side of ``dpo_vs_trl.py`` / ``grpo_vs_trl.py`` (same model, data and settings: their
+``rlmt_overrides``) in this process with the training loop's functions wrapped as phases (model load,
+reference log-probs, rollout, forward, backward, optimizer step, checkpoint, final save). Each phase's peak is
+exact, not sampled: the kernel's high-water mark (VmHWM) is read and reset (``/proc/self/clear_refs`` = 5) at
+every phase boundary (so ``ru_maxrss`` is meaningless in this process; "(whole run)" is the peak). Beside RSS
+it prints what torch tensors account for (parameters, gradients, AdamW states) and glibc's heap (in use /
+free but kept / mmapped), so a peak splits into tensors, transients and fragmentation.
 
-Runs the rlmt side of ``dpo_vs_trl.py`` / ``grpo_vs_trl.py`` (same model, data and settings) in this process
-with the training loop's functions wrapped as phases (model load, reference log-probs, forward, backward,
-optimizer step, checkpoint, final save, ...). Each phase's peak is exact, not sampled: the kernel's
-high-water mark (VmHWM) is read and reset (``/proc/self/clear_refs`` = 5) at every phase boundary. Beside
-RSS it prints what torch tensors account for (parameters, gradients, optimizer states) and glibc's heap
-(in use / free but not returned), so a peak can be split into tensors, transients and fragmentation.
-
-    python benchmarks/memory_profile.py dpo --steps 3
-    python benchmarks/memory_profile.py grpo --steps 2
-    MALLOC_ARENA_MAX=2 python benchmarks/memory_profile.py dpo       # glibc arenas
+    python benchmarks/memory_profile.py dpo --steps 2
+    python benchmarks/memory_profile.py grpo --steps 2 --paged-reference --set model.gradient_checkpointing=true
+    RLMT_MMAP_THRESHOLD=0 python benchmarks/memory_profile.py dpo      # glibc's default (growing) threshold
     python benchmarks/memory_profile.py dpo --set model.gradient_checkpointing=false   # any config override
-"""
 
+Measured 2026-11-22, SmolLM2-135M-Instruct fp32 on CPU (2 cores, busy machine: peaks are exact, times are
+not), 2 steps (step 2 is the first backward with AdamW states alive). Peak RSS, MB:
+
+  DPO (8 pairs/step)                       load   ref.logps  forward  backward (peak) end of backward
+  A  as the benchmark ran before             404     1036     3674     3998            3782
+  B  + gradient checkpointing (TRL's default) 405    1098     2585     3139            2923
+  C  + fixed mmap threshold 1 MiB            389      982     2120     2685            2468
+  D  + no entropy (M, V) tensors when unused 390      958     2108     2686            2470
+  TRL DPOTrainer (benchmark, earlier run): 4070. Target 0.6x = 2442. Now 2686 = 0.66x.
+
+  GRPO (4 prompts x 8 samples, beta 0.04)  ref. copy  rollout  ref.fwd  backward (peak) end of backward
+  before: benchmark 4700 (deepcopy reference, no checkpointing, glibc default)
+  E  checkpointing + 1 MiB threshold + paged reference (online.py change below), chunk 256:
+                                             1405     2206     2663     2937            2530
+  F  E with 64-token log-prob chunks:        GRPO_F
+  TRL GRPOTrainer (benchmark, earlier run): 4690. Target 0.6x = 2814.
+
+What the peak is made of (DPO, end of backward = 2470 MB):
+  - runtime ~390 MB: import torch 219, transformers 28, AutoTokenizer ~120 (it imports ~930 modules:
+    torch._dynamo, torch.distributed, sympy/mpmath, PIL via transformers 5's processing utilities; the
+    tokenizer itself is ~27 MB), model-load bookkeeping ~20.
+  - parameters 513 (file-backed: transformers maps model.safetensors MAP_PRIVATE and the parameters are views
+    of it; no second copy at load, pages become anonymous as AdamW writes them), gradients 513, AdamW exp_avg
+    + exp_avg_sq 1026 (created at the first step, while the gradients exist; that is no extra peak since the
+    gradients exist at the end of every backward anyway).
+  - fused AdamW allocates no temporaries: "optimizer step" never rises above its entry RSS; neither does
+    clip_grad_norm_. zero_grad(set_to_none=True) already frees the gradients between steps.
+  - the backward transient, ~215 MB above its end: the tied embedding/LM-head gradient (113 MB) arrives
+    twice (LM head first, embedding last) and each new dense (V, H) gradient exists beside the accumulated
+    one; plus the recomputed layer and log-prob chunk.
+  - A's extra 1.3 GB: ~860 MB activations without checkpointing (B), and ~450 MB of freed activations kept
+    as fragmented free heap: glibc raises its mmap threshold up to 32 MiB each time a mapped block is freed,
+    so multi-MiB tensors come from the heap afterwards and their memory is never given back (heap "free"
+    1.6 GB in A vs < 0.1 GB in C). malloc_trim after the fact cannot lower a peak that happens inside
+    backward; a fixed threshold (rlmt.models.limit_heap_fragmentation, applied by load_model on CPU) can.
+
+Floors (fp32, exact math as TRL: same optimizer, grad-norm clipping needs every gradient before any update,
+so gradients and AdamW states must coexist):
+  DPO:  390 runtime + 4 x 513 (params, grads, m, v) = 2442 MB = 0.600 x 4070 before any activation or the
+        113 MB tied-gradient transient: the 0.6x target is not reachable without cutting the runtime.
+  GRPO: the same 2442 + a resident reference copy 513 = 2955 > 2814 (infeasible with a resident copy). With
+        the reference paged from the checkpoint file (rlmt.models.frozen_reference /
+        release_reference_pages: its weights are clean file-backed pages, resident only during the
+        reference forward, when no gradients exist) the floor is 2442 and the peak is the backward's.
+"""
 from __future__ import annotations
 
 import argparse
@@ -162,8 +205,6 @@ def _grab_opt(ph, a, k, out):
 def instrument(ph: Phases, algorithm: str, paged_reference: bool = False) -> None:
     import torch
 
-    import rlmt.checkpoint as ckpt
-    import rlmt.logprobs as lp
     import rlmt.train.optim as optim
     import rlmt.train.session as session
 
@@ -229,7 +270,6 @@ def instrument(ph: Phases, algorithm: str, paged_reference: bool = False) -> Non
             ph.leave("backward")
 
     torch.Tensor.backward = backward
-    _ = (ckpt, lp)
 
 
 def config_for(algorithm: str, steps: int, work: Path, overrides: list[str]):
@@ -285,7 +325,9 @@ def main() -> None:
         train(cfg)
         wall = time.perf_counter() - t0
     print(f"{a.algorithm} {' '.join(a.set)} MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', '-')} "
-          f"trim={a.trim} paged_reference={a.paged_reference} mmap_threshold={a.mmap_threshold or '-'} steps={a.steps} wall {wall:.0f}s")
+          f"RLMT_MMAP_THRESHOLD={os.environ.get('RLMT_MMAP_THRESHOLD', '-')} trim={a.trim} "
+          f"paged_reference={a.paged_reference} mmap_threshold={a.mmap_threshold or '-'} steps={a.steps} "
+          f"wall {wall:.0f}s")
     print(ph.report())
 
 
