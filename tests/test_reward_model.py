@@ -113,8 +113,8 @@ def test_score_reads_the_last_token_whatever_the_padding(rm):
     # the score is the head on the decoder's hidden state at the last token, not at a pad
     ids = torch.tensor([prompts[0] + completions[0]])
     with torch.no_grad():
-        h = rm.trunk.get_decoder()(input_ids=ids).last_hidden_state[0, -1]
-    assert float(alone[0]) == pytest.approx(float(rm.head(h)), abs=1e-5)
+        direct = rm.head(rm.trunk.get_decoder()(input_ids=ids).last_hidden_state[0, -1])
+    assert float(alone[0]) == pytest.approx(float(direct), abs=1e-5)
 
 
 # --------------------------------------------------------------------------------------------- end to end
