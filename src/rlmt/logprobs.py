@@ -86,7 +86,7 @@ def grouped_hidden_states(model: torch.nn.Module, prompt_ids: torch.Tensor, prom
 
 def grouped_response_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                               response_ids: torch.Tensor, response_mask: torch.Tensor, group_size: int,
-                              temperature: float = 1.0, chunk_tokens: int = 256,
+                              temperature: float = 1.0, chunk_tokens: int = 64,
                               return_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log pi(y_t | x, y_<t) of G responses per prompt, running each prompt through the model once.
 
@@ -113,7 +113,7 @@ def grouped_response_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, 
 
 
 def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   target_mask: torch.Tensor, temperature: float = 1.0, chunk_tokens: int = 256,
+                   target_mask: torch.Tensor, temperature: float = 1.0, chunk_tokens: int = 64,
                    return_entropy: bool = False, position_ids: torch.Tensor | None = None,
                    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log pi(x_t | x_<t) for every position t with ``target_mask[:, t]`` true.
