@@ -27,8 +27,12 @@ not), 2 steps (step 2 is the first backward with AdamW states alive). Peak RSS, 
   before: benchmark 4700 (deepcopy reference, no checkpointing, glibc default)
   E  checkpointing + 1 MiB threshold + paged reference (online.py change below), chunk 256:
                                              1405     2206     2663     2937            2530
-  F  E with 64-token log-prob chunks:        GRPO_F
-  TRL GRPOTrainer (benchmark, earlier run): 4690. Target 0.6x = 2814.
+  F  E with 64-token log-prob chunks:        1405     2185     2643     2886            2497
+  TRL GRPOTrainer (benchmark, earlier run): 4690. Target 0.6x = 2814. F = 0.615x (misses by ~70 MB).
+  Without the online.py change (resident deepcopy reference, +513 MB): ~3.4 GB expected (not run).
+
+  dpo_vs_trl.py --steps 2 after D + 64-token chunks (its own ru_maxrss, no profiler): rlmt 2595 MB, TRL
+  4062 MB: 0.64x (step times under a load average of 5-13 are not meaningful: 40.5 vs 44.6 s).
 
 What the peak is made of (DPO, end of backward = 2470 MB):
   - runtime ~390 MB: import torch 219, transformers 28, AutoTokenizer ~120 (it imports ~930 modules:
@@ -40,9 +44,14 @@ What the peak is made of (DPO, end of backward = 2470 MB):
     gradients exist at the end of every backward anyway).
   - fused AdamW allocates no temporaries: "optimizer step" never rises above its entry RSS; neither does
     clip_grad_norm_. zero_grad(set_to_none=True) already frees the gradients between steps.
-  - the backward transient, ~215 MB above its end: the tied embedding/LM-head gradient (113 MB) arrives
-    twice (LM head first, embedding last) and each new dense (V, H) gradient exists beside the accumulated
-    one; plus the recomputed layer and log-prob chunk.
+  - the backward transient, ~215 MB (DPO) / ~390 MB (GRPO, 4 micro-batches) above its end: mostly the tied
+    embedding/LM-head weight (V x H = 113 MB). Autograd sums the gradients of all its uses (every log-prob
+    chunk, then the embedding) in an input buffer before AccumulateGrad: the buffer (113) + each incoming
+    dense (V, H) gradient (113) exist beside .grad. Isolated (8 x 85 tokens, gradients already present):
+    whole backward +324 MB, decoder body alone +63, embedding alone +108. The body's checkpointed
+    recompute is cheap. Next lever (not done: it bypasses autograd for one weight): a custom autograd
+    Function for the head chunk that adds its weight gradient into weight.grad in place (addmm_), leaving
+    one 113 MB transient: ~-110 to -230 MB, which would put GRPO under 0.6x.
   - A's extra 1.3 GB: ~860 MB activations without checkpointing (B), and ~450 MB of freed activations kept
     as fragmented free heap: glibc raises its mmap threshold up to 32 MiB each time a mapped block is freed,
     so multi-MiB tensors come from the heap afterwards and their memory is never given back (heap "free"
