@@ -51,7 +51,8 @@ What the peak is made of (DPO, end of backward = 2470 MB):
     whole backward +324 MB, decoder body alone +63, embedding alone +108. The body's checkpointed
     recompute is cheap. Next lever (not done: it bypasses autograd for one weight): a custom autograd
     Function for the head chunk that adds its weight gradient into weight.grad in place (addmm_), leaving
-    one 113 MB transient: ~-110 to -230 MB, which would put GRPO under 0.6x.
+    one 113 MB transient: ~-110 to -230 MB, which would put GRPO under 0.6x. Caveat: TRPO takes
+    torch.autograd.grad of log-probs, which must return that gradient instead, so it needs an opt-in.
   - A's extra 1.3 GB: ~860 MB activations without checkpointing (B), and ~450 MB of freed activations kept
     as fragmented free heap: glibc raises its mmap threshold up to 32 MiB each time a mapped block is freed,
     so multi-MiB tensors come from the heap afterwards and their memory is never given back (heap "free"
