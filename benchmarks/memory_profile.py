@@ -29,7 +29,8 @@ not), 2 steps (step 2 is the first backward with AdamW states alive). Peak RSS, 
                                              1405     2206     2663     2937            2530
   F  E with 64-token log-prob chunks:        1405     2185     2643     2886            2497
   TRL GRPOTrainer (benchmark, earlier run): 4690. Target 0.6x = 2814. F = 0.615x (misses by ~70 MB).
-  Without the online.py change (resident deepcopy reference, +513 MB): ~3.4 GB expected (not run).
+  Without the online.py change (resident deepcopy reference), grpo_vs_trl.py --only rlmt --steps 2 with
+  checkpointing + 1 MiB threshold + 64-token chunks: 3400 MB = 0.72x (was 4700).
 
   dpo_vs_trl.py --steps 2 after D + 64-token chunks (its own ru_maxrss, no profiler): rlmt 2595 MB, TRL
   4062 MB: 0.64x (step times under a load average of 5-13 are not meaningful: 40.5 vs 44.6 s).
