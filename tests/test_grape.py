@@ -409,7 +409,6 @@ def _grape_cfg(tmp_path, out, *extra):
 
 
 def test_critique_revise_keeps_improvements_as_demonstrations_and_resumes_exactly(tmp_path):
-    from rlmt.checkpoint import load_checkpoint  # noqa: F401 - the state is read from disk below
     from rlmt.records import read_metrics
     from rlmt.train.runner import train
 

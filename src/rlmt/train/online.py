@@ -16,7 +16,6 @@ reference model runs only when ``pg.beta > 0`` (with LoRA it is the base with ad
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import dataclasses
 import time
@@ -30,6 +29,7 @@ from rlmt.checkpoint import load_checkpoint, save_checkpoint
 from rlmt.config import Config, PolicyGradientConfig, to_dict
 from rlmt.curriculum import curriculum_weights, draw_prompts, update_pass_rates
 from rlmt.data import check_prompt_lengths, encode_prompt, load_rows, split_sft_row, tokenize_sft
+from rlmt.models import frozen_reference, release_reference_pages
 from rlmt.logprobs import activation_checkpointing, grouped_response_logprobs, token_logprobs
 from rlmt.objectives.advantages import group_relative_advantages, running_mean_baseline
 from rlmt.objectives.aggregate import loss_normalizer, masked_mean
@@ -250,7 +250,7 @@ def train_online(cfg: Config) -> Path:
     lora = bool(getattr(policy, "peft_config", None))
     ref_copy = None
     if pg.beta > 0 and not lora:
-        ref_copy = copy.deepcopy(policy).eval().requires_grad_(False)
+        ref_copy = frozen_reference(lm, cfg.model.dtype)  # file-backed pages when it can (rlmt.models)
     ckpt = resume_checkpoint(cfg)
     state = load_checkpoint(ckpt, policy, opt, sched, extras) if ckpt else {"step": 0, "update": {}}
     rec = RunRecorder(run_dir, to_dict(cfg), state["step"] if ckpt else None, cfg.run.tensorboard,
@@ -290,6 +290,8 @@ def train_online(cfg: Config) -> Path:
         if pg.beta > 0:
             with torch.no_grad(), reference_of(policy, ref_copy) as ref:
                 ref_lp = _response_logprobs(ref, batch, torch.arange(N // G), G, train_t)
+            if ref_copy is not None:
+                release_reference_pages(ref_copy)  # its pages return to the page cache until the next pass
         dense = dense_rewards_for(cfg.algorithm, batch.response_ids, batch.response_mask, tok, scored.token_rewards,
                                   mask)
         revised = revise_step(ctx, base_demos, tok, fmt, rep_rows, batch, scored, source, params, gen) if revise else {}
