@@ -178,3 +178,16 @@ def test_train_end_to_end_and_resume_reuses_reference(tmp_path, monkeypatch):
     run = train(_cfg(tmp_path, "optim.max_steps=5", "run.resume=true"))
     assert calls == [3]  # reference reloaded, only the eval-after pass runs
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4, 5]
+
+
+def test_likelihood_accuracy_is_the_models_own_preference_by_hand(monkeypatch):
+    pol = torch.tensor([[-2.0, -3.0], [-6.0, -4.0], [-6.0, -4.0]])  # summed log-probs (chosen, rejected)
+    monkeypatch.setattr(dpo_mod, "pair_logprobs", lambda *a, **k: pol)
+    pairs = [dpo_mod.PreferencePair([1], [5, 6], [7]), dpo_mod.PreferencePair([1], [5, 6, 7], [8]),
+             dpo_mod.PreferencePair([1], [5, 6, 7], [8, 9])]
+    ref = torch.zeros(3, 2)
+    out = dpo_mod.preference_accuracy(None, pairs, ref, beta=0.1, batch_size=2, pad_id=0, device="cpu")
+    assert out["likelihood_accuracy"] == pytest.approx(1 / 3)  # only pair 0: -2 > -3
+    # per token: pair 0 -1 vs -3 (yes); pair 1 -2 vs -4 (yes); pair 2 -2 vs -2 (tie: no)
+    assert out["likelihood_accuracy_per_token"] == pytest.approx(2 / 3)
+    assert out["preference_accuracy"] == pytest.approx(1 / 3)  # h = pol margin with a zero reference
