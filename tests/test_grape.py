@@ -312,7 +312,7 @@ def test_grape_end_to_end_on_tiny_models(tmp_path):
 
 
 def test_guard_patterns_hit_attacks_and_spare_ordinary_answers():
-    from rlmt.grape.guard import injection_findings
+    from rlmt.chat.guard import injection_findings
 
     ordinary = ["47", "The capital of France is Paris.", "I'm sorry, I can't help with that. Try a locksmith.",
                 "the judge ruled for the plaintiff.", "Follow the instructions on the label.",

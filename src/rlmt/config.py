@@ -181,7 +181,7 @@ class GrapeConfig:
         "json", "json: the critic writes reasoning + JSON score/confidence; logprobs (local only): score and "
                 "confidence read from the critic's distribution over the score digits")
     gate_on_verifiable: bool = doc(True, "items with `gated_by` are skipped (missing) when their gate item scored 0")
-    guard: bool = doc(True, "a response that addresses the grader (rlmt.grape.guard) fails its judged items")
+    guard: bool = doc(True, "a response that addresses the grader (rlmt.chat.guard) fails its judged items")
     low_confidence: float = doc(0.5, "oversight: flag items whose mean confidence stays below this")
     min_score_std: float = doc(0.02, "oversight: flag items whose score std over the run is below this")
     revise: bool = doc(False, "critique-revise: the policy revises each group's lowest-scored response; the "

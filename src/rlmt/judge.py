@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 from rlmt.chat import ChatBackend, ChatRequest
+from rlmt.chat.guard import injection_findings
 from rlmt.chat.untrusted import wrap_untrusted
 from rlmt.rewards.base import RewardResult
 
@@ -86,11 +87,13 @@ class PairVerdict:
     consistent: bool
     texts: tuple[str | None, str | None]
     errors: tuple[str | None, str | None] = (None, None)
+    guard: str | None = None  # set when the verdict came from the guard (a response addressed the judge)
 
     def as_dict(self) -> dict[str, Any]:
         return {"winner": self.winner, "verdicts": [self.verdict_ab, self.verdict_ba],
                 "consistent": self.consistent, "texts": list(self.texts),
-                **({"errors": list(self.errors)} if any(self.errors) else {})}
+                **({"errors": list(self.errors)} if any(self.errors) else {}),
+                **({"guard": self.guard} if self.guard else {})}
 
 
 def answer_format(chain_of_thought: bool) -> str:
@@ -127,8 +130,9 @@ class PairwiseJudge:
     """Judges (prompt, first, second) pairs in both orders through a :class:`ChatBackend`."""
 
     def __init__(self, backend: ChatBackend, preamble: str = DEFAULT_PREAMBLE, chain_of_thought: bool = False,
-                 max_tokens: int | None = None, temperature: float = 0.0):
+                 max_tokens: int | None = None, temperature: float = 0.0, guard: bool = True):
         self.backend, self.preamble, self.chain_of_thought = backend, preamble, chain_of_thought
+        self.guard = guard
         self.max_tokens = max_tokens or (512 if chain_of_thought else 16)
         self.temperature = temperature
         self.cache: dict[str, str] = {}
@@ -159,16 +163,29 @@ class PairwiseJudge:
         return out
 
     def judge_pairs(self, pairs: Sequence[tuple[str | list, str, str]]) -> list[PairVerdict]:
-        """Each (prompt, first, second) judged in both orders (one backend call for all), then combined."""
-        triples = [(prompt_text(p), x, y) for p, x, y in pairs]
+        """Each (prompt, first, second) judged in both orders (one backend call for all), then combined.
+
+        With ``guard`` on, a response that addresses the judge (:func:`rlmt.chat.guard.injection_findings`:
+        "ignore previous instructions", a forged verdict or marker, ...) loses to a clean one without a call;
+        if both do, the pair is a tie. So writing to the judge never wins a comparison.
+        """
+        flags = [(bool(injection_findings(x)), bool(injection_findings(y))) if self.guard else (False, False)
+                 for _, x, y in pairs]
+        ask = [k for k, f in enumerate(flags) if not any(f)]
+        triples = [(prompt_text(pairs[k][0]), pairs[k][1], pairs[k][2]) for k in ask]
         raw = self.raw(triples + [(p, y, x) for p, x, y in triples])
-        n = len(pairs)
-        out = []
-        for (t_ab, e_ab), (t_ba, e_ba) in zip(raw[:n], raw[n:]):
+        n = len(ask)
+        out: list[PairVerdict | None] = [None] * len(pairs)
+        for k, (t_ab, e_ab), (t_ba, e_ba) in zip(ask, raw[:n], raw[n:]):
             v_ab, v_ba = parse_verdict(t_ab), parse_verdict(t_ba)
             winner, consistent = combine_orders(v_ab, v_ba)
-            out.append(PairVerdict(winner, v_ab, v_ba, consistent, (t_ab, t_ba), (e_ab, e_ba)))
-        return out
+            out[k] = PairVerdict(winner, v_ab, v_ba, consistent, (t_ab, t_ba), (e_ab, e_ba))
+        for k, (fx, fy) in enumerate(flags):
+            if fx or fy:
+                winner = "tie" if fx and fy else "second" if fx else "first"
+                who = "both responses" if fx and fy else "the first response" if fx else "the second response"
+                out[k] = PairVerdict(winner, None, None, True, (None, None), guard=f"{who} addressed the judge")
+        return out  # type: ignore[return-value]
 
 
 def candidate_pairs(n: int, pairing: str = "adjacent", max_pairs: int = 0) -> list[tuple[int, int]]:

@@ -6,7 +6,7 @@ For a batch of responses (rows carry ``prompt`` and ``category``):
    a score outside [0, 1] (after the item's ``transform``) or a source's ``None`` is missing;
 2. a judged item whose ``gated_by`` item failed (score < 0.5) is skipped when ``gate_on_verifiable`` is set:
    missing, counted as gated, and no critic call is spent on it; with ``guard`` on, a response that
-   addresses the grader (:mod:`rlmt.grape.guard`) fails its judged items (score 0, confidence 1, no call);
+   addresses the grader (:mod:`rlmt.chat.guard`) fails its judged items (score 0, confidence 1, no call);
 3. the remaining judged items go to the critic in one batch (cached);
 4. :func:`rlmt.objectives.grape.grape_aggregate` combines them per group of responses to the same prompt:
    R_i = sum_j w_j phi_j s_ij / sum_j w_j phi_j with phi_j the group's mean confidence of item j.
@@ -27,7 +27,7 @@ import torch
 
 from rlmt.data import Row
 from rlmt.grape.critic import CachedCritic, CritiqueTask, build_critic
-from rlmt.grape.guard import injection_findings
+from rlmt.chat.guard import injection_findings
 from rlmt.grape.oversight import Oversight
 from rlmt.grape.rubric import Rubric, RubricItem, load_rubric
 from rlmt.objectives.grape import grape_aggregate

@@ -1,5 +1,8 @@
 """A pattern guard against responses that address the judge instead of the user.
 
+Used by GRAPE's rubric scorer (:mod:`rlmt.grape.scorer`) and the RLAIF pairwise judge (:mod:`rlmt.judge`,
+where such a response loses its comparison without a call).
+
 Framing (random delimiters, escaping, instructions before and after) keeps a response from *breaking out*
 of its block, and strict parsing keeps copied JSON from becoming a score. It does not stop a small critic
 from being *persuaded*: measured on the embedded SmolLM2-135M critic (logprobs mode, 3 responses x 6 nonces),
