@@ -432,3 +432,19 @@ def test_critique_revise_keeps_improvements_as_demonstrations_and_resumes_exactl
 
     a, b = load_file(str(full / "final" / "model.safetensors")), load_file(str(half / "final" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_trained_reward_model_can_be_an_item_through_a_sigmoid():
+    from rlmt.grape.scorer import _transform
+
+    data = json.loads(json.dumps(RUBRIC))
+    data["categories"]["chat"]["items"].append(
+        {"id": "rm", "criterion": "preferred by the reward model", "weight": 1, "flow": "verifiable",
+         "verifier": "reward_model", "args": {"path": "runs/rm/final"}, "transform": "sigmoid", "confidence": 0.5})
+    item = parse_rubric(data, "r.yaml").items[-1]
+    assert (item.verifier, item.transform, item.confidence) == ("reward_model", "sigmoid", 0.5)
+    assert _transform(0.0, "sigmoid") == 0.5 and _transform(2.0, "sigmoid") == pytest.approx(1 / (1 + math.exp(-2)))
+    assert _transform(1.7, "none") is None and _transform(1.7, "clip") == 1.0 and _transform(None, "clip") is None
+    data["categories"]["chat"]["items"][-1]["transform"] = "tanh"
+    with pytest.raises(RubricError, match=r"chat.items\[1\].transform"):
+        parse_rubric(data, "r.yaml")

@@ -37,24 +37,16 @@ from rlmt.records import RunRecorder, write_atomic
 from rlmt.train.dense import token_char_ends
 from rlmt.train.optim import build_optimizer, guarded_step
 from rlmt.train.session import resume_checkpoint, save_final, start_run
+from rlmt.train.ppo import ValueHead
 from rlmt.train.sft import collate_sft, examples_per_step, step_indices, total_steps_for
 
 HEAD_FILE = "process_head.pt"
 META_FILE = "process_reward_model.json"
 
 
-class ProcessHead(nn.Module):
-    """Step logit ``w^T h + b`` on final hidden states: (..., H) -> (...,) float32; zero-initialised, so every
-    step scores 0.5 before training."""
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.linear = nn.Linear(hidden_size, 1)
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        return self.linear(hidden.float()).squeeze(-1)
+class ProcessHead(ValueHead):
+    """Step logit ``w^T h + b`` on final hidden states: (..., H) -> (...,) float32; the same zero-initialised
+    linear head as PPO's value head, so every step scores 0.5 before training."""
 
 
 @dataclass
