@@ -14,11 +14,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_child(script: str, which: str, steps: int) -> dict:
+def extra_overrides() -> list[str]:
+    """``--rlmt-set`` overrides of the parent process, for a worker's rlmt config (e.g. to measure rlmt
+    without gradient checkpointing beside the default run)."""
+    return json.loads(os.environ.get("RLMT_BENCH_SET", "[]"))
+
+
+def run_child(script: str, which: str, steps: int, rlmt_set: list[str] | None = None) -> dict:
     """Run ``script --worker which`` in a fresh process (so peak RSS is that side's alone); parse RESULT."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, script, "--worker", which, "--steps", str(steps), "--work", tmp]
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "RLMT_BENCH_SET": json.dumps(rlmt_set or [])}
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if out.returncode != 0 or not line:
             raise RuntimeError(f"{which} failed:\n{out.stderr[-3000:]}")
@@ -40,6 +47,8 @@ def side_by_side(script: str, doc: str, default_steps: int, run_rlmt, run_trl, t
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=default_steps)
     ap.add_argument("--only", choices=["rlmt", "trl"], help="run one side only")
+    ap.add_argument("--rlmt-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra rlmt config override, e.g. model.gradient_checkpointing=false (repeatable)")
     ap.add_argument("--worker", choices=["rlmt", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -47,8 +56,8 @@ def side_by_side(script: str, doc: str, default_steps: int, run_rlmt, run_trl, t
         fn = run_rlmt if a.worker == "rlmt" else run_trl
         print("RESULT " + json.dumps(fn(a.steps, Path(a.work))), flush=True)
         return None
-    results = {w: run_child(script, w, a.steps) for w in (["rlmt", "trl"] if not a.only else [a.only])}
-    print(title)
+    results = {w: run_child(script, w, a.steps, a.rlmt_set) for w in (["rlmt", "trl"] if not a.only else [a.only])}
+    print(title + (f" (rlmt with {' '.join(a.rlmt_set)})" if a.rlmt_set else ""))
     print(f"{'':8}{'s/step (median, after 1st)':>28}{'peak RSS MB':>14}{'wall s':>9}{'steps':>7}")
     med = {}
     for w, r in results.items():

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import peak_rss_mb, side_by_side, trl_step_timer  # noqa: E402
+from common import extra_overrides, peak_rss_mb, side_by_side, trl_step_timer  # noqa: E402
 
 PAIRS_PER_STEP, LR, BETA = 8, 5e-6, 0.1
 
@@ -49,7 +49,7 @@ def run_rlmt(steps: int, work: Path) -> dict:
 
     data = work / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _pairs()))
-    cfg = load_config(None, rlmt_overrides(data, steps, work))
+    cfg = load_config(None, rlmt_overrides(data, steps, work) + extra_overrides())
     t0 = time.perf_counter()
     run = train(cfg)
     total = time.perf_counter() - t0

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import peak_rss_mb, side_by_side, trl_step_timer  # noqa: E402
+from common import extra_overrides, peak_rss_mb, side_by_side, trl_step_timer  # noqa: E402
 
 PROMPTS_PER_STEP, SAMPLES, MAX_NEW, LR, BETA = 4, 8, 64, 1e-6, 0.04
 DECODE_FLOOR_TOK_S = 850.0  # DESIGN.md: measured decode floor at batch 32 on these 2-core machines
@@ -61,7 +61,7 @@ def run_rlmt(steps: int, work: Path) -> dict:
 
     data = work / "prompts.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
-    cfg = load_config(None, rlmt_overrides(data, steps, work))
+    cfg = load_config(None, rlmt_overrides(data, steps, work) + extra_overrides())
     t0 = time.perf_counter()
     run = train(cfg)
     total = time.perf_counter() - t0
