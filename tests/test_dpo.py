@@ -191,3 +191,24 @@ def test_likelihood_accuracy_is_the_models_own_preference_by_hand(monkeypatch):
     # per token: pair 0 -1 vs -3 (yes); pair 1 -2 vs -4 (yes); pair 2 -2 vs -2 (tie: no)
     assert out["likelihood_accuracy_per_token"] == pytest.approx(2 / 3)
     assert out["preference_accuracy"] == pytest.approx(1 / 3)  # h = pol margin with a zero reference
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_pair_logprobs_share_the_prompt_and_equal_full_sequences(lm, checkpointing):
+    """Chosen and rejected attend to one pass over their prompt: same values and gradient as full rows."""
+    pairs = _pairs()
+
+    def grads(fn):
+        m = copy.deepcopy(lm.model)
+        if checkpointing:
+            m.gradient_checkpointing_enable()
+        m.train()
+        out = fn(m)  # (4, 2)
+        (out * torch.tensor([1.0, -2.0])).sum().backward()
+        return out.detach(), [p.grad.clone() for p in m.parameters()]
+
+    full, full_g = grads(lambda m: sequence_logprobs(m, collate_pairs(pairs, 256)).view(2, -1).T)
+    shared, shared_g = grads(lambda m: dpo_mod.pair_sequence_logprobs(m, pairs, 256, "cpu"))
+    assert torch.allclose(shared, full, atol=1e-5)
+    for a, b in zip(full_g, shared_g):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)

@@ -51,3 +51,33 @@ def test_token_and_grouped_logprobs_equal_plain_forward(setup, chunk):
     assert torch.allclose(tok, ref, atol=1e-5) and torch.allclose(grp, ref, atol=1e-5)
     for a, c, d in zip(ref_g, tok_g, grp_g):
         assert torch.allclose(a, c, atol=1e-5, rtol=1e-4) and torch.allclose(a, d, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("checkpointing,bucket_rows", [(True, 0), (False, 2), (True, 4)])
+def test_grouped_logprobs_under_checkpointing_and_length_buckets(setup, checkpointing, bucket_rows):
+    """The prompt KV is shared under gradient checkpointing too (replay-safe caches), and length buckets
+    trim padding without changing values or gradients."""
+    lm, b = setup
+    P = b.prompt_len
+    ref, ref_g = _grads(lm.model, lambda m: _plain(m, b))
+
+    def grouped(m):
+        if checkpointing:
+            m.gradient_checkpointing_enable()
+            m.train()
+        return grouped_response_logprobs(m, b.input_ids[::3, :P], b.attention_mask[::3, :P], b.response_ids,
+                                         b.response_mask, 3, 0.8, 5, bucket_rows=bucket_rows)
+
+    grp, grp_g = _grads(lm.model, grouped)
+    assert torch.allclose(grp, ref, atol=1e-5)
+    for a, d in zip(ref_g, grp_g):
+        assert torch.allclose(a, d, atol=1e-5, rtol=1e-4)
+
+
+def test_length_buckets_cover_rows_longest_first():
+    from rlmt.logprobs import length_buckets
+
+    lengths = torch.tensor([3, 7, 1, 7, 5])
+    buckets = length_buckets(lengths, 2)
+    assert [b.tolist() for b in buckets] == [[1, 3], [4, 0], [2]]
+    assert [b.tolist() for b in length_buckets(lengths, 0)] == [[0, 1, 2, 3, 4]]

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import yaml
 
@@ -73,6 +74,10 @@ class OptimConfig:
     schedule: Literal["constant", "linear", "cosine"] = doc("constant", "LR decay after warmup")
     warmup_steps: int = doc(0, "linear warmup from 0 over this many optimizer steps")
     max_grad_norm: float = doc(1.0, "clip the global gradient norm to this (0: no clipping)")
+    step_in_backward: bool = doc(
+        False, "apply each parameter's AdamW update in backward as soon as its gradient is complete and free it: "
+               "no model-size gradient buffer (saves one model size of memory); needs max_grad_norm 0 and one "
+               "backward per optimizer step; a non-finite gradient skips that parameter only")
     batch_size: int = doc(8, "examples per micro-batch")
     grad_accum: int = doc(1, "micro-batches per optimizer step (examples/step = batch_size * grad_accum)")
     max_steps: int = doc(0, "optimizer steps to run (0: derive from epochs)")
@@ -133,6 +138,9 @@ class PolicyGradientConfig:
     curriculum_floor: float = doc(0.02, "weight added to every prompt so solved/hopeless ones still return")
     nll_coef: float = doc(0.0, "lambda: return-weighted optimization adds lambda * NLL on data.demonstrations")
     nll_tau: Optional[float] = doc(None, "weight demonstrations by exp(R / tau) (normalized to mean 1); None: equal")
+    length_bucket_rows: int = doc(
+        8, "score responses in buckets of this many rows of similar length, each trimmed to its longest "
+           "(less padding computed; 0: one batch padded to the longest response)")
 
 
 @dataclass(frozen=True)
@@ -435,8 +443,26 @@ def validate(cfg: Config, where: str = "") -> None:
         need(bool(cfg.stages), "stages", "algorithm pipeline needs at least one stage")
         need(cfg.run.resume.lower() in ("true", "false"), "run.resume",
              "a pipeline resumes each stage from its own checkpoints; use true/false, not a path")
+    if cfg.optim.step_in_backward:
+        _validate_step_in_backward(cfg, need)
     if cfg.algorithm in ("grpo", "reinforce", "trpo", "grape") and cfg.pg.advantage in ("group", "group_no_std", "leave_one_out"):
         need(cfg.rollout.num_samples >= 2, "rollout.num_samples", f"pg.advantage={cfg.pg.advantage} needs >= 2 samples per prompt")
+
+
+def _validate_step_in_backward(cfg: Config, need: Callable[[bool, str, str], None]) -> None:
+    """optim.step_in_backward updates each parameter inside one backward pass: no global clipping, no
+    accumulation over several backward passes, no step of its own (TRPO)."""
+    need(cfg.optim.max_grad_norm == 0, "optim.max_grad_norm",
+         "must be 0 with optim.step_in_backward (the global gradient norm is known only after backward)")
+    need(cfg.algorithm != "trpo", "optim.step_in_backward", "TRPO takes its own trust-region step")
+    need(cfg.optim.grad_accum == 1, "optim.grad_accum", "must be 1 with optim.step_in_backward")
+    if cfg.algorithm in ("grpo", "reinforce", "ppo", "grape"):
+        per_step = math.ceil(cfg.rollout.batch_prompts * cfg.rollout.num_samples / cfg.pg.minibatches)
+        need(cfg.optim.batch_size >= per_step, "optim.batch_size",
+             f"must be >= {per_step} (the sequences of one optimizer step) with optim.step_in_backward, so one "
+             "backward pass makes the step")
+        need(cfg.pg.nll_coef == 0, "pg.nll_coef", "the demonstration NLL is a second backward pass per step; "
+             "it cannot run with optim.step_in_backward")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlmt.logprobs import position_ids_from_mask
+from rlmt.logprobs import cache_kwarg, position_ids_from_mask
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,8 @@ class RolloutBatch:
         return self.response_mask.sum(-1)
 
 
-def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> ((B, P) ids left-padded with ``pad_id``, (B, P) 0/1 mask)."""
     P = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), P), dtype=torch.long)
@@ -149,13 +150,14 @@ def generate(model: torch.nn.Module, tokenizer, prompts: list[list[int]], params
     G, T = params.num_samples, params.max_new_tokens
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = torch.tensor(_eos_ids(model, tokenizer), dtype=torch.long, device=device)
-    prompt_ids, prompt_mask = _left_pad(prompts, pad_id)
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     P = prompt_ids.shape[1]
 
     cache = _preallocated_cache(model.config.num_hidden_layers, P + T)
+    ck = cache_kwarg(model)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+                **{ck: cache}, use_cache=True, logits_to_keep=1)
     logits = out.logits[:, -1]  # (B0, V)
     if G > 1:
         cache.batch_repeat_interleave(G)
@@ -198,7 +200,7 @@ def generate(model: torch.nn.Module, tokenizer, prompts: list[list[int]], params
             rows, mask, next_pos, tok = rows[keep], mask[keep], next_pos[keep], tok[keep]
             alive = torch.ones(len(rows), dtype=torch.bool, device=device)
         out = model(input_ids=tok[:, None], attention_mask=mask[:, :P + t + 1], position_ids=next_pos[:, None],
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    **{ck: cache}, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
         next_pos = next_pos + 1
         decode_steps += 1

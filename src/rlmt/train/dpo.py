@@ -5,8 +5,9 @@ a checkpoint is loaded (so on a resume the weights are still the initial ones), 
 RUN_DIR/reference_logps.pt, which a resume reloads instead of recomputing.
 
 A step takes ``batch_size * grad_accum`` pairs (a pure function of (seed, step), as in SFT). The chosen and
-rejected completions of a micro-batch run as one batch of 2B rows; each micro-batch's loss is its pairs'
-sum divided by the step's pair count, so the accumulated gradient does not depend on the split.
+rejected completions of a micro-batch share one pass over their prompt (2B response rows attend to the B
+prompts' keys and values); each micro-batch's loss is its pairs' sum divided by the step's pair count, so the
+accumulated gradient does not depend on the split.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from rlmt.checkpoint import load_checkpoint, save_checkpoint
 from rlmt.config import Config, DPOConfig, to_dict
 from rlmt.data import (LoadReport, PromptFormat, Row, SFTExample, encode_completion, load_rows,
                        prompt_ids_within_limit)
-from rlmt.logprobs import token_logprobs
+from rlmt.logprobs import (activation_checkpointing, cache_survives_checkpointing, grouped_response_logprobs,
+                            token_logprobs)
 from rlmt.objectives.preference import LOSSES, PreferenceLoss, log_ratio_margin
 from rlmt.records import RunRecorder, write_atomic
+from rlmt.rollout import left_pad
 from rlmt.train.optim import build_optimizer, guarded_step
 from rlmt.train.session import resume_checkpoint, save_final, start_run
 from rlmt.train.sft import TokenBatch, collate_sft, examples_per_step, step_indices, total_steps_for
@@ -71,6 +74,28 @@ def sequence_logprobs(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor
     return lp.sum(-1)
 
 
+def pair_sequence_logprobs(model: torch.nn.Module, pairs: Sequence[PreferencePair], pad_id: int,
+                           device) -> torch.Tensor:
+    """(b, 2) [chosen, rejected] sums of log pi over each completion's tokens.
+
+    The prompt runs once for both completions (:func:`grouped_response_logprobs` with G = 2: the same numbers
+    and gradient as two full sequences, at P + 2T tokens instead of 2(P + T)); with a transformers too old to
+    keep a cache under gradient checkpointing, the two full sequences run instead.
+    """
+    b = len(pairs)
+    if activation_checkpointing(model) and model.training and not cache_survives_checkpointing():
+        return sequence_logprobs(model, collate_pairs(pairs, pad_id).to(device)).view(2, b).T
+    p_ids, p_mask = left_pad([p.prompt_ids for p in pairs], pad_id)
+    responses = [ids for p in pairs for ids in (p.chosen_ids, p.rejected_ids)]  # rows 2i, 2i+1: pair i
+    r_ids = torch.full((2 * b, max(len(r) for r in responses)), pad_id, dtype=torch.long)
+    r_mask = torch.zeros_like(r_ids)
+    for i, r in enumerate(responses):
+        r_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        r_mask[i, :len(r)] = 1
+    lp = grouped_response_logprobs(model, p_ids.to(device), p_mask.to(device), r_ids.to(device), r_mask.to(device), 2)
+    return lp.sum(-1).view(b, 2)
+
+
 @torch.no_grad()
 def pair_logprobs(model: torch.nn.Module, pairs: Sequence[PreferencePair], batch_size: int, pad_id: int,
                   device) -> torch.Tensor:
@@ -80,8 +105,7 @@ def pair_logprobs(model: torch.nn.Module, pairs: Sequence[PreferencePair], batch
     out = []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
-        seq = sequence_logprobs(model, collate_pairs(chunk, pad_id).to(device)).float().cpu()
-        out.append(torch.stack([seq[:len(chunk)], seq[len(chunk):]], -1))
+        out.append(pair_sequence_logprobs(model, chunk, pad_id, device).float().cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros((0, 2))
 
@@ -119,12 +143,11 @@ def dpo_update(model: torch.nn.Module, micro_batches: list[tuple[list[Preference
     model.train()
     policy = []
     for pairs, ref in micro_batches:
-        b = len(pairs)
-        seq = sequence_logprobs(model, collate_pairs(pairs, pad_id).to(device))  # (2b,)
+        seq = pair_sequence_logprobs(model, pairs, pad_id, device)  # (b, 2)
         ref = ref.to(device=seq.device, dtype=seq.dtype)
-        loss, _ = loss_fn(seq[:b], seq[b:], ref[:, 0], ref[:, 1], normalizer=n_pairs)
+        loss, _ = loss_fn(seq[:, 0], seq[:, 1], ref[:, 0], ref[:, 1], normalizer=n_pairs)
         loss.backward()
-        policy.append(seq.detach().view(2, b).T)  # (b, 2)
+        policy.append(seq.detach())
     pol, ref = torch.cat(policy), torch.cat([r.to(policy[0].device, policy[0].dtype) for _, r in micro_batches])
     _, metrics = loss_fn(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1])
     return {**metrics, **guarded_step(model, optimizer, scheduler, max_grad_norm), "pairs": float(n_pairs),

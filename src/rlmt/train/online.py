@@ -30,7 +30,8 @@ from rlmt.config import Config, PolicyGradientConfig, to_dict
 from rlmt.curriculum import curriculum_weights, draw_prompts, update_pass_rates
 from rlmt.data import check_prompt_lengths, encode_prompt, load_rows, split_sft_row, tokenize_sft
 from rlmt.models import frozen_reference, release_reference_pages
-from rlmt.logprobs import activation_checkpointing, grouped_response_logprobs, token_logprobs
+from rlmt.logprobs import (activation_checkpointing, cache_survives_checkpointing, grouped_response_logprobs,
+                            token_logprobs)
 from rlmt.objectives.advantages import group_relative_advantages, running_mean_baseline
 from rlmt.objectives.aggregate import loss_normalizer, masked_mean
 from rlmt.objectives.policy import kl_penalty_loss, nll_loss, ppo_clip_loss, reinforce_loss, return_weights
@@ -202,14 +203,15 @@ def dense_advantages(exp: Experience, rewards: torch.Tensor, cfg: Config,
 
 
 def _response_logprobs(model, batch: RolloutBatch, groups: torch.Tensor, group_size: int,
-                       temperature: float) -> torch.Tensor:
+                       temperature: float, bucket_rows: int = 0) -> torch.Tensor:
     """(len(groups) * G, T) log-probs of the responses of the given prompt groups.
 
-    Each prompt runs through the model once for its G responses (:func:`grouped_response_logprobs`), unless
-    gradient checkpointing is on (transformers then refuses a cache), where full sequences are used.
+    Each prompt runs through the model once for its G responses (:func:`grouped_response_logprobs`, also
+    under gradient checkpointing), responses in length buckets of ``bucket_rows`` rows; with a transformers
+    too old to keep a cache under checkpointing, full sequences are scored instead.
     """
     rows = (groups[:, None] * group_size + torch.arange(group_size)).flatten()
-    if activation_checkpointing(model) and model.training:
+    if activation_checkpointing(model) and model.training and not cache_survives_checkpointing():
         target = torch.zeros_like(batch.attention_mask[rows], dtype=torch.bool)
         target[:, batch.prompt_len:] = batch.response_mask[rows]
         lp = token_logprobs(model, batch.input_ids[rows], batch.attention_mask[rows], target, temperature=temperature)
@@ -217,7 +219,8 @@ def _response_logprobs(model, batch: RolloutBatch, groups: torch.Tensor, group_s
     first = rows[::group_size]
     P = batch.prompt_len
     return grouped_response_logprobs(model, batch.input_ids[first, :P], batch.attention_mask[first, :P],
-                                     batch.response_ids[rows], batch.response_mask[rows], group_size, temperature)
+                                     batch.response_ids[rows], batch.response_mask[rows], group_size, temperature,
+                                     bucket_rows=bucket_rows)
 
 
 @contextlib.contextmanager
@@ -289,7 +292,7 @@ def train_online(cfg: Config) -> Path:
         N = len(batch.texts)
         if pg.beta > 0:
             with torch.no_grad(), reference_of(policy, ref_copy) as ref:
-                ref_lp = _response_logprobs(ref, batch, torch.arange(N // G), G, train_t)
+                ref_lp = _response_logprobs(ref, batch, torch.arange(N // G), G, train_t, pg.length_bucket_rows)
             if ref_copy is not None:
                 release_reference_pages(ref_copy)  # its pages return to the page cache until the next pass
         dense = dense_rewards_for(cfg.algorithm, batch.response_ids, batch.response_mask, tok, scored.token_rewards,
@@ -361,7 +364,7 @@ def _optimize(trainable, policy, opt, sched, cfg: Config, objective, batch: Roll
                 m = mask[micro]
                 if not m.any():
                     continue
-                lp = _response_logprobs(policy, batch, micro_groups, G, temperature)
+                lp = _response_logprobs(policy, batch, micro_groups, G, temperature, pg.length_bucket_rows)
                 loss, met = objective(lp, old_lp[micro], adv[micro], m, pg, normalizer)
                 if ref_lp is not None and not pg.kl_in_reward:
                     kl_loss, kl_met = kl_penalty_loss(lp, ref_lp[micro], m, pg.beta, pg.kl_estimator,

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from rlmt.config import Config
-from rlmt.logprobs import activation_checkpointing, grouped_hidden_states, _scored_positions, position_ids_from_mask
+from rlmt.logprobs import activation_checkpointing, cache_survives_checkpointing, grouped_hidden_states, _scored_positions, position_ids_from_mask
 from rlmt.objectives import (explained_variance, gae, loss_normalizer, masked_mean,
                              ppo_clip_loss, value_loss, whiten)
 from rlmt.rollout import RolloutBatch
@@ -65,11 +65,11 @@ def _hidden_before_tokens(policy: nn.Module, batch: RolloutBatch, groups: Tensor
     """(g*G, T, H) final hidden states that predict each response token of the given prompt groups.
 
     Each prompt runs once and its KV cache is repeated for its G responses, as in
-    :func:`rlmt.logprobs.grouped_response_logprobs`; with gradient checkpointing (no cache allowed) the
-    full sequences run instead. Position t holds the state before response token t.
+    :func:`rlmt.logprobs.grouped_response_logprobs` (also under gradient checkpointing); with a transformers
+    too old to keep a cache under checkpointing the full sequences run instead. Position t holds the state before response token t.
     """
     rows, P, G = _rows(groups, group_size), batch.prompt_len, group_size
-    if activation_checkpointing(policy) and policy.training:
+    if activation_checkpointing(policy) and policy.training and not cache_survives_checkpointing():
         ids, am = batch.input_ids[rows], batch.attention_mask[rows]
         h = policy.get_decoder()(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am),
                                  use_cache=False).last_hidden_state  # (g*G, P+T, H)
