@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlmt.data import PromptFormat, encode_prompt
-from rlmt.logprobs import grouped_response_logprobs, token_logprobs
+from rlmt.logprobs import grouped_hidden_states, grouped_response_logprobs, pack_groups, token_logprobs
 from rlmt.models import load_model
 from rlmt.rollout import SamplingParams, generate
 
@@ -53,31 +53,63 @@ def test_token_and_grouped_logprobs_equal_plain_forward(setup, chunk):
         assert torch.allclose(a, c, atol=1e-5, rtol=1e-4) and torch.allclose(a, d, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("checkpointing,bucket_rows", [(True, 0), (False, 2), (True, 4)])
-def test_grouped_logprobs_under_checkpointing_and_length_buckets(setup, checkpointing, bucket_rows):
-    """The prompt KV is shared under gradient checkpointing too (replay-safe caches), and length buckets
-    trim padding without changing values or gradients."""
+def _checkpointed(m):
+    m.gradient_checkpointing_enable()
+    m.train()
+    return m
+
+
+def test_grouped_logprobs_under_checkpointing(setup):
+    """The packed single pass needs no cache, so gradient checkpointing applies as usual: same numbers."""
     lm, b = setup
     P = b.prompt_len
     ref, ref_g = _grads(lm.model, lambda m: _plain(m, b))
-
-    def grouped(m):
-        if checkpointing:
-            m.gradient_checkpointing_enable()
-            m.train()
-        return grouped_response_logprobs(m, b.input_ids[::3, :P], b.attention_mask[::3, :P], b.response_ids,
-                                         b.response_mask, 3, 0.8, 5, bucket_rows=bucket_rows)
-
-    grp, grp_g = _grads(lm.model, grouped)
+    grp, grp_g = _grads(lm.model, lambda m: grouped_response_logprobs(
+        _checkpointed(m), b.input_ids[::3, :P], b.attention_mask[::3, :P], b.response_ids, b.response_mask, 3, 0.8, 5))
     assert torch.allclose(grp, ref, atol=1e-5)
     for a, d in zip(ref_g, grp_g):
         assert torch.allclose(a, d, atol=1e-5, rtol=1e-4)
 
 
-def test_length_buckets_cover_rows_longest_first():
-    from rlmt.logprobs import length_buckets
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_grouped_hidden_states_share_the_prompt_kv_under_checkpointing(setup, checkpointing):
+    """PPO's per-position hidden states: the prompt's KV is shared through replay-safe caches, which
+    transformers would otherwise drop under checkpointing (then the responses would not see the prompt)."""
+    lm, b = setup
+    P = b.prompt_len
+    pos = (b.attention_mask.cumsum(-1) - 1).clamp(min=0)
 
-    lengths = torch.tensor([3, 7, 1, 7, 5])
-    buckets = length_buckets(lengths, 2)
-    assert [b.tolist() for b in buckets] == [[1, 3], [4, 0], [2]]
-    assert [b.tolist() for b in length_buckets(lengths, 0)] == [[0, 1, 2, 3, 4]]
+    def plain(m):
+        h = m.get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=pos).last_hidden_state
+        return h[:, P - 1:-1] * b.response_mask[..., None]
+
+    def grouped(m):
+        m = _checkpointed(m) if checkpointing else m
+        h = grouped_hidden_states(m, b.input_ids[::3, :P], b.attention_mask[::3, :P], b.response_ids,
+                                  b.response_mask, 3)
+        return h * b.response_mask[..., None]
+
+    ref, ref_g = _grads(lm.model, lambda m: plain(m).sum(-1))
+    got, got_g = _grads(lm.model, lambda m: grouped(m).sum(-1))
+    assert torch.allclose(got, ref, atol=1e-4)
+    for a, d in zip(ref_g, got_g):
+        if a is not None:
+            assert torch.allclose(a, d, atol=1e-3, rtol=1e-4)  # gradients of a hidden-state sum: ~1e3
+
+
+def test_pack_groups_layout_by_hand():
+    """Two prompts (one left-padded), G = 2, responses of lengths 2, 1, 0, 3."""
+    prompt_ids = torch.tensor([[0, 11, 12], [21, 22, 23]])
+    prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    response_ids = torch.tensor([[31, 32, 0], [41, 0, 0], [0, 0, 0], [61, 62, 63]])
+    response_mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0], [1, 1, 1]])
+    pk = pack_groups(prompt_ids, prompt_mask, response_ids, response_mask, 2)
+    assert pk.input_ids.tolist() == [[11, 12, 31, 32, 41, 0], [21, 22, 23, 61, 62, 63]]
+    assert pk.positions.tolist() == [[0, 1, 2, 3, 2, 0], [0, 1, 2, 3, 4, 5]]
+    assert pk.targets.tolist() == [31, 32, 41, 61, 62, 63]
+    # state before 31: prompt's last (1); before 32: 31 (2); before 41: prompt's last (1); row 2 starts at 6
+    assert pk.source.tolist() == [1, 2, 1, 6 + 2, 6 + 3, 6 + 4]
+    m = pk.mask[0, 0].int().tolist()
+    assert m[4] == [1, 1, 0, 0, 1, 0]  # 41 sees the prompt and itself, not its sibling 31, 32
+    assert m[3] == [1, 1, 1, 1, 0, 0]  # 32 sees the prompt, 31 and itself
+    assert m[5] == [0, 0, 0, 0, 0, 1]  # padding sees only itself (no NaN rows)

@@ -138,9 +138,6 @@ class PolicyGradientConfig:
     curriculum_floor: float = doc(0.02, "weight added to every prompt so solved/hopeless ones still return")
     nll_coef: float = doc(0.0, "lambda: return-weighted optimization adds lambda * NLL on data.demonstrations")
     nll_tau: Optional[float] = doc(None, "weight demonstrations by exp(R / tau) (normalized to mean 1); None: equal")
-    length_bucket_rows: int = doc(
-        8, "score responses in buckets of this many rows of similar length, each trimmed to its longest "
-           "(less padding computed; 0: one batch padded to the longest response)")
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,20 @@
 """Per-token log-probabilities of given tokens under a causal LM, without full-vocabulary logits for the batch.
 
 The transformer body runs once over (B, L); the output projection and log-softmax run only at the positions
-whose next token is a target, in chunks, each chunk recomputed in backward (activation checkpointing) so no
-more than ``chunk_tokens x V`` float32 logits live at any moment, forward or backward.
+whose next token is a target, in chunks, each chunk recomputed in a hand-written backward that accumulates the
+output matrix's gradient in one buffer, so no more than ``chunk_tokens x V`` float32 logits live at any moment,
+forward or backward. Prompt groups (G responses per prompt, or DPO's chosen/rejected pair) run as one packed
+row per prompt, the prompt computed once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache, DynamicLayer
 
 
@@ -59,23 +61,78 @@ def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return target_logits - lse, entropy
 
 
+def _chunked_logprobs(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                      inv_t: float, chunk: int, entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_chunk_logprobs` over (M, H) in chunks of ``chunk`` rows -> ((M,), (M,))."""
+    parts = [_chunk_logprobs(h[i:i + chunk], weight, bias, targets[i:i + chunk], inv_t, entropy)
+             for i in range(0, h.shape[0], chunk)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+class _TargetLogprobs(torch.autograd.Function):
+    """log p(target) over the vocabulary, chunk by chunk, with a hand-written backward.
+
+    Forward keeps only h (M, H); backward recomputes each chunk's logits z = (h W^T + b) / T and uses
+
+        d log p(y) / dz = onehot(y) - softmax(z),   so  dh = G W,  dW = G^T h,  db = sum G,
+        with G = (g[:, None] / T) * (onehot(y) - softmax(z))  (m, V) per chunk,
+
+    accumulating dW into one (V, H) buffer (``addmm_``) instead of one per chunk plus their sum: for
+    SmolLM2 a (V, H) float32 matrix is 113 MB. Entropies are returned without gradient. Not twice
+    differentiable (nothing here needs it: TRPO's Fisher products use full logits of their own).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, inv_t: float, chunk: int, entropy: bool):
+        lp, ent = _chunked_logprobs(h, weight, bias, targets, inv_t, chunk, entropy)
+        ctx.save_for_backward(h, weight, bias, targets)
+        ctx.inv_t, ctx.chunk = inv_t, chunk
+        ctx.mark_non_differentiable(ent)
+        return lp, ent
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_lp, _g_ent):
+        h, weight, bias, targets = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        acc = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        dh = torch.empty_like(h) if need_h else None
+        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        db = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b and bias is not None else None
+        for start in range(0, h.shape[0], ctx.chunk):
+            hc, tc, gc = h[start:start + ctx.chunk], targets[start:start + ctx.chunk], g_lp[start:start + ctx.chunk]
+            z = F.linear(hc, weight, bias).float()  # (m, V)
+            if ctx.inv_t != 1.0:
+                z.mul_(ctx.inv_t)
+            grad_z = torch.softmax(z, dim=-1)  # (m, V) p
+            del z
+            grad_z.mul_(-gc[:, None])  # -g p
+            grad_z[torch.arange(tc.shape[0], device=tc.device), tc] += gc  # + g onehot
+            if ctx.inv_t != 1.0:
+                grad_z.mul_(ctx.inv_t)
+            gw = grad_z.to(weight.dtype)
+            if need_h:
+                dh[start:start + ctx.chunk] = gw @ weight
+            if need_w:
+                dw.addmm_(gw.T.to(acc), hc.to(acc))
+            if db is not None:
+                db += grad_z.sum(0)
+        return (dh, dw.to(weight.dtype) if dw is not None else None,
+                db.to(bias.dtype) if db is not None else None, None, None, None, None)
+
+
 def _scored_positions(h: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, inv_t: float,
                       chunk_tokens: int, entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """h (M, H) hidden states that predict ``targets`` (M,) -> (log-probs (M,), entropies (M,)), chunked.
-    ``entropy=False``: zeros instead of entropies, and less memory per chunk."""
-    lp_parts, ent_parts = [], []
-    for start in range(0, h.shape[0], chunk_tokens):
-        hc, tc = h[start:start + chunk_tokens], targets[start:start + chunk_tokens]
-        if torch.is_grad_enabled() and hc.requires_grad:
-            lp, ent = checkpoint(_chunk_logprobs, hc, head.weight, head.bias, tc, inv_t, entropy,
-                                 use_reentrant=False)
-        else:
-            lp, ent = _chunk_logprobs(hc, head.weight, head.bias, tc, inv_t, entropy)
-        lp_parts.append(lp)
-        ent_parts.append(ent.detach())
-    if not lp_parts:
+    """h (M, H) hidden states that predict ``targets`` (M,) -> (log-probs (M,), entropies (M,)), chunked:
+    no more than ``chunk_tokens x V`` float32 logits live at once, forward or backward
+    (:class:`_TargetLogprobs`). ``entropy=False``: zeros instead of entropies, and less memory per chunk."""
+    if h.shape[0] == 0:
         return h.sum(-1) * 0.0, h.new_zeros(0)
-    return torch.cat(lp_parts), torch.cat(ent_parts)
+    weight, bias = head.weight, head.bias
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _TargetLogprobs.apply(h, weight, bias, targets, inv_t, chunk_tokens, entropy)
+    with torch.no_grad():
+        return _chunked_logprobs(h, weight, bias, targets, inv_t, chunk_tokens, entropy)
 
 
 class _RecordLayer(DynamicLayer):
@@ -121,86 +178,123 @@ def _cache_kept_under_checkpointing(model: torch.nn.Module):
                 m._can_checkpoint_with_cache = b
 
 
-def length_buckets(lengths: torch.Tensor, bucket_rows: int) -> list[torch.Tensor]:
-    """Row indices grouped into buckets of ``bucket_rows`` rows of similar length (longest first), so each
-    bucket can be trimmed to its own longest row; ``bucket_rows <= 0`` keeps one bucket in row order."""
-    n = lengths.shape[0]
-    if bucket_rows <= 0 or bucket_rows >= n:
-        return [torch.arange(n, device=lengths.device)]
-    order = torch.argsort(lengths, descending=True, stable=True)
-    return list(order.split(bucket_rows))
-
-
 def grouped_hidden_states(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                          response_ids: torch.Tensor, response_mask: torch.Tensor, group_size: int,
-                          bucket_rows: int = 0) -> torch.Tensor:
+                          response_ids: torch.Tensor, response_mask: torch.Tensor, group_size: int) -> torch.Tensor:
     """(B0*G, T, H) final hidden states that predict each response token; position t holds the state before
-    response token t. Each prompt runs once (with gradient) and its KV cache is repeated for its G responses.
-
-    Works under gradient checkpointing too (the caches are replay-safe, see :class:`_RecordLayer`). With
-    ``bucket_rows > 0`` the responses run in buckets of that many rows of similar length, each trimmed to its
-    longest response (less padding computed); positions past a bucket's longest response hold zeros.
+    response token t (PPO's values need every position). Each prompt runs once (with gradient) and its KV
+    cache is repeated for its G responses; under gradient checkpointing too (the caches are replay-safe, see
+    :class:`_RecordLayer`). Log-probs alone use the packed single pass of :func:`grouped_response_logprobs`.
 
     Shapes as in :func:`grouped_response_logprobs`.
     """
-    N, T = response_ids.shape
+    T = response_ids.shape[1]
     body = model.get_decoder()
     with _cache_kept_under_checkpointing(model):
         record = Cache(layer_class_to_replicate=_RecordLayer)
         prompt_h = body(input_ids=prompt_ids, attention_mask=prompt_mask,
                         position_ids=position_ids_from_mask(prompt_mask), use_cache=True,
                         **{cache_kwarg(body): record}).last_hidden_state[:, -1]  # (B0, H)
-        prefix_k = [layer.keys.repeat_interleave(group_size, 0) for layer in record.layers]  # (N, kv, P, d)
-        prefix_v = [layer.values.repeat_interleave(group_size, 0) for layer in record.layers]
+        prefix = Cache(layers=[_PrefixLayer(layer.keys.repeat_interleave(group_size, 0),
+                                            layer.values.repeat_interleave(group_size, 0))
+                               for layer in record.layers])  # (N, kv_heads, P, d) per layer
         prompt_h = prompt_h.repeat_interleave(group_size, 0)  # (N, H)
-        p_mask = prompt_mask.repeat_interleave(group_size, 0)  # (N, P)
-        start = prompt_mask.sum(-1).repeat_interleave(group_size, 0)[:, None]  # (N, 1) first response position
-        # last real position + 1 per row (masks may have holes; padding is only trimmed past the last one)
-        lengths = torch.where(response_mask.any(-1), T - response_mask.flip(-1).int().argmax(-1), 0)
-        parts, rows_done = [], []
-        for rows in length_buckets(lengths, bucket_rows):
-            t = max(1, int(lengths[rows].max())) if bucket_rows > 0 else T
-            cache = Cache(layers=[_PrefixLayer(k[rows], v[rows]) for k, v in zip(prefix_k, prefix_v)])
-            full_mask = torch.cat([p_mask[rows], response_mask[rows, :t].long()], 1)  # (n, P+t)
-            positions = start[rows] + torch.arange(t, device=response_ids.device)
-            resp_h = body(input_ids=response_ids[rows, :t], attention_mask=full_mask, position_ids=positions,
-                          use_cache=True, **{cache_kwarg(body): cache}).last_hidden_state  # (n, t, H)
-            h = torch.cat([prompt_h[rows, None], resp_h[:, :-1]], 1)  # (n, t, H)
-            parts.append(F.pad(h, (0, 0, 0, T - t)) if t < T else h)
-            rows_done.append(rows)
-    if len(parts) == 1:
-        return parts[0]
-    order = torch.cat(rows_done)
-    return torch.cat(parts)[torch.argsort(order)]
+        full_mask = torch.cat([prompt_mask.repeat_interleave(group_size, 0), response_mask.long()], 1)  # (N, P+T)
+        start = prompt_mask.sum(-1).repeat_interleave(group_size, 0)[:, None]  # (N, 1)
+        resp_h = body(input_ids=response_ids, attention_mask=full_mask,
+                      position_ids=start + torch.arange(T, device=response_ids.device), use_cache=True,
+                      **{cache_kwarg(body): prefix}).last_hidden_state  # (N, T, H)
+    return torch.cat([prompt_h[:, None], resp_h[:, :-1]], 1)
+
+
+@dataclass
+class PackedGroups:
+    """One row per prompt group: [prompt, y_1, ..., y_G], real tokens only, right-padded to the longest row.
+
+    ``mask`` lets each response attend to its prompt and its own earlier tokens (not to its siblings), so
+    every response sees exactly the context it would see as its own sequence, and the prompt is computed once.
+    """
+
+    input_ids: torch.Tensor  # (B0, L)
+    mask: torch.Tensor  # (B0, 1, L, L) bool, True = may attend
+    positions: torch.Tensor  # (B0, L): the prompt from 0; each response continues from the prompt's length
+    source: torch.Tensor  # (M,) flat index into (B0 * L) of the state predicting each scored response token
+    targets: torch.Tensor  # (M,) those tokens, in the row-major order of ``response_mask``
+
+
+def pack_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
+                response_mask: torch.Tensor, group_size: int) -> PackedGroups:
+    """Lay out B0 prompts and their G responses each as one packed row (see :class:`PackedGroups`).
+
+    Args as in :func:`grouped_response_logprobs`. A response keeps its tokens up to its last masked one.
+    """
+    B0, T = prompt_ids.shape[0], response_ids.shape[1]
+    dev = response_ids.device
+    last = torch.where(response_mask.any(-1), T - response_mask.flip(-1).int().argmax(-1), 0).tolist()
+    rows, segs, poss, sources = [], [], [], []
+    for b in range(B0):
+        prompt = prompt_ids[b][prompt_mask[b].bool()]
+        p = prompt.shape[0]
+        ids, seg, pos, offset = [prompt], [torch.zeros(p, dtype=torch.long, device=dev)], \
+            [torch.arange(p, device=dev)], p
+        for g in range(group_size):
+            j = b * group_size + g
+            t = last[j]
+            ids.append(response_ids[j, :t])
+            seg.append(torch.full((t,), g + 1, dtype=torch.long, device=dev))
+            pos.append(torch.arange(p, p + t, device=dev))
+            # the state before token k: the prompt's last for k = 0, else the response's own token k - 1
+            src = torch.cat([torch.tensor([p - 1], device=dev),
+                             torch.arange(offset, offset + max(t - 1, 0), device=dev)])[:t]
+            sources.append((b, src[response_mask[j, :t].bool()]))
+            offset += t
+        rows.append(torch.cat(ids))
+        segs.append(torch.cat(seg))
+        poss.append(torch.cat(pos))
+    L = max(r.shape[0] for r in rows)
+    input_ids = torch.zeros((B0, L), dtype=torch.long, device=dev)
+    seg_ids = torch.full((B0, L), -1, dtype=torch.long, device=dev)  # -1: padding
+    positions = torch.zeros((B0, L), dtype=torch.long, device=dev)
+    for b, (r, sg, ps) in enumerate(zip(rows, segs, poss)):
+        input_ids[b, :r.shape[0]], seg_ids[b, :r.shape[0]], positions[b, :r.shape[0]] = r, sg, ps
+    q, k = seg_ids[:, :, None], seg_ids[:, None, :]  # (B0, L, 1), (B0, 1, L)
+    idx = torch.arange(L, device=dev)
+    causal = idx[None, :, None] >= idx[None, None, :]
+    mask = causal & (q >= 0) & (k >= 0) & ((k == 0) | (k == q))
+    mask = mask | torch.eye(L, dtype=torch.bool, device=dev)[None]  # padding rows attend to themselves (no NaN)
+    source = torch.cat([b * L + src for b, src in sources]) if sources else torch.zeros(0, dtype=torch.long)
+    return PackedGroups(input_ids, mask[:, None], positions, source, response_ids[response_mask.bool()])
 
 
 def grouped_response_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                               response_ids: torch.Tensor, response_mask: torch.Tensor, group_size: int,
                               temperature: float = 1.0, chunk_tokens: int = 64,
-                              return_entropy: bool = False, bucket_rows: int = 0,
-                              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                              return_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log pi(y_t | x, y_<t) of G responses per prompt, running each prompt through the model once.
 
-    The prompt's keys and values are computed once per prompt (with gradient), repeated G times, and the
-    responses attend to them: the same numbers and the same gradient as G full forward passes, at
-    (P + G*T) instead of G*(P + T) tokens of compute. The gradient through the shared prompt is exact:
-    autograd sums the G responses' contributions through the repeat.
+    Each prompt group is one packed row (:func:`pack_groups`): the prompt's tokens once, then its G
+    responses, each attending to the prompt and to itself only. The same numbers and the same gradient as G
+    full forward passes, at (P + sum of response lengths) instead of G * (P + T) tokens of compute: no
+    padding inside a row, and no padding to the longest response. One pass through the layers, so gradient
+    checkpointing applies as usual, and each layer's gradient is complete when backward leaves that layer
+    (``optim.step_in_backward`` frees it there).
 
     Args:
         prompt_ids, prompt_mask: (B0, P) left-padded prompts.
         response_ids, response_mask: (B0*G, T) right-padded responses; rows [p*G, (p+1)*G) answer prompt p.
-        bucket_rows: run the responses in length buckets of this many rows (0: one padded batch).
     Returns:
         (B0*G, T) float32 log-probs (0 off the mask); with ``return_entropy`` also (B0*G, T) entropies.
     """
     N, T = response_ids.shape
-    head = model.get_output_embeddings()
-    h = grouped_hidden_states(model, prompt_ids, prompt_mask, response_ids, response_mask, group_size, bucket_rows)
-    sel = response_mask.bool()
+    packed = pack_groups(prompt_ids, prompt_mask, response_ids, response_mask, group_size)
+    hidden = model.get_decoder()(input_ids=packed.input_ids, attention_mask=packed.mask,
+                                 position_ids=packed.positions, use_cache=False).last_hidden_state  # (B0, L, H)
+    h = hidden.reshape(-1, hidden.shape[-1])[packed.source]  # (M, H)
     inv_t = 1.0 / temperature if temperature > 0 else 1.0
-    lp, ent = _scored_positions(h[sel], response_ids[sel], head, inv_t, chunk_tokens, return_entropy)
-    zeros = h.new_zeros((N, T), dtype=torch.float32)
-    out = zeros.masked_scatter(sel, lp) if sel.any() else zeros + 0.0 * h.sum()
+    lp, ent = _scored_positions(h, packed.targets, model.get_output_embeddings(), inv_t, chunk_tokens,
+                                return_entropy)
+    sel = response_mask.bool()
+    zeros = hidden.new_zeros((N, T), dtype=torch.float32)
+    out = zeros.masked_scatter(sel, lp) if sel.any() else zeros + 0.0 * hidden.sum()
     return (out, zeros.masked_scatter(sel, ent)) if return_entropy else out
 
 

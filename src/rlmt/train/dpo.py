@@ -26,8 +26,7 @@ from rlmt.checkpoint import load_checkpoint, save_checkpoint
 from rlmt.config import Config, DPOConfig, to_dict
 from rlmt.data import (LoadReport, PromptFormat, Row, SFTExample, encode_completion, load_rows,
                        prompt_ids_within_limit)
-from rlmt.logprobs import (activation_checkpointing, cache_survives_checkpointing, grouped_response_logprobs,
-                            token_logprobs)
+from rlmt.logprobs import grouped_response_logprobs, token_logprobs
 from rlmt.objectives.preference import LOSSES, PreferenceLoss, log_ratio_margin
 from rlmt.records import RunRecorder, write_atomic
 from rlmt.rollout import left_pad
@@ -78,13 +77,10 @@ def pair_sequence_logprobs(model: torch.nn.Module, pairs: Sequence[PreferencePai
                            device) -> torch.Tensor:
     """(b, 2) [chosen, rejected] sums of log pi over each completion's tokens.
 
-    The prompt runs once for both completions (:func:`grouped_response_logprobs` with G = 2: the same numbers
-    and gradient as two full sequences, at P + 2T tokens instead of 2(P + T)); with a transformers too old to
-    keep a cache under gradient checkpointing, the two full sequences run instead.
+    The prompt runs once for both completions (:func:`grouped_response_logprobs` with G = 2, one packed row
+    per pair: the same numbers and gradient as two full sequences, at P + 2T tokens instead of 2(P + T)).
     """
     b = len(pairs)
-    if activation_checkpointing(model) and model.training and not cache_survives_checkpointing():
-        return sequence_logprobs(model, collate_pairs(pairs, pad_id).to(device)).view(2, b).T
     p_ids, p_mask = left_pad([p.prompt_ids for p in pairs], pad_id)
     responses = [ids for p in pairs for ids in (p.chosen_ids, p.rejected_ids)]  # rows 2i, 2i+1: pair i
     r_ids = torch.full((2 * b, max(len(r) for r in responses)), pad_id, dtype=torch.long)

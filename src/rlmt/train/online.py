@@ -30,8 +30,7 @@ from rlmt.config import Config, PolicyGradientConfig, to_dict
 from rlmt.curriculum import curriculum_weights, draw_prompts, update_pass_rates
 from rlmt.data import check_prompt_lengths, encode_prompt, load_rows, split_sft_row, tokenize_sft
 from rlmt.models import frozen_reference, release_reference_pages
-from rlmt.logprobs import (activation_checkpointing, cache_survives_checkpointing, grouped_response_logprobs,
-                            token_logprobs)
+from rlmt.logprobs import grouped_response_logprobs, token_logprobs
 from rlmt.objectives.advantages import group_relative_advantages, running_mean_baseline
 from rlmt.objectives.aggregate import loss_normalizer, masked_mean
 from rlmt.objectives.policy import kl_penalty_loss, nll_loss, ppo_clip_loss, reinforce_loss, return_weights
@@ -203,24 +202,14 @@ def dense_advantages(exp: Experience, rewards: torch.Tensor, cfg: Config,
 
 
 def _response_logprobs(model, batch: RolloutBatch, groups: torch.Tensor, group_size: int,
-                       temperature: float, bucket_rows: int = 0) -> torch.Tensor:
-    """(len(groups) * G, T) log-probs of the responses of the given prompt groups.
-
-    Each prompt runs through the model once for its G responses (:func:`grouped_response_logprobs`, also
-    under gradient checkpointing), responses in length buckets of ``bucket_rows`` rows; with a transformers
-    too old to keep a cache under checkpointing, full sequences are scored instead.
-    """
+                       temperature: float) -> torch.Tensor:
+    """(len(groups) * G, T) log-probs of the responses of the given prompt groups: each group is one packed
+    row, its prompt computed once (:func:`grouped_response_logprobs`)."""
     rows = (groups[:, None] * group_size + torch.arange(group_size)).flatten()
-    if activation_checkpointing(model) and model.training and not cache_survives_checkpointing():
-        target = torch.zeros_like(batch.attention_mask[rows], dtype=torch.bool)
-        target[:, batch.prompt_len:] = batch.response_mask[rows]
-        lp = token_logprobs(model, batch.input_ids[rows], batch.attention_mask[rows], target, temperature=temperature)
-        return lp[:, batch.prompt_len:]
     first = rows[::group_size]
     P = batch.prompt_len
     return grouped_response_logprobs(model, batch.input_ids[first, :P], batch.attention_mask[first, :P],
-                                     batch.response_ids[rows], batch.response_mask[rows], group_size, temperature,
-                                     bucket_rows=bucket_rows)
+                                     batch.response_ids[rows], batch.response_mask[rows], group_size, temperature)
 
 
 @contextlib.contextmanager
@@ -292,7 +281,7 @@ def train_online(cfg: Config) -> Path:
         N = len(batch.texts)
         if pg.beta > 0:
             with torch.no_grad(), reference_of(policy, ref_copy) as ref:
-                ref_lp = _response_logprobs(ref, batch, torch.arange(N // G), G, train_t, pg.length_bucket_rows)
+                ref_lp = _response_logprobs(ref, batch, torch.arange(N // G), G, train_t)
             if ref_copy is not None:
                 release_reference_pages(ref_copy)  # its pages return to the page cache until the next pass
         dense = dense_rewards_for(cfg.algorithm, batch.response_ids, batch.response_mask, tok, scored.token_rewards,
@@ -364,7 +353,7 @@ def _optimize(trainable, policy, opt, sched, cfg: Config, objective, batch: Roll
                 m = mask[micro]
                 if not m.any():
                     continue
-                lp = _response_logprobs(policy, batch, micro_groups, G, temperature, pg.length_bucket_rows)
+                lp = _response_logprobs(policy, batch, micro_groups, G, temperature)
                 loss, met = objective(lp, old_lp[micro], adv[micro], m, pg, normalizer)
                 if ref_lp is not None and not pg.kl_in_reward:
                     kl_loss, kl_met = kl_penalty_loss(lp, ref_lp[micro], m, pg.beta, pg.kl_estimator,

@@ -37,9 +37,38 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
                             fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.schedule))
+    preallocate_adam_state(opt)
     if cfg.step_in_backward:
         opt.rlmt_in_backward = StepInBackward(params, opt)  # guarded_step finds it here
     return opt, sched
+
+
+def preallocate_adam_state(opt: torch.optim.Optimizer) -> None:
+    """Create AdamW's moments now, as views into one flat buffer per (device, dtype), instead of lazily at the
+    first step.
+
+    Lazily, ~270 moment tensors are allocated in the middle of the first backward, between activations; when
+    those are freed, the allocator's heap keeps the holes between long-lived moments (measured on the DPO
+    benchmark: ~800 MB of free-but-resident heap, a quarter of the peak). One large allocation made before any
+    activation sits outside the heap (glibc serves it by mmap). The values are AdamW's own initial state
+    (zeros, step 0), so the math is unchanged; a checkpoint's ``load_state_dict`` replaces them as usual.
+    """
+    todo: dict[tuple, list[torch.nn.Parameter]] = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if not opt.state[p]:
+                todo.setdefault((p.device, p.dtype, bool(group.get("fused"))), []).append(p)
+    for (device, dtype, fused), params in todo.items():
+        n = sum(p.numel() for p in params)
+        flat = torch.zeros(2 * n, dtype=dtype, device=device)
+        offset = 0
+        for p in params:
+            k = p.numel()
+            opt.state[p] = {  # as AdamW._init_group makes them: a float32 step (on the device when fused)
+                "step": torch.zeros((), dtype=torch.float32, device=device if fused else "cpu"),
+                "exp_avg": flat[offset:offset + k].view_as(p),
+                "exp_avg_sq": flat[n + offset:n + offset + k].view_as(p)}
+            offset += k
 
 
 class StepInBackward:
