@@ -20,11 +20,18 @@ def extra_overrides() -> list[str]:
     return json.loads(os.environ.get("RLMT_BENCH_SET", "[]"))
 
 
-def run_child(script: str, which: str, steps: int, rlmt_set: list[str] | None = None) -> dict:
+def max_grad_norm() -> float:
+    """Gradient clipping of both sides (``--max-grad-norm``; 1.0 is TRL's default)."""
+    return float(os.environ.get("RLMT_BENCH_MAX_GRAD_NORM", "1.0"))
+
+
+def run_child(script: str, which: str, steps: int, rlmt_set: list[str] | None = None,
+              clip: float = 1.0) -> dict:
     """Run ``script --worker which`` in a fresh process (so peak RSS is that side's alone); parse RESULT."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, script, "--worker", which, "--steps", str(steps), "--work", tmp]
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "RLMT_BENCH_SET": json.dumps(rlmt_set or [])}
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "RLMT_BENCH_SET": json.dumps(rlmt_set or []),
+               "RLMT_BENCH_MAX_GRAD_NORM": str(clip)}
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if out.returncode != 0 or not line:
@@ -33,7 +40,7 @@ def run_child(script: str, which: str, steps: int, rlmt_set: list[str] | None = 
 
 
 def side_by_side(script: str, doc: str, default_steps: int, run_rlmt, run_trl, title: str,
-                 step_target: float, rss_target: float = 0.6) -> dict | None:
+                 step_target: float, rss_target: float = 0.6, in_backward_set: tuple[str, ...] = ()) -> dict | None:
     """The shared command line of a side-by-side benchmark.
 
     As a worker (``--worker rlmt|trl``) it runs one side and prints ``RESULT {json}``; otherwise it runs each
@@ -49,6 +56,11 @@ def side_by_side(script: str, doc: str, default_steps: int, run_rlmt, run_trl, t
     ap.add_argument("--only", choices=["rlmt", "trl"], help="run one side only")
     ap.add_argument("--rlmt-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra rlmt config override, e.g. model.gradient_checkpointing=false (repeatable)")
+    ap.add_argument("--max-grad-norm", type=float, default=1.0,
+                    help="gradient clipping of both sides (default 1.0, TRL's default; 0: off)")
+    ap.add_argument("--step-in-backward", action="store_true",
+                    help="rlmt with optim.step_in_backward (one model size less memory); it cannot clip the global "
+                         "norm, so clipping is turned off on both sides")
     ap.add_argument("--worker", choices=["rlmt", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -56,8 +68,10 @@ def side_by_side(script: str, doc: str, default_steps: int, run_rlmt, run_trl, t
         fn = run_rlmt if a.worker == "rlmt" else run_trl
         print("RESULT " + json.dumps(fn(a.steps, Path(a.work))), flush=True)
         return None
-    results = {w: run_child(script, w, a.steps, a.rlmt_set) for w in (["rlmt", "trl"] if not a.only else [a.only])}
-    print(title + (f" (rlmt with {' '.join(a.rlmt_set)})" if a.rlmt_set else ""))
+    clip = 0.0 if a.step_in_backward else a.max_grad_norm
+    rlmt_set = ([*in_backward_set, "optim.step_in_backward=true"] if a.step_in_backward else []) + a.rlmt_set
+    results = {w: run_child(script, w, a.steps, rlmt_set, clip) for w in (["rlmt", "trl"] if not a.only else [a.only])}
+    print(title + f", max_grad_norm {clip:g} (both)" + (f" (rlmt with {' '.join(rlmt_set)})" if rlmt_set else ""))
     print(f"{'':8}{'s/step (median, after 1st)':>28}{'peak RSS MB':>14}{'wall s':>9}{'steps':>7}")
     med = {}
     for w, r in results.items():

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import extra_overrides, peak_rss_mb, side_by_side, trl_step_timer  # noqa: E402
+from common import extra_overrides, max_grad_norm, peak_rss_mb, side_by_side, trl_step_timer  # noqa: E402
 
 PROMPTS_PER_STEP, SAMPLES, MAX_NEW, LR, BETA = 4, 8, 64, 1e-6, 0.04
 DECODE_FLOOR_TOK_S = 850.0  # DESIGN.md: measured decode floor at batch 32 on these 2-core machines
@@ -51,7 +51,7 @@ def rlmt_overrides(data: Path, steps: int, work: Path) -> list[str]:
             f"rollout.num_samples={SAMPLES}", f"rollout.batch_prompts={PROMPTS_PER_STEP}",
             f"rollout.max_new_tokens={MAX_NEW}", "rollout.temperature=1.0", f"optim.lr={LR}", f"pg.beta={BETA}",
             "optim.batch_size=8", f"optim.max_steps={steps}", f"run.output_dir={work / 'run'}", "run.progress=false",
-            "optim.max_grad_norm=1.0", "model.gradient_checkpointing=true"]
+            "model.gradient_checkpointing=true"]
 
 
 def run_rlmt(steps: int, work: Path) -> dict:
@@ -61,7 +61,8 @@ def run_rlmt(steps: int, work: Path) -> dict:
 
     data = work / "prompts.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
-    cfg = load_config(None, rlmt_overrides(data, steps, work) + extra_overrides())
+    cfg = load_config(None, rlmt_overrides(data, steps, work) + [f"optim.max_grad_norm={max_grad_norm()}"]
+                      + extra_overrides())
     t0 = time.perf_counter()
     run = train(cfg)
     total = time.perf_counter() - t0
@@ -92,7 +93,7 @@ def run_trl(steps: int, work: Path) -> dict:
     args = GRPOConfig(output_dir=str(work / "trl"), use_cpu=True, bf16=False, per_device_train_batch_size=SAMPLES,
                       num_generations=SAMPLES, gradient_accumulation_steps=PROMPTS_PER_STEP,
                       max_completion_length=MAX_NEW, max_steps=steps, logging_steps=1, learning_rate=LR,
-                      beta=BETA, report_to=[], save_strategy="no", temperature=1.0, seed=0)
+                      beta=BETA, report_to=[], save_strategy="no", temperature=1.0, seed=0, max_grad_norm=max_grad_norm())
     trainer = GRPOTrainer(model=str(embedded_model_dir()), reward_funcs=correct, args=args,
                           train_dataset=Dataset.from_list(rows), callbacks=[trl_step_timer(times)])
     t0 = time.perf_counter()
@@ -104,7 +105,8 @@ def run_trl(steps: int, work: Path) -> dict:
 def main() -> None:
     results = side_by_side(__file__, __doc__, 4, run_rlmt, run_trl,
                            f"GRPO step: {PROMPTS_PER_STEP} prompts x {SAMPLES} samples, <= {MAX_NEW} new tokens, "
-                           f"beta {BETA}, CPU", step_target=0.33)
+                           f"beta {BETA}, CPU", step_target=0.33,
+                           in_backward_set=(f"optim.batch_size={PROMPTS_PER_STEP * SAMPLES}",))
     if not results:
         return
     if "rlmt" in results:

@@ -9,7 +9,7 @@ it prints what torch tensors account for (parameters, gradients, AdamW states) a
 free but kept / mmapped), so a peak splits into tensors, transients and fragmentation.
 
     python benchmarks/memory_profile.py dpo --steps 2
-    python benchmarks/memory_profile.py grpo --steps 2 --paged-reference --set model.gradient_checkpointing=true
+    python benchmarks/memory_profile.py grpo --steps 2 --set model.gradient_checkpointing=true
     RLMT_MMAP_THRESHOLD=0 python benchmarks/memory_profile.py dpo      # glibc's default (growing) threshold
     python benchmarks/memory_profile.py dpo --set model.gradient_checkpointing=false   # any config override
 
@@ -213,7 +213,7 @@ def _grab_opt(ph, a, k, out):
     ph.optimizer = out[0]
 
 
-def instrument(ph: Phases, algorithm: str, paged_reference: bool = False) -> None:
+def instrument(ph: Phases, algorithm: str) -> None:
     import torch
 
     import rlmt.train.optim as optim
@@ -225,7 +225,7 @@ def instrument(ph: Phases, algorithm: str, paged_reference: bool = False) -> Non
         import rlmt.train.dpo as m
 
         ph.wrap(m, "reference_logprobs", "reference log-probs (no grad)")
-        ph.wrap(m, "sequence_logprobs", "forward")
+        ph.wrap(m, "pair_sequence_logprobs", "forward")
         ph.wrap(m, "dpo_update", "train step")
     else:
         import rlmt.train.online as m
@@ -233,25 +233,8 @@ def instrument(ph: Phases, algorithm: str, paged_reference: bool = False) -> Non
         ph.wrap(m, "generate", "rollout (generate)")
         ph.wrap(m, "_response_logprobs", "forward")
         ph.wrap(m, "_optimize", "train step")
-        orig_deepcopy = m.copy.deepcopy
-
-        class _Copy:  # only online.py's `copy.deepcopy` (the reference copy) is wrapped
-            @staticmethod
-            def deepcopy(x, *a, **k):
-                ph.enter("reference copy")
-                try:
-                    if paged_reference:  # what online.py would do with rlmt.models.frozen_reference
-                        from rlmt.models import frozen_reference
-
-                        return frozen_reference(ph.lm)
-                    return orig_deepcopy(x, *a, **k)
-                finally:
-                    ph.leave("reference copy")
-
-        m.copy = _Copy
+        ph.wrap(m, "frozen_reference", "reference copy")  # file-backed: pages released after each pass
         import contextlib
-
-        from rlmt.models import release_reference_pages
 
         inner = m.reference_of
 
@@ -261,8 +244,6 @@ def instrument(ph: Phases, algorithm: str, paged_reference: bool = False) -> Non
             try:
                 with inner(policy, ref_copy) as ref:
                     yield ref
-                if paged_reference:
-                    release_reference_pages(ref_copy)
             finally:
                 ph.leave("reference forward")
 
@@ -317,7 +298,7 @@ def main() -> None:
     ap.add_argument("--trim", action="store_true", help="malloc_trim(0) after every phase")
     ap.add_argument("--mmap-threshold", type=int, default=0,
                     help="mallopt(M_MMAP_THRESHOLD, N): a fixed threshold (glibc's default grows up to 32 MB)")
-    ap.add_argument("--paged-reference", action="store_true",
+    ap.add_argument("--paged-reference", action="store_true",  # kept for old command lines: now always on
                     help="grpo: the reference from rlmt.models.frozen_reference, its pages released after each "
                          "reference pass (online.py itself still deep-copies the policy)")
     a = ap.parse_args()
@@ -329,7 +310,7 @@ def main() -> None:
 
     from rlmt.train.runner import train
     ph.leave("imports")
-    instrument(ph, a.algorithm, a.paged_reference)
+    instrument(ph, a.algorithm)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config_for(a.algorithm, a.steps, Path(tmp), a.set)
         t0 = time.perf_counter()
@@ -337,7 +318,7 @@ def main() -> None:
         wall = time.perf_counter() - t0
     print(f"{a.algorithm} {' '.join(a.set)} MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', '-')} "
           f"RLMT_MMAP_THRESHOLD={os.environ.get('RLMT_MMAP_THRESHOLD', '-')} trim={a.trim} "
-          f"paged_reference={a.paged_reference} mmap_threshold={a.mmap_threshold or '-'} steps={a.steps} "
+          f"mmap_threshold={a.mmap_threshold or '-'} steps={a.steps} "
           f"wall {wall:.0f}s")
     print(ph.report())
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,31 @@ def cache_survives_checkpointing() -> bool:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     return hasattr(GradientCheckpointingLayer, "_can_checkpoint_with_cache")
+
+
+@contextlib.contextmanager
+def heap_trimmed_forward(model: torch.nn.Module):
+    """During a CPU forward that keeps activations for backward, return the allocator's free heap to the OS
+    after every decoder layer (:func:`rlmt.models.release_free_heap`).
+
+    Each layer frees its transients but keeps its output (and autograd's small blocks) on top of them, so
+    glibc's heap grows by several times the kept size per layer; measured on the GRPO benchmark step
+    (SmolLM2-135M, checkpointing, one backward per step) this cut peak RSS by ~290 MB at no measurable time
+    cost. Not done in backward, where it cost time and saved less. A no-op without gradient or off the CPU.
+    """
+    from rlmt.models import release_free_heap
+
+    on_cpu = all(p.device.type == "cpu" for p in itertools.islice(model.parameters(), 1))
+    hooks = []
+    if torch.is_grad_enabled() and on_cpu:
+        hooks = [m.register_forward_hook(lambda *_: release_free_heap())
+                 for m in model.modules() if hasattr(type(m), "_can_checkpoint_with_cache")
+                 or type(m).__name__.endswith("DecoderLayer")]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -64,9 +90,12 @@ def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 def _chunked_logprobs(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                       inv_t: float, chunk: int, entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_chunk_logprobs` over (M, H) in chunks of ``chunk`` rows -> ((M,), (M,))."""
-    parts = [_chunk_logprobs(h[i:i + chunk], weight, bias, targets[i:i + chunk], inv_t, entropy)
-             for i in range(0, h.shape[0], chunk)]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    M = h.shape[0]
+    lp, ent = h.new_empty(M, dtype=torch.float32), h.new_zeros(M, dtype=torch.float32)  # allocated up front:
+    for i in range(0, M, chunk):  # small blocks kept across chunks would split the freed logits' heap space
+        lp[i:i + chunk], ent[i:i + chunk] = _chunk_logprobs(h[i:i + chunk], weight, bias, targets[i:i + chunk],
+                                                            inv_t, entropy)
+    return lp, ent
 
 
 class _TargetLogprobs(torch.autograd.Function):
@@ -286,8 +315,9 @@ def grouped_response_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, 
     """
     N, T = response_ids.shape
     packed = pack_groups(prompt_ids, prompt_mask, response_ids, response_mask, group_size)
-    hidden = model.get_decoder()(input_ids=packed.input_ids, attention_mask=packed.mask,
-                                 position_ids=packed.positions, use_cache=False).last_hidden_state  # (B0, L, H)
+    with heap_trimmed_forward(model):
+        hidden = model.get_decoder()(input_ids=packed.input_ids, attention_mask=packed.mask,
+                                     position_ids=packed.positions, use_cache=False).last_hidden_state  # (B0, L, H)
     h = hidden.reshape(-1, hidden.shape[-1])[packed.source]  # (M, H)
     inv_t = 1.0 / temperature if temperature > 0 else 1.0
     lp, ent = _scored_positions(h, packed.targets, model.get_output_embeddings(), inv_t, chunk_tokens,
@@ -317,9 +347,10 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     B, L = input_ids.shape
     body = model.get_decoder()
     head = model.get_output_embeddings()
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask,
-                  position_ids=position_ids if position_ids is not None else position_ids_from_mask(attention_mask),
-                  use_cache=False).last_hidden_state
+    with heap_trimmed_forward(model):
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids if position_ids is not None else position_ids_from_mask(attention_mask),
+                      use_cache=False).last_hidden_state
     sel = target_mask[:, 1:].bool()  # (B, L-1): the prediction at t-1 scores token t
     h = hidden[:, :-1][sel]  # (M, H)
     targets = input_ids[:, 1:][sel]  # (M,)

@@ -29,7 +29,7 @@ from rlmt.checkpoint import load_checkpoint, save_checkpoint
 from rlmt.config import Config, PolicyGradientConfig, to_dict
 from rlmt.curriculum import curriculum_weights, draw_prompts, update_pass_rates
 from rlmt.data import check_prompt_lengths, encode_prompt, load_rows, split_sft_row, tokenize_sft
-from rlmt.models import frozen_reference, release_reference_pages
+from rlmt.models import frozen_reference, release_free_heap, release_reference_pages
 from rlmt.logprobs import grouped_response_logprobs, token_logprobs
 from rlmt.objectives.advantages import group_relative_advantages, running_mean_baseline
 from rlmt.objectives.aggregate import loss_normalizer, masked_mean
@@ -280,14 +280,17 @@ def train_online(cfg: Config) -> Path:
         ref_lp = None
         N = len(batch.texts)
         if pg.beta > 0:
-            with torch.no_grad(), reference_of(policy, ref_copy) as ref:
-                ref_lp = _response_logprobs(ref, batch, torch.arange(N // G), G, train_t)
+            release_free_heap()  # the rollout's freed transients, before the reference pass stacks on them
+            with torch.no_grad(), reference_of(policy, ref_copy) as ref:  # one prompt group per pass: small peak
+                ref_lp = torch.cat([_response_logprobs(ref, batch, g[None], G, train_t) for g in torch.arange(N // G)])
             if ref_copy is not None:
                 release_reference_pages(ref_copy)  # its pages return to the page cache until the next pass
         dense = dense_rewards_for(cfg.algorithm, batch.response_ids, batch.response_mask, tok, scored.token_rewards,
                                   mask)
         revised = revise_step(ctx, base_demos, tok, fmt, rep_rows, batch, scored, source, params, gen) if revise else {}
+        release_free_heap()
         metrics = {**method.update(ctx, Experience(batch, rewards, mask, ref_lp, G, train_t, dense)), **revised}
+        release_free_heap()
         groups = rewards.reshape(-1, G)
         if pg.curriculum:
             group_pass = (groups >= cfg.reward.pass_threshold).float().mean(-1)  # unscored counts as a fail
