@@ -113,3 +113,21 @@ def test_pack_groups_layout_by_hand():
     assert m[4] == [1, 1, 0, 0, 1, 0]  # 41 sees the prompt and itself, not its sibling 31, 32
     assert m[3] == [1, 1, 1, 1, 0, 0]  # 32 sees the prompt, 31 and itself
     assert m[5] == [0, 0, 0, 0, 0, 1]  # padding sees only itself (no NaN rows)
+
+
+def test_heap_trimmed_forward_trims_per_layer_only_with_gradient(monkeypatch):
+    import rlmt.models as models
+    from rlmt.logprobs import heap_trimmed_forward
+
+    calls = []
+    monkeypatch.setattr(models, "release_free_heap", lambda: calls.append(1))
+    lm = load_model("tiny-random")
+    n_layers = lm.model.config.num_hidden_layers
+    ids = torch.tensor([[1, 2, 3]])
+    with heap_trimmed_forward(lm.model):
+        lm.model(input_ids=ids)
+    assert len(calls) == n_layers
+    with torch.no_grad(), heap_trimmed_forward(lm.model):
+        lm.model(input_ids=ids)
+    lm.model(input_ids=ids)  # hooks are gone after the block
+    assert len(calls) == n_layers

@@ -218,9 +218,10 @@ def release_free_heap() -> None:
 
     Called between the phases of a step (rollout, reference pass, update): each phase frees its transient
     tensors, but glibc keeps the freed heap resident, fragmented by small long-lived blocks, and the next
-    phase's peak stacks on top of it. A few milliseconds; the numbers computed do not change."""
+    phase's peak stacks on top of it. A few milliseconds; the numbers computed do not change.
+    ``RLMT_HEAP_TRIM=0`` turns it off."""
     libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
+    if os.environ.get("RLMT_HEAP_TRIM", "1") != "0" and libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
 
 
