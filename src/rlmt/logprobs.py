@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -51,9 +50,8 @@ def heap_trimmed_forward(model: torch.nn.Module):
     """
     from rlmt.models import release_free_heap
 
-    on_cpu = all(p.device.type == "cpu" for p in itertools.islice(model.parameters(), 1))
     hooks = []
-    if torch.is_grad_enabled() and on_cpu:
+    if torch.is_grad_enabled() and next(model.parameters()).device.type == "cpu":
         hooks = [m.register_forward_hook(lambda *_: release_free_heap())
                  for m in model.modules() if hasattr(type(m), "_can_checkpoint_with_cache")
                  or type(m).__name__.endswith("DecoderLayer")]

@@ -237,7 +237,8 @@ def train_online(cfg: Config) -> Path:
     method = METHODS[cfg.algorithm]
     critic = method.make_critic(policy, cfg) if method.make_critic else None
     trainable = torch.nn.ModuleList([policy] + ([critic] if critic is not None else []))
-    opt, sched = build_optimizer(trainable, cfg.optim, total * pg.epochs * pg.minibatches)
+    opt, sched = build_optimizer(trainable, cfg.optim, total * pg.epochs * pg.minibatches,
+                                 preallocate=cfg.algorithm != "trpo")  # TRPO takes its own steps
     extras = {"critic": critic} if critic is not None else None
     lora = bool(getattr(policy, "peft_config", None))
     ref_copy = None

@@ -27,7 +27,9 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> 
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int, preallocate: bool = True):
+    """AdamW and its LR schedule over ``model``'s trainable parameters; ``preallocate=False`` leaves the
+    moments lazy (for a loop that never steps the optimizer, e.g. TRPO)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
@@ -37,7 +39,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int):
                             fused=fused)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.schedule))
-    preallocate_adam_state(opt)
+    if preallocate:
+        preallocate_adam_state(opt)
     if cfg.step_in_backward:
         opt.rlmt_in_backward = StepInBackward(params, opt)  # guarded_step finds it here
     return opt, sched
