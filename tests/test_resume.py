@@ -119,3 +119,31 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
     assert p.wait(timeout=300) == 0
     assert _comparable(read_metrics(out)) == _comparable(read_metrics(straight))
     assert not any(n.startswith(".tmp") for n in os.listdir(out / "checkpoints"))
+
+
+def test_kill_after_a_rounds_kept_set_is_written_resumes_exactly(tmp_path):
+    """SIGKILL right after round 1's kept set is saved, before its first SFT step: the resumed run logs the
+    round's metrics from the saved file, so its metrics equal the uninterrupted run's (this was a race)."""
+    out = tmp_path / "run"
+    args = _args("rejection_sampling", tmp_path, out)
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        import rlmt.train.runner as runner
+        real = runner.write_atomic
+        def write_atomic(path, text):
+            real(path, text)
+            if str(path).endswith("round-1.jsonl"):
+                os.kill(os.getpid(), signal.SIGKILL)
+        runner.write_atomic = write_atomic
+        from rlmt.cli import main
+        sys.exit(main(["train", *{args!r}]))
+    """)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    assert (out / "rounds" / "round-1.jsonl").exists() and not (out / "final").exists()
+    p = _run(args + ["run.resume=true"])
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    straight = tmp_path / "straight"
+    p = _run(_args("rejection_sampling", tmp_path, straight))
+    assert p.wait(timeout=300) == 0
+    assert _comparable(read_metrics(out)) == _comparable(read_metrics(straight))

@@ -2,7 +2,7 @@
 
 Resume is exact because every source of randomness is either restored from the checkpoint (RNG states) or
 a pure function of (seed, step / round): the data order of SFT step s, the prompts and the sampling
-generator of rejection round r. A round's kept set is saved before its SFT starts.
+generator of rejection round r. A round's kept set and metrics are saved before its SFT starts.
 """
 
 from __future__ import annotations
@@ -167,12 +167,14 @@ def train_rejection(cfg: Config) -> Path:
     step = state["step"]
     for r in range(state["round"], cfg.rejection.rounds):
         kept_path = run_dir / "rounds" / f"round-{r}.jsonl"
-        round_metrics: dict = {}
-        if kept_path.exists():  # resumed mid-round: the kept set was saved before its SFT began
+        metrics_path = kept_path.with_suffix(".metrics.json")
+        if kept_path.exists():  # resumed mid-round: the kept set and its metrics were saved before its SFT began
             kept = [json.loads(line) for line in kept_path.read_text().splitlines()]
+            round_metrics = json.loads(metrics_path.read_text())
         else:
             kept, round_metrics = _run_round(cfg, lm, fmt, rows, source, r, rec.note)
             kept_path.parent.mkdir(exist_ok=True)
+            write_atomic(metrics_path, json.dumps(round_metrics))  # first: the kept file marks the round done
             write_atomic(kept_path, "".join(json.dumps(k) + "\n" for k in kept))
         examples = [SFTExample(k["prompt_ids"], k["completion_ids"]) for k in kept]
         n_steps = math.ceil(cfg.rejection.sft_epochs * len(examples) / per_step) if examples else 0
