@@ -70,7 +70,7 @@ def run_rlmt(steps: int, work: Path) -> dict:
     step_s = [r["time/step_s"] for r in rows]
     return {"step_s": step_s, "total_s": total, "peak_rss_mb": peak_rss_mb(),
             "rollout_tok_s": statistics.median(r["rollout/tokens_per_s"] for r in rows),
-            "rollout_s": [r["rollout/seconds"] for r in rows], "seq_tokens": [r["train/sequence_tokens"] for r in rows],
+            "rollout_s": [r["rollout/seconds"] for r in rows], "seq_tokens": [r["train/packed_tokens"] for r in rows],
             "reward": [r["reward/mean"] for r in rows]}
 
 
@@ -114,10 +114,11 @@ def main() -> None:
         tok_s = r["rollout_tok_s"]
         print(f"rlmt rollout: {tok_s:.0f} tok/s = {tok_s / DECODE_FLOOR_TOK_S:.0%} of the ~{DECODE_FLOOR_TOK_S:.0f} "
               "tok/s decode floor (DESIGN.md)")
-        # training FLOPs per sequence token: policy forward + backward (6N) and reference forward (2N)
         n_params = 134.5e6
         train_s = statistics.median([s - ro for s, ro in zip(r["step_s"], r["rollout_s"])][1:] or [1.0])
-        flops = 8 * n_params * statistics.median(r["seq_tokens"])
+        # training FLOPs per computed token (each prompt once, then its responses: train/packed_tokens):
+        # policy forward + backward (6N), the checkpointing recompute (2N; the benchmark default), reference (2N)
+        flops = 10 * n_params * statistics.median(r["seq_tokens"])
         peak = matmul_peak_gflops()
         print(f"rlmt training phase: {train_s:.1f} s, ~{flops / train_s / 1e9:.0f} GFLOP/s = "
               f"{flops / train_s / 1e9 / peak:.0%} of measured matmul peak ({peak:.0f} GFLOP/s)")

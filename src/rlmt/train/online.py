@@ -309,6 +309,8 @@ def train_online(cfg: Config) -> Path:
             "response_length/mean": float(batch.response_lengths.float().mean()),
             **{k: v for k, v in batch.stats.items() if k != "rollout/decode_steps"},
             "train/sequence_tokens": float(batch.attention_mask.sum()),
+            # what the packed training pass computes: each prompt once, then its responses
+            "train/packed_tokens": float(batch.attention_mask[::G, :batch.prompt_len].sum() + batch.response_mask.sum()),
             "time/step_s": time.perf_counter() - t_step,
             **scored.metrics,
         })
