@@ -64,6 +64,22 @@ def _final_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "final" / "model.safetensors")
 
 
+def _killed_by(patch: str, args: list[str]) -> None:
+    """Run ``rlmt train args`` in a child whose ``patch`` (Python source) SIGKILLs it at a chosen moment."""
+    script = textwrap.dedent(patch) + f"\nfrom rlmt.cli import main\nsys.exit(main(['train', *{args!r}]))\n"
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+
+
+def _resume_equals_straight(kind: str, tmp_path: Path, out: Path, args: list[str]) -> None:
+    p = _run(args + ["run.resume=true"])
+    assert p.wait(timeout=300) == 0, p.stderr.read()
+    straight = tmp_path / "straight"
+    p = _run(_args(kind, tmp_path, straight))
+    assert p.wait(timeout=300) == 0
+    assert _comparable(read_metrics(out)) == _comparable(read_metrics(straight))
+
+
 @pytest.mark.parametrize("kind", ["sft", "rejection_sampling", "dpo", "grpo"])
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, kind):
     straight = tmp_path / "straight"
@@ -95,7 +111,7 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
     """SIGKILL inside the write of step-2 (after model.pt, before the optimizer): step-1 stays complete."""
     out = tmp_path / "run"
     args = _args("sft", tmp_path, out)
-    script = textwrap.dedent(f"""
+    _killed_by("""
         import os, signal, sys, torch
         import rlmt.checkpoint as ck
         real_save = torch.save
@@ -104,20 +120,11 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
                 os.kill(os.getpid(), signal.SIGKILL)
             return real_save(obj, path, *a, **k)
         ck.torch.save = save
-        from rlmt.cli import main
-        sys.exit(main(["train", *{args!r}]))
-    """)
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert p.returncode == -signal.SIGKILL
+    """, args)
     ckpts = sorted(x.name for x in (out / "checkpoints").iterdir())
     assert "step-1" in ckpts and "step-2" not in ckpts
     assert any(n.startswith(".tmp-step-2") for n in ckpts)  # the half-written one, never picked up
-    p = _run(args + ["run.resume=true"])
-    assert p.wait(timeout=300) == 0, p.stderr.read()
-    straight = tmp_path / "straight"
-    p = _run(_args("sft", tmp_path, straight))
-    assert p.wait(timeout=300) == 0
-    assert _comparable(read_metrics(out)) == _comparable(read_metrics(straight))
+    _resume_equals_straight("sft", tmp_path, out, args)
     assert not any(n.startswith(".tmp") for n in os.listdir(out / "checkpoints"))
 
 
@@ -126,7 +133,7 @@ def test_kill_after_a_rounds_kept_set_is_written_resumes_exactly(tmp_path):
     round's metrics from the saved file, so its metrics equal the uninterrupted run's (this was a race)."""
     out = tmp_path / "run"
     args = _args("rejection_sampling", tmp_path, out)
-    script = textwrap.dedent(f"""
+    _killed_by("""
         import os, signal, sys
         import rlmt.train.runner as runner
         real = runner.write_atomic
@@ -135,15 +142,6 @@ def test_kill_after_a_rounds_kept_set_is_written_resumes_exactly(tmp_path):
             if str(path).endswith("round-1.jsonl"):
                 os.kill(os.getpid(), signal.SIGKILL)
         runner.write_atomic = write_atomic
-        from rlmt.cli import main
-        sys.exit(main(["train", *{args!r}]))
-    """)
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert p.returncode == -signal.SIGKILL, p.stderr
+    """, args)
     assert (out / "rounds" / "round-1.jsonl").exists() and not (out / "final").exists()
-    p = _run(args + ["run.resume=true"])
-    assert p.wait(timeout=300) == 0, p.stderr.read()
-    straight = tmp_path / "straight"
-    p = _run(_args("rejection_sampling", tmp_path, straight))
-    assert p.wait(timeout=300) == 0
-    assert _comparable(read_metrics(out)) == _comparable(read_metrics(straight))
+    _resume_equals_straight("rejection_sampling", tmp_path, out, args)
