@@ -14,7 +14,8 @@ from rlmt.models import load_model
 from rlmt.objectives.preference import LOSSES, cdpo_loss, dpo_loss, ipo_loss
 from rlmt.records import read_metrics
 from rlmt.train import dpo as dpo_mod
-from rlmt.train.dpo import PreferencePair, collate_pairs, dpo_update, preference_loss, sequence_logprobs
+from rlmt.logprobs import token_logprobs
+from rlmt.train.dpo import PreferencePair, collate_pairs, dpo_update, preference_loss
 from rlmt.train.runner import train
 from rlmt.train.sft import collate_sft
 
@@ -98,6 +99,11 @@ def test_preference_loss_binds_config():
 @pytest.fixture(scope="module")
 def lm():
     return load_model("tiny-random")
+
+
+def sequence_logprobs(model, batch):
+    """The plain reference: (2B, L) full rows -> (2B,) summed completion log-probs."""
+    return token_logprobs(model, batch.input_ids, batch.attention_mask, batch.target_mask).sum(-1)
 
 
 def _pairs(n=4, seed=0):

@@ -26,7 +26,7 @@ from rlmt.checkpoint import load_checkpoint, save_checkpoint
 from rlmt.config import Config, DPOConfig, to_dict
 from rlmt.data import (LoadReport, PromptFormat, Row, SFTExample, encode_completion, load_rows,
                        prompt_ids_within_limit)
-from rlmt.logprobs import grouped_response_logprobs, token_logprobs
+from rlmt.logprobs import grouped_response_logprobs
 from rlmt.objectives.preference import LOSSES, PreferenceLoss, log_ratio_margin
 from rlmt.records import RunRecorder, write_atomic
 from rlmt.rollout import left_pad
@@ -65,12 +65,6 @@ def collate_pairs(pairs: Sequence[PreferencePair], pad_id: int) -> TokenBatch:
     """(2B, L) right-padded rows: the B chosen completions, then the B rejected ones, targets on completions."""
     return collate_sft([SFTExample(p.prompt_ids, p.chosen_ids) for p in pairs]
                        + [SFTExample(p.prompt_ids, p.rejected_ids) for p in pairs], pad_id)
-
-
-def sequence_logprobs(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
-    """(2B, L) batch -> (2B,) sum of log pi over each row's completion tokens."""
-    lp = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.target_mask)  # (2B, L), 0 off-target
-    return lp.sum(-1)
 
 
 def pair_sequence_logprobs(model: torch.nn.Module, pairs: Sequence[PreferencePair], pad_id: int,

@@ -91,8 +91,9 @@ class StepInBackward:
     def __init__(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
         self.group_of = {p: g for g in optimizer.param_groups for p in g["params"]}
-        self.sq_norm, self.skipped, self.stepped = 0.0, 0, 0
-        self.handles = [p.register_post_accumulate_grad_hook(self._step) for p in params]
+        self.sq_norm, self.skipped = 0.0, 0
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._step)
 
     def _step(self, p: torch.nn.Parameter) -> None:
         g = p.grad
@@ -108,7 +109,6 @@ class StepInBackward:
                 opt.step()
             finally:
                 opt.param_groups = groups
-            self.stepped += 1
         p.grad = None
 
     def finish(self, scheduler) -> dict[str, float]:
@@ -116,13 +116,10 @@ class StepInBackward:
         out = {"grad_norm": math.sqrt(self.sq_norm) if math.isfinite(self.sq_norm) else float("nan"),
                "lr": self.optimizer.param_groups[0]["lr"], "skipped_steps": float(self.skipped > 0),
                "skipped_params": float(self.skipped)}
-        self.sq_norm, self.skipped, self.stepped = 0.0, 0, 0
+        self.sq_norm, self.skipped = 0.0, 0
         scheduler.step()
         return out
 
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 def guarded_step(model: torch.nn.Module, optimizer, scheduler, max_grad_norm: float) -> dict[str, float]:
