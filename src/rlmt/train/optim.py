@@ -121,7 +121,6 @@ class StepInBackward:
         return out
 
 
-
 def guarded_step(model: torch.nn.Module, optimizer, scheduler, max_grad_norm: float) -> dict[str, float]:
     """Clip and apply the accumulated gradients, unless they are not finite (then skip and report it).
 
