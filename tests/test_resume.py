@@ -145,3 +145,24 @@ def test_kill_after_a_rounds_kept_set_is_written_resumes_exactly(tmp_path):
     """, args)
     assert (out / "rounds" / "round-1.jsonl").exists() and not (out / "final").exists()
     _resume_equals_straight("rejection_sampling", tmp_path, out, args)
+
+
+def test_models_settle_vector_math_dispatch_before_use(monkeypatch):
+    """The oneMKL first-call race (see ``warm_up_vector_math``) made resumed runs drift by ~1e-4 in the first
+    rotary ``cos``: every model load settles the dispatch first, with one-element calls of each VML op."""
+    import rlmt.models as models
+
+    warm_up = models.warm_up_vector_math.__wrapped__  # uncached
+    calls = []
+    monkeypatch.setattr(models, "warm_up_vector_math", lambda: calls.append("warm"))
+    models.load_model("tiny-random")
+    assert calls
+    calls.clear()
+    models.tiny_random_model()
+    assert calls
+    seen = []
+    for op in models._VML_OPS:
+        real = getattr(torch, op)
+        monkeypatch.setattr(torch, op, lambda x, real=real, op=op: seen.append((op, x.numel(), x.dtype)) or real(x))
+    warm_up()
+    assert {(op, 1, dt) for op in models._VML_OPS for dt in (torch.float32, torch.float64)} == set(seen)

@@ -129,6 +129,7 @@ def tiny_random_model(layers: int = 2, hidden: int = 64, seed: int = 0):
     """A randomly initialised Llama of ``layers`` x ``hidden`` over the tiny tokenizer's vocabulary."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    warm_up_vector_math()
     tok = tiny_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tok),
@@ -225,12 +226,36 @@ def release_free_heap() -> None:
         libc.malloc_trim(0)
 
 
+# The float unary ops ATen hands to oneMKL's vector math (VML) when torch is built with MKL (aten/src/ATen/cpu/vml.h).
+_VML_OPS = ("abs", "acos", "asin", "atan", "cos", "erf", "erfc", "exp", "expm1", "log", "log10", "log1p", "log2",
+            "sin", "sqrt", "tan", "tanh", "trunc")
+
+
+@functools.cache
+def warm_up_vector_math() -> None:
+    """Call each VML-backed unary op once, on one element, in this thread, before any multi-threaded use.
+
+    oneMKL 2024.2 (the MKL in the torch 2.x CPU and CUDA wheels) picks each VML function's kernel lazily, on
+    its first call. When that first call runs on several intra-op threads at once (a tensor above ATen's
+    2048-element grain), one thread can run a low-accuracy kernel for its whole chunk, errors up to ~4000
+    ulp, although high accuracy was requested (pytorch/pytorch#188792). Seen here: the first rotary
+    embedding ``cos`` of a fresh process differed by 1.5e-4 in about one process in 20, so a resumed run
+    drifted from an uninterrupted one. A one-element call never goes parallel, so the dispatch is settled
+    single-threaded and every later call is the accurate kernel. Once per process; microseconds.
+    """
+    for dtype in (torch.float32, torch.float64):
+        x = torch.full((1,), 0.5, dtype=dtype)
+        for op in _VML_OPS:
+            getattr(torch, op)(x)
+
+
 def load_model(name: str, dtype: str = "float32", device: str = "cpu", seed: int = 0) -> LoadedModel:
     """Load a policy and tokenizer by name (see the module docstring).
 
     On CPU this also fixes glibc's mmap threshold (:func:`limit_heap_fragmentation`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    warm_up_vector_math()
     if str(device).startswith("cpu"):
         limit_heap_fragmentation()
 
