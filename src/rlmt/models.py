@@ -235,13 +235,14 @@ _VML_OPS = ("abs", "acos", "asin", "atan", "cos", "erf", "erfc", "exp", "expm1",
 def warm_up_vector_math() -> None:
     """Call each VML-backed unary op once, on one element, in this thread, before any multi-threaded use.
 
-    oneMKL 2024.2 (in torch's x86 wheels: 2.10 upstream, the 2.13 CPU build here) picks each VML kernel lazily, on
-    its first call. When that first call runs on several intra-op threads at once (a tensor above ATen's
-    2048-element grain), one thread can run a low-accuracy kernel for its whole chunk, errors up to ~4000
-    ulp, although high accuracy was requested (pytorch/pytorch#188792). Seen here: the first rotary
-    embedding ``cos`` of a fresh process differed by 1.5e-4 in 1 process in 40 to 1 in 5 (6/30 in one batch,
-    0/30 with this warm-up), so a resumed run drifted from an uninterrupted one. A one-element call never goes parallel, so the dispatch is settled
-    single-threaded and every later call is the accurate kernel. Once per process; microseconds.
+    oneMKL 2024.2 (in torch's x86 wheels: 2.10 upstream, the 2.13 CPU build here) picks each VML kernel
+    lazily, on its first call. When that first call runs on several intra-op threads at once (a tensor above
+    ATen's 2048-element grain), one thread can run a low-accuracy kernel for its whole chunk, errors up to
+    ~4000 ulp, although high accuracy was requested (pytorch/pytorch#188792). Seen here: the first rotary
+    embedding ``cos`` of a fresh process differed by 1.5e-4 in 1 process in 40 to 1 in 5 (6/30 in one
+    batch; 0/30 with this warm-up), so a resumed run drifted from an uninterrupted one. A one-element call
+    never goes parallel, so the dispatch is settled single-threaded and every later call gets the accurate
+    kernel. Once per process; microseconds.
     """
     for dtype in (torch.float32, torch.float64):
         x = torch.full((1,), 0.5, dtype=dtype)
