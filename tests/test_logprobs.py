@@ -37,8 +37,24 @@ def _grads(model, fn):
 
 
 
+@pytest.fixture(params=["packed", "dense"])
+def attention(request, monkeypatch):
+    """Both ways the packed rows attend: ``rlmt_packed`` (two SDPA calls a row, rlmt.attention) and the dense
+    (B0, 1, L, L) mask for models on other attention implementations. Asserts the intended one ran."""
+    import rlmt.attention
+    import rlmt.logprobs
+
+    calls = []
+    real = rlmt.attention.packed_attention
+    monkeypatch.setattr(rlmt.attention, "packed_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    if request.param == "dense":
+        monkeypatch.setattr(rlmt.logprobs, "use_packed_attention", lambda model: False)
+    yield request.param
+    assert bool(calls) == (request.param == "packed")
+
+
 @pytest.mark.parametrize("chunk", [1024, 5])
-def test_token_and_grouped_logprobs_equal_plain_forward(setup, chunk):
+def test_token_and_grouped_logprobs_equal_plain_forward(setup, chunk, attention):
     lm, b = setup
     target = torch.zeros_like(b.attention_mask, dtype=torch.bool)
     target[:, b.prompt_len:] = b.response_mask
@@ -59,7 +75,7 @@ def _checkpointed(m):
     return m
 
 
-def test_grouped_logprobs_under_checkpointing(setup):
+def test_grouped_logprobs_under_checkpointing(setup, attention):
     """The packed single pass needs no cache, so gradient checkpointing applies as usual: same numbers."""
     lm, b = setup
     P = b.prompt_len
@@ -109,7 +125,7 @@ def test_pack_groups_layout_by_hand():
     assert pk.targets.tolist() == [31, 32, 41, 61, 62, 63]
     # state before 31: prompt's last (1); before 32: 31 (2); before 41: prompt's last (1); row 2 starts at 6
     assert pk.source.tolist() == [1, 2, 1, 6 + 2, 6 + 3, 6 + 4]
-    m = pk.mask[0, 0].int().tolist()
+    m = pk.dense_mask()[0, 0].int().tolist()
     assert m[4] == [1, 1, 0, 0, 1, 0]  # 41 sees the prompt and itself, not its sibling 31, 32
     assert m[3] == [1, 1, 1, 1, 0, 0]  # 32 sees the prompt, 31 and itself
     assert m[5] == [0, 0, 0, 0, 0, 1]  # padding sees only itself (no NaN rows)

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
+from rlmt.attention import PackedLayout, row_layout, use_packed_attention
+
 
 def activation_checkpointing(model: torch.nn.Module) -> bool:
     """Whether ``model`` recomputes activations in backward (transformers then refuses a KV cache)."""
@@ -242,10 +244,21 @@ class PackedGroups:
     """
 
     input_ids: torch.Tensor  # (B0, L)
-    mask: torch.Tensor  # (B0, 1, L, L) bool, True = may attend
+    segments: torch.Tensor  # (B0, L): 0 the prompt, g the g-th response (1-based), -1 padding
     positions: torch.Tensor  # (B0, L): the prompt from 0; each response continues from the prompt's length
     source: torch.Tensor  # (M,) flat index into (B0 * L) of the state predicting each scored response token
     targets: torch.Tensor  # (M,) those tokens, in the row-major order of ``response_mask``
+    layout: PackedLayout  # the same structure for :mod:`rlmt.attention` (no (L, L) mask)
+
+    def dense_mask(self) -> torch.Tensor:
+        """(B0, 1, L, L) bool, True = may attend: the mask for attention implementations other than
+        ``rlmt_packed``. Padding attends only to itself (no NaN rows)."""
+        L = self.segments.shape[1]
+        q, k = self.segments[:, :, None], self.segments[:, None, :]  # (B0, L, 1), (B0, 1, L)
+        idx = torch.arange(L, device=q.device)
+        causal = idx[None, :, None] >= idx[None, None, :]
+        mask = causal & (q >= 0) & (k >= 0) & ((k == 0) | (k == q))
+        return (mask | torch.eye(L, dtype=torch.bool, device=q.device)[None])[:, None]
 
 
 def pack_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
@@ -257,7 +270,7 @@ def pack_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_id
     B0, T = prompt_ids.shape[0], response_ids.shape[1]
     dev = response_ids.device
     last = torch.where(response_mask.any(-1), T - response_mask.flip(-1).int().argmax(-1), 0).tolist()
-    rows, segs, poss, sources = [], [], [], []
+    rows, segs, poss, sources, layouts = [], [], [], [], []
     for b in range(B0):
         prompt = prompt_ids[b][prompt_mask[b].bool()]
         p = prompt.shape[0]
@@ -274,6 +287,7 @@ def pack_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_id
                              torch.arange(offset, offset + max(t - 1, 0), device=dev)])[:t]
             sources.append((b, src[response_mask[j, :t].bool()]))
             offset += t
+        layouts.append(row_layout(p, last[b * group_size:(b + 1) * group_size], dev))
         rows.append(torch.cat(ids))
         segs.append(torch.cat(seg))
         poss.append(torch.cat(pos))
@@ -283,13 +297,9 @@ def pack_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_id
     positions = torch.zeros((B0, L), dtype=torch.long, device=dev)
     for b, (r, sg, ps) in enumerate(zip(rows, segs, poss)):
         input_ids[b, :r.shape[0]], seg_ids[b, :r.shape[0]], positions[b, :r.shape[0]] = r, sg, ps
-    q, k = seg_ids[:, :, None], seg_ids[:, None, :]  # (B0, L, 1), (B0, 1, L)
-    idx = torch.arange(L, device=dev)
-    causal = idx[None, :, None] >= idx[None, None, :]
-    mask = causal & (q >= 0) & (k >= 0) & ((k == 0) | (k == q))
-    mask = mask | torch.eye(L, dtype=torch.bool, device=dev)[None]  # padding rows attend to themselves (no NaN)
     source = torch.cat([b * L + src for b, src in sources]) if sources else torch.zeros(0, dtype=torch.long)
-    return PackedGroups(input_ids, mask[:, None], positions, source, response_ids[response_mask.bool()])
+    return PackedGroups(input_ids, seg_ids, positions, source, response_ids[response_mask.bool()],
+                        PackedLayout(tuple(layouts)))
 
 
 def grouped_response_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
@@ -313,9 +323,14 @@ def grouped_response_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, 
     """
     N, T = response_ids.shape
     packed = pack_groups(prompt_ids, prompt_mask, response_ids, response_mask, group_size)
+    if use_packed_attention(model):  # two SDPA calls a row, no (L, L) mask (rlmt.attention)
+        # an all-ones 2-D mask: transformers then neither builds a causal mask nor infers packing from positions
+        attention = {"attention_mask": torch.ones_like(packed.input_ids), "rlmt_layout": packed.layout}
+    else:
+        attention = {"attention_mask": packed.dense_mask()}
     with heap_trimmed_forward(model):
-        hidden = model.get_decoder()(input_ids=packed.input_ids, attention_mask=packed.mask,
-                                     position_ids=packed.positions, use_cache=False).last_hidden_state  # (B0, L, H)
+        hidden = model.get_decoder()(input_ids=packed.input_ids, position_ids=packed.positions, use_cache=False,
+                                     **attention).last_hidden_state  # (B0, L, H)
     h = hidden.reshape(-1, hidden.shape[-1])[packed.source]  # (M, H)
     inv_t = 1.0 / temperature if temperature > 0 else 1.0
     lp, ent = _scored_positions(h, packed.targets, model.get_output_embeddings(), inv_t, chunk_tokens,
