@@ -63,3 +63,20 @@ def test_row_layout_mask_grows_with_responses_not_the_row_squared():
     r = row_layout(P, [T] * G)
     L = P + G * T
     assert r.mask.numel() == G * T * (P + T) < L * L // 4
+
+
+def test_models_on_other_attention_keep_it_and_get_the_dense_mask():
+    """An eager model is not switched (its attention would ignore the layout); a model on sdpa is switched
+    to rlmt_packed, which gives sdpa's numbers for ordinary calls."""
+    from rlmt.attention import NAME, use_packed_attention
+    from rlmt.models import tiny_random_model
+
+    eager, _ = tiny_random_model()
+    eager.set_attn_implementation("eager")
+    assert not use_packed_attention(eager) and eager.config._attn_implementation == "eager"
+    model, _ = tiny_random_model()
+    ids = torch.tensor([[5, 6, 7, 8], [0, 0, 9, 10]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    before = model(input_ids=ids, attention_mask=mask).logits
+    assert use_packed_attention(model) and model.config._attn_implementation == NAME
+    assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, before)

@@ -125,8 +125,11 @@ def use_packed_attention(model: torch.nn.Module) -> bool:
         return False
     register()
     if cfg._attn_implementation != NAME:
-        model.set_attn_implementation(NAME)
-    return True
+        try:
+            model.set_attn_implementation(NAME)
+        except (ValueError, NotImplementedError, AttributeError):  # a model without the attention interface
+            return False
+    return cfg._attn_implementation == NAME
 
 
 def uses_packed_attention(model: torch.nn.Module) -> bool:
