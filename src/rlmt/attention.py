@@ -3,8 +3,8 @@
 A packed row (:func:`rlmt.logprobs.pack_groups`) holds a prompt once, then its G responses:
 ``[x | y_1 | ... | y_G]``. The prompt attends causally to itself. Response y_j attends to the prompt and,
 causally, to itself. It never attends to its siblings. With a dense mask, SDPA computes all L^2 query-key
-pairs (L = P + sum_j |y_j|) and the mask alone is L^2 bytes. For G = 16 responses of 1024 tokens that is a
-275 MB mask per row and 16x the needed attention work. Here each row costs two SDPA calls:
+pairs (L = P + sum_j |y_j|) and the mask alone is L^2 bytes. For G = 16 responses of 1024 tokens after a
+256-token prompt that is a 277 MB mask per row and ~13x the pairs needed. Here each row costs two SDPA calls:
 
     prompt:     softmax(q_x k_x^T / sqrt(d) + causal) v_x                      (1, H, P, d)
     responses:  softmax(q_y [k_x; k_y]^T / sqrt(d) + M) [v_x; v_y]             (G, H, T, d)
