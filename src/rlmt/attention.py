@@ -41,6 +41,8 @@ class RowLayout:
 
 @dataclass(frozen=True)
 class PackedLayout:
+    """The rows of a packed batch, in order (what a forward call passes as ``rlmt_layout=``)."""
+
     rows: tuple[RowLayout, ...]
 
 
@@ -73,7 +75,7 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """query (B, H, L, d), key/value (B, KV, L, d) -> (B, H, L, d) attention output of packed rows.
 
     Positions past a row's end (padding to the batch's longest row) get 0."""
-    B, H, L, d = query.shape
+    _, H, L, d = query.shape
     rep = H // key.shape[1]
     rows = []
     for b, row in enumerate(layout.rows):
@@ -130,7 +132,3 @@ def use_packed_attention(model: torch.nn.Module) -> bool:
         except (ValueError, NotImplementedError, AttributeError):  # a model without the attention interface
             return False
     return cfg._attn_implementation == NAME
-
-
-def uses_packed_attention(model: torch.nn.Module) -> bool:
-    return getattr(getattr(model, "config", None), "_attn_implementation", None) == NAME
