@@ -20,18 +20,24 @@ def extra_overrides() -> list[str]:
     return json.loads(os.environ.get("RLMT_BENCH_SET", "[]"))
 
 
+def bf16() -> bool:
+    """``--bf16``: both sides in bfloat16 mixed precision (TRL ``bf16=True``, rlmt ``model.autocast=bfloat16``):
+    float32 weights and optimizer, forward passes under torch.autocast."""
+    return os.environ.get("RLMT_BENCH_BF16", "0") == "1"
+
+
 def max_grad_norm() -> float:
     """Gradient clipping of both sides (``--max-grad-norm``; 1.0 is TRL's default)."""
     return float(os.environ.get("RLMT_BENCH_MAX_GRAD_NORM", "1.0"))
 
 
 def run_child(script: str, which: str, steps: int, rlmt_set: list[str] | None = None,
-              clip: float = 1.0) -> dict:
+              clip: float = 1.0, bf16: bool = False) -> dict:
     """Run ``script --worker which`` in a fresh process (so peak RSS is that side's alone); parse RESULT."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, script, "--worker", which, "--steps", str(steps), "--work", tmp]
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "RLMT_BENCH_SET": json.dumps(rlmt_set or []),
-               "RLMT_BENCH_MAX_GRAD_NORM": str(clip)}
+               "RLMT_BENCH_MAX_GRAD_NORM": str(clip), "RLMT_BENCH_BF16": "1" if bf16 else "0"}
         out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if out.returncode != 0 or not line:
@@ -61,6 +67,9 @@ def side_by_side(script: str, doc: str, default_steps: int, run_rlmt, run_trl, t
     ap.add_argument("--step-in-backward", action="store_true",
                     help="rlmt with optim.step_in_backward (one model size less memory); it cannot clip the global "
                          "norm, so clipping is turned off on both sides")
+    ap.add_argument("--bf16", action="store_true",
+                    help="both sides in bfloat16 mixed precision (TRL bf16=True, rlmt model.autocast=bfloat16); "
+                         "fast only where the CPU has bf16 matrix units (AMX)")
     ap.add_argument("--worker", choices=["rlmt", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -70,8 +79,10 @@ def side_by_side(script: str, doc: str, default_steps: int, run_rlmt, run_trl, t
         return None
     clip = 0.0 if a.step_in_backward else a.max_grad_norm
     rlmt_set = ([*in_backward_set, "optim.step_in_backward=true"] if a.step_in_backward else []) + a.rlmt_set
-    results = {w: run_child(script, w, a.steps, rlmt_set, clip) for w in (["rlmt", "trl"] if not a.only else [a.only])}
-    print(title + f", max_grad_norm {clip:g} (both)" + (f" (rlmt with {' '.join(rlmt_set)})" if rlmt_set else ""))
+    results = {w: run_child(script, w, a.steps, rlmt_set, clip, a.bf16)
+               for w in (["rlmt", "trl"] if not a.only else [a.only])}
+    print(title + f", {'bfloat16 autocast' if a.bf16 else 'float32'}, max_grad_norm {clip:g} (both)"
+          + (f" (rlmt with {' '.join(rlmt_set)})" if rlmt_set else ""))
     print(f"{'':8}{'s/step (median, after 1st)':>28}{'peak RSS MB':>14}{'wall s':>9}{'steps':>7}")
     med = {}
     for w, r in results.items():

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import extra_overrides, max_grad_norm, peak_rss_mb, side_by_side, trl_step_timer  # noqa: E402
+from common import bf16, extra_overrides, max_grad_norm, peak_rss_mb, side_by_side, trl_step_timer  # noqa: E402
 
 PAIRS_PER_STEP, LR, BETA = 8, 5e-6, 0.1
 
@@ -50,6 +50,7 @@ def run_rlmt(steps: int, work: Path) -> dict:
     data = work / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _pairs()))
     cfg = load_config(None, rlmt_overrides(data, steps, work) + [f"optim.max_grad_norm={max_grad_norm()}"]
+                      + (["model.autocast=bfloat16"] if bf16() else [])
                       + extra_overrides())
     t0 = time.perf_counter()
     run = train(cfg)
@@ -69,7 +70,7 @@ def run_trl(steps: int, work: Path) -> dict:
              "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in _pairs()]
     times: list[float] = []
 
-    args = DPOConfig(output_dir=str(work / "trl"), use_cpu=True, bf16=False, per_device_train_batch_size=PAIRS_PER_STEP,
+    args = DPOConfig(output_dir=str(work / "trl"), use_cpu=True, bf16=bf16(), per_device_train_batch_size=PAIRS_PER_STEP,
                      gradient_accumulation_steps=1, max_steps=steps, logging_steps=1, learning_rate=LR, beta=BETA,
                      report_to=[], save_strategy="no", seed=0, max_grad_norm=max_grad_norm())
     trainer = DPOTrainer(model=str(embedded_model_dir()), args=args, train_dataset=Dataset.from_list(rows),

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import extra_overrides, max_grad_norm, peak_rss_mb, side_by_side, trl_step_timer  # noqa: E402
+from common import bf16, extra_overrides, max_grad_norm, peak_rss_mb, side_by_side, trl_step_timer  # noqa: E402
 
 PROMPTS_PER_STEP, SAMPLES, MAX_NEW, LR, BETA = 4, 8, 64, 1e-6, 0.04
 DECODE_FLOOR_TOK_S = 850.0  # DESIGN.md: measured decode floor at batch 32 on these 2-core machines
@@ -62,6 +62,7 @@ def run_rlmt(steps: int, work: Path) -> dict:
     data = work / "prompts.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _rows()))
     cfg = load_config(None, rlmt_overrides(data, steps, work) + [f"optim.max_grad_norm={max_grad_norm()}"]
+                      + (["model.autocast=bfloat16"] if bf16() else [])
                       + extra_overrides())
     t0 = time.perf_counter()
     run = train(cfg)
@@ -90,7 +91,7 @@ def run_trl(steps: int, work: Path) -> dict:
 
     times: list[float] = []
 
-    args = GRPOConfig(output_dir=str(work / "trl"), use_cpu=True, bf16=False, per_device_train_batch_size=SAMPLES,
+    args = GRPOConfig(output_dir=str(work / "trl"), use_cpu=True, bf16=bf16(), per_device_train_batch_size=SAMPLES,
                       num_generations=SAMPLES, gradient_accumulation_steps=PROMPTS_PER_STEP,
                       max_completion_length=MAX_NEW, max_steps=steps, logging_steps=1, learning_rate=LR,
                       beta=BETA, report_to=[], save_strategy="no", temperature=1.0, seed=0, max_grad_norm=max_grad_norm())

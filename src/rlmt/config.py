@@ -48,6 +48,10 @@ class ModelConfig:
     device: str = doc("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:N'")
     threads: int = doc(0, "torch intra-op threads; 0 keeps torch's default")
     gradient_checkpointing: bool = doc(False, "recompute activations in backward to save memory")
+    autocast: Literal["none", "bfloat16", "auto"] = doc(
+        "none", "mixed precision: forward passes (rollout, reference, training) in bfloat16 under torch.autocast, "
+                "weights/gradients/optimizer in float32, log-probs from a float32 output projection; 'auto' = "
+                "bfloat16 where the device has bf16 matrix units (CUDA with bf16, CPU with AMX), else none")
     lora: LoraConfig = section(LoraConfig, "optional LoRA adapters (peft)")
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
 from rlmt.attention import PackedLayout, row_layout, use_packed_attention
+from rlmt.precision import autocast_of, compute_autocast
 
 
 def activation_checkpointing(model: torch.nn.Module) -> bool:
@@ -109,13 +110,20 @@ class _TargetLogprobs(torch.autograd.Function):
     accumulating dW into one (V, H) buffer (``addmm_``) instead of one per chunk plus their sum: for
     SmolLM2 a (V, H) float32 matrix is 113 MB. Entropies are returned without gradient. Not twice
     differentiable (nothing here needs it: TRPO's Fisher products use full logits of their own).
+
+    ``grad_dtype`` (the autocast dtype, or None): the forward's log-probs are always computed in the weights'
+    dtype, since they enter ratios and KL terms directly; the backward's three products then run in
+    ``grad_dtype``, as every other product of an autocast backward does (3 of the head's 4 passes; measured
+    on the GRPO benchmark's step: ~1.8 s in float32 on a CPU with AMX, against ~0.4 s for the rest of the
+    model's backward GEMMs in bfloat16).
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, inv_t: float, chunk: int, entropy: bool):
+    def forward(ctx, h, weight, bias, targets, inv_t: float, chunk: int, entropy: bool,
+                grad_dtype: torch.dtype | None = None):
         lp, ent = _chunked_logprobs(h, weight, bias, targets, inv_t, chunk, entropy)
         ctx.save_for_backward(h, weight, bias, targets)
-        ctx.inv_t, ctx.chunk = inv_t, chunk
+        ctx.inv_t, ctx.chunk, ctx.grad_dtype = inv_t, chunk, grad_dtype
         ctx.mark_non_differentiable(ent)
         return lp, ent
 
@@ -128,6 +136,9 @@ class _TargetLogprobs(torch.autograd.Function):
         dh = torch.empty_like(h) if need_h else None
         dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         db = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b and bias is not None else None
+        if ctx.grad_dtype is not None and ctx.grad_dtype != weight.dtype:  # an autocast backward
+            weight, bias = weight.to(ctx.grad_dtype), bias.to(ctx.grad_dtype) if bias is not None else None
+            h = h.to(ctx.grad_dtype)
         for start in range(0, h.shape[0], ctx.chunk):
             hc, tc, gc = h[start:start + ctx.chunk], targets[start:start + ctx.chunk], g_lp[start:start + ctx.chunk]
             z = F.linear(hc, weight, bias).float()  # (m, V)
@@ -142,26 +153,32 @@ class _TargetLogprobs(torch.autograd.Function):
             gw = grad_z.to(weight.dtype)
             if need_h:
                 dh[start:start + ctx.chunk] = gw @ weight
-            if need_w:
+            if need_w:  # float32 products summed in place (a bfloat16 product per chunk costs a (V, H) cast each)
                 dw.addmm_(gw.T.to(acc), hc.to(acc))
             if db is not None:
                 db += grad_z.sum(0)
-        return (dh, dw.to(weight.dtype) if dw is not None else None,
-                db.to(bias.dtype) if db is not None else None, None, None, None, None)
+        return (dh, dw.to(ctx.saved_tensors[1].dtype) if dw is not None else None,
+                db.to(ctx.saved_tensors[2].dtype) if db is not None else None, None, None, None, None, None)
 
 
 def _scored_positions(h: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, inv_t: float,
-                      chunk_tokens: int, entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                      chunk_tokens: int, entropy: bool = True,
+                      grad_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """h (M, H) hidden states that predict ``targets`` (M,) -> (log-probs (M,), entropies (M,)), chunked:
     no more than ``chunk_tokens x V`` float32 logits live at once, forward or backward
-    (:class:`_TargetLogprobs`). ``entropy=False``: zeros instead of entropies, and less memory per chunk."""
+    (:class:`_TargetLogprobs`). ``entropy=False``: zeros instead of entropies, and less memory per chunk.
+    The log-probs are computed in the head's dtype (autocast off); ``grad_dtype`` is the model's autocast
+    dtype, in which the backward's products run (:mod:`rlmt.precision`)."""
     if h.shape[0] == 0:
         return h.sum(-1) * 0.0, h.new_zeros(0)
     weight, bias = head.weight, head.bias
-    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _TargetLogprobs.apply(h, weight, bias, targets, inv_t, chunk_tokens, entropy)
-    with torch.no_grad():
-        return _chunked_logprobs(h, weight, bias, targets, inv_t, chunk_tokens, entropy)
+    h = h.to(weight.dtype)  # under autocast (rlmt.precision) the body's output may be bfloat16
+    device = h.device.type
+    with torch.autocast(device, enabled=False):  # log-probs in the weights' dtype, even under autocast
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            return _TargetLogprobs.apply(h, weight, bias, targets, inv_t, chunk_tokens, entropy, grad_dtype)
+        with torch.no_grad():
+            return _chunked_logprobs(h, weight, bias, targets, inv_t, chunk_tokens, entropy)
 
 
 class _RecordLayer(DynamicLayer):
@@ -218,7 +235,7 @@ def grouped_hidden_states(model: torch.nn.Module, prompt_ids: torch.Tensor, prom
     """
     T = response_ids.shape[1]
     body = model.get_decoder()
-    with _cache_kept_under_checkpointing(model):
+    with _cache_kept_under_checkpointing(model), compute_autocast(model):
         record = Cache(layer_class_to_replicate=_RecordLayer)
         prompt_h = body(input_ids=prompt_ids, attention_mask=prompt_mask,
                         position_ids=position_ids_from_mask(prompt_mask), use_cache=True,
@@ -328,13 +345,13 @@ def grouped_response_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, 
         attention = {"attention_mask": torch.ones_like(packed.input_ids), "rlmt_layout": packed.layout}
     else:
         attention = {"attention_mask": packed.dense_mask()}
-    with heap_trimmed_forward(model):
+    with heap_trimmed_forward(model), compute_autocast(model):
         hidden = model.get_decoder()(input_ids=packed.input_ids, position_ids=packed.positions, use_cache=False,
                                      **attention).last_hidden_state  # (B0, L, H)
     h = hidden.reshape(-1, hidden.shape[-1])[packed.source]  # (M, H)
     inv_t = 1.0 / temperature if temperature > 0 else 1.0
     lp, ent = _scored_positions(h, packed.targets, model.get_output_embeddings(), inv_t, chunk_tokens,
-                                return_entropy)
+                                return_entropy, autocast_of(model))
     sel = response_mask.bool()
     zeros = hidden.new_zeros((N, T), dtype=torch.float32)
     out = zeros.masked_scatter(sel, lp) if sel.any() else zeros + 0.0 * hidden.sum()
@@ -360,7 +377,7 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     B, L = input_ids.shape
     body = model.get_decoder()
     head = model.get_output_embeddings()
-    with heap_trimmed_forward(model):
+    with heap_trimmed_forward(model), compute_autocast(model):
         hidden = body(input_ids=input_ids, attention_mask=attention_mask,
                       position_ids=position_ids if position_ids is not None else position_ids_from_mask(attention_mask),
                       use_cache=False).last_hidden_state
@@ -368,7 +385,7 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     h = hidden[:, :-1][sel]  # (M, H)
     targets = input_ids[:, 1:][sel]  # (M,)
     inv_t = 1.0 / temperature if temperature > 0 else 1.0
-    lp, ent = _scored_positions(h, targets, head, inv_t, chunk_tokens, return_entropy)
+    lp, ent = _scored_positions(h, targets, head, inv_t, chunk_tokens, return_entropy, autocast_of(model))
     zeros = hidden.new_zeros((B, L - 1), dtype=torch.float32)
     if sel.any():
         out = F.pad(zeros.masked_scatter(sel, lp), (1, 0))

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from rlmt.precision import AUTOCAST_ATTR, set_autocast
+
 EMBEDDED = "smollm2-135m-instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -309,7 +311,9 @@ def frozen_reference(lm: LoadedModel, dtype: str = "float32") -> torch.nn.Module
     weights in that file, the copy is loaded from the file again: transformers memory-maps it, so its weights
     are clean file-backed pages that :func:`release_reference_pages` can drop from the process between
     reference passes (the next pass faults them back in from the page cache; the numbers are the same bits).
-    Otherwise (tiny models, other dtypes, GPU, weights already changed) it is a ``copy.deepcopy``.
+    Otherwise (tiny models, other dtypes, GPU, weights already changed) it is a ``copy.deepcopy``. Either way
+    its forward passes run at the policy's autocast setting (:mod:`rlmt.precision`), so the two agree exactly
+    while their weights do.
     """
     import copy
 
@@ -329,7 +333,7 @@ def frozen_reference(lm: LoadedModel, dtype: str = "float32") -> torch.nn.Module
         if spans and not shared:
             ref._rlmt_weights = (str(weights.resolve()), spans)  # marks it pageable
             release_reference_pages(ref)
-            return ref
+            return set_autocast(ref, getattr(model, AUTOCAST_ATTR, None))  # the policy's forward precision
         del ref
     return copy.deepcopy(model).eval().requires_grad_(False)
 

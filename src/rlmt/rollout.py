@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rlmt.logprobs import cache_kwarg, position_ids_from_mask
+from rlmt.precision import sampling_weights
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,14 @@ def _eos_ids(model, tokenizer) -> list[int]:
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer, prompts: list[list[int]], params: SamplingParams,
              generator: torch.Generator | None = None) -> RolloutBatch:
-    """Sample ``params.num_samples`` responses for each prompt (token ids) in one batched pass."""
+    """Sample ``params.num_samples`` responses for each prompt (token ids) in one batched pass (from a
+    bfloat16 copy of the weights when the model autocasts: :func:`rlmt.precision.sampling_weights`)."""
+    with sampling_weights(model):
+        return _generate(model, tokenizer, prompts, params, generator)
+
+
+def _generate(model: torch.nn.Module, tokenizer, prompts: list[list[int]], params: SamplingParams,
+              generator: torch.Generator | None) -> RolloutBatch:
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()

@@ -9,8 +9,10 @@ that turns one scored rollout (:class:`Experience`) into optimizer steps:
   surrogate and clipped value loss (:mod:`rlmt.train.ppo`);
 - ``trpo``: a natural-gradient step inside a KL trust region (:mod:`rlmt.train.trpo`).
 
-With one optimization epoch the old log-probs are the sampler's own (no second forward pass); the
-reference model runs only when ``pg.beta > 0`` (with LoRA it is the base with adapters disabled).
+No second forward pass for the old log-probs: with one epoch in one optimizer step the update is on-policy
+and the ratio is taken against the training pass's own detached log-probs; otherwise pi_old is the sampler's
+log-probs. The reference model runs only when ``pg.beta > 0`` (with LoRA it is the base with adapters
+disabled). Every forward pass runs at the model's autocast setting (:mod:`rlmt.precision`).
 """
 
 from __future__ import annotations
@@ -344,6 +346,11 @@ def _optimize(trainable, policy, opt, sched, cfg: Config, objective, batch: Roll
     n_groups = batch.input_ids.shape[0] // G
     groups_per_micro = max(1, cfg.optim.batch_size // G)
     old_lp = batch.logprobs
+    # One epoch in one optimizer step is exactly on-policy: pi_old is the current policy, so the ratio is
+    # taken against the training pass's own (detached) log-probs, which equal the sampler's in exact
+    # arithmetic but not in bfloat16 autocast, where decode and training round differently (rlmt.precision).
+    # The gap between the two is reported as rollout/logprob_gap.
+    on_policy = pg.epochs == 1 and pg.minibatches == 1
     token_weighted: dict[str, float] = {}  # diagnostics: token-weighted means over the whole update
     loss_sums: dict[str, float] = {}  # losses: each micro-batch holds its share; summed per optimizer step
     tokens, n_steps, skipped, grad_norm, lr = 0.0, 0, 0.0, 0.0, 0.0
@@ -360,7 +367,9 @@ def _optimize(trainable, policy, opt, sched, cfg: Config, objective, batch: Roll
                 if not m.any():
                     continue
                 lp = _response_logprobs(policy, batch, micro_groups, G, temperature)
-                loss, met = objective(lp, old_lp[micro], adv[micro], m, pg, normalizer)
+                old = lp.detach() if on_policy else old_lp[micro]
+                loss, met = objective(lp, old, adv[micro], m, pg, normalizer)
+                met = {**met, "rollout/logprob_gap": float(masked_mean((lp.detach() - old_lp[micro]).abs(), m))}
                 if ref_lp is not None and not pg.kl_in_reward:
                     kl_loss, kl_met = kl_penalty_loss(lp, ref_lp[micro], m, pg.beta, pg.kl_estimator,
                                                       pg.aggregation, normalizer)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from rlmt.config import Config
+from rlmt.precision import autocast_of
 from rlmt.logprobs import activation_checkpointing, cache_survives_checkpointing, grouped_hidden_states, _scored_positions, position_ids_from_mask
 from rlmt.objectives import (explained_variance, gae, loss_normalizer, masked_mean,
                              ppo_clip_loss, value_loss, whiten)
@@ -92,7 +93,7 @@ def response_logprobs_and_values(policy: nn.Module, value_head: nn.Module, batch
     sel = batch.response_mask[rows].bool()
     inv_t = 1.0 / temperature if temperature > 0 else 1.0
     lp, _ = _scored_positions(h[sel], batch.response_ids[rows][sel], policy.get_output_embeddings(), inv_t,
-                              chunk_tokens)
+                              chunk_tokens, grad_dtype=autocast_of(policy))
     zeros = h.new_zeros(sel.shape, dtype=torch.float32)
     logprobs = zeros.masked_scatter(sel, lp) if sel.any() else zeros + 0.0 * h.sum()
     return logprobs, value_head(h)

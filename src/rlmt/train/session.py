@@ -14,6 +14,7 @@ from rlmt.checkpoint import latest_checkpoint, list_checkpoints
 from rlmt.config import Config, ModelConfig
 from rlmt.data import PromptFormat
 from rlmt.models import LoadedModel, load_model, save_pretrained_atomic
+from rlmt.precision import autocast_dtype, set_autocast
 
 
 class RunError(RuntimeError):
@@ -44,7 +45,7 @@ def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
 
 
 def prepare_model(cfg: Config) -> LoadedModel:
-    """Load the policy as configured: device, dtype, threads, gradient checkpointing, LoRA."""
+    """Load the policy as configured: device, dtype, threads, gradient checkpointing, LoRA, autocast."""
     if cfg.model.threads > 0:
         torch.set_num_threads(cfg.model.threads)
     lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=pick_device(cfg.model.device), seed=cfg.run.seed)
@@ -54,6 +55,7 @@ def prepare_model(cfg: Config) -> LoadedModel:
         lm.model.config.use_cache = False
     if cfg.model.lora.r > 0:
         lm.model = apply_lora(lm.model, cfg.model)
+    set_autocast(lm.model, autocast_dtype(cfg.model.autocast, next(lm.model.parameters()).device))
     return lm
 
 
