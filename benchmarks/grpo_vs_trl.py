@@ -72,6 +72,7 @@ def run_rlmt(steps: int, work: Path) -> dict:
     return {"step_s": step_s, "total_s": total, "peak_rss_mb": peak_rss_mb(),
             "rollout_tok_s": statistics.median(r["rollout/tokens_per_s"] for r in rows),
             "rollout_s": [r["rollout/seconds"] for r in rows], "seq_tokens": [r["train/packed_tokens"] for r in rows],
+            "reference_s": [r["time/reference_s"] for r in rows], "update_s": [r["time/update_s"] for r in rows],
             "reward": [r["reward/mean"] for r in rows]}
 
 
@@ -123,6 +124,9 @@ def main() -> None:
         peak = matmul_peak_gflops()
         print(f"rlmt training phase: {train_s:.1f} s, ~{flops / train_s / 1e9:.0f} GFLOP/s = "
               f"{flops / train_s / 1e9 / peak:.0%} of measured matmul peak ({peak:.0f} GFLOP/s)")
+        med = {k: statistics.median(r[k][1:] or r[k]) for k in ("rollout_s", "reference_s", "update_s")}
+        print(f"rlmt step phases (median after the 1st): rollout {med['rollout_s']:.1f} s, reference pass "
+              f"{med['reference_s']:.1f} s, update {med['update_s']:.1f} s")
 
 
 if __name__ == "__main__":

@@ -282,6 +282,7 @@ def train_online(cfg: Config) -> Path:
         mask = batch.response_mask & valid[:, None]
         ref_lp = None
         N = len(batch.texts)
+        t_ref = time.perf_counter()
         if pg.beta > 0:
             release_free_heap()  # the rollout's freed transients, before the reference pass stacks on them
             with torch.no_grad(), reference_of(policy, ref_copy) as ref:  # one prompt group per pass: small peak
@@ -292,8 +293,11 @@ def train_online(cfg: Config) -> Path:
                                   mask)
         revised = revise_step(ctx, base_demos, tok, fmt, rep_rows, batch, scored, source, params, gen) if revise else {}
         release_free_heap()
+        t_update = time.perf_counter()
         metrics = {**method.update(ctx, Experience(batch, rewards, mask, ref_lp, G, train_t, dense)), **revised}
         release_free_heap()
+        # phases of the step: reference pass (with dense rewards / revisions when configured), then the update
+        metrics.update({"time/reference_s": t_update - t_ref, "time/update_s": time.perf_counter() - t_update})
         groups = rewards.reshape(-1, G)
         if pg.curriculum:
             group_pass = (groups >= cfg.reward.pass_threshold).float().mean(-1)  # unscored counts as a fail
