@@ -14,8 +14,9 @@ from rlmt.logprobs import grouped_response_logprobs
 from rlmt.models import frozen_reference, load_model
 from rlmt.precision import AUTOCAST_ATTR, autocast_dtype, compute_autocast, set_autocast
 from rlmt.rollout import SamplingParams, generate
-from rlmt.train.online import _optimize, advantages_for, policy_objective
+from rlmt.train.online import advantages_for
 from rlmt.train.session import prepare_model
+from test_online import _sgd_update  # the same SGD-step helper
 
 
 @pytest.fixture(scope="module")
@@ -128,16 +129,6 @@ def test_rollout_under_autocast(lm):
     assert torch.allclose(lp[m], batch.logprobs[m], atol=0.1)
 
 
-def _update(model, cfg, batch, adv):
-    model = copy.deepcopy(model)
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    before = [p.detach().clone() for p in model.parameters()]
-    metrics = _optimize(model, model, opt, sched, cfg, policy_objective(cfg.algorithm), batch, adv,
-                        batch.response_mask, None, 1.0)
-    return [p.detach() - b for p, b in zip(model.parameters(), before)], metrics
-
-
 def test_on_policy_update_takes_the_ratio_against_itself(lm, rollout):
     """One epoch in one optimizer step: pi_old is the training pass's own log-probs, so sampler log-probs
     that disagree (as bfloat16 decode does) neither clip nor change the gradient; with two minibatches the
@@ -147,13 +138,13 @@ def test_on_policy_update_takes_the_ratio_against_itself(lm, rollout):
     adv, _ = advantages_for(torch.tensor([1.0, 0, 0, 1, 0, 1, 1, 1]), 4, load_config(None, over).pg, None)
     skewed = copy.copy(rollout)
     skewed.logprobs = rollout.logprobs + 0.5 * rollout.response_mask  # ratio exp(-0.5) against the sampler
-    exact, _ = _update(lm.model, load_config(None, over), rollout, adv)
-    on, met_on = _update(lm.model, load_config(None, over), skewed, adv)
+    exact, _ = _sgd_update(lm.model, load_config(None, over), rollout, adv)
+    on, met_on = _sgd_update(lm.model, load_config(None, over), skewed, adv)
     assert met_on["clip_frac"] == 0.0 and met_on["ratio_mean"] == pytest.approx(1.0)
     assert met_on["rollout/logprob_gap"] == pytest.approx(0.5, abs=1e-4)
     for a, b in zip(exact, on):
         assert torch.allclose(a, b, atol=1e-7)
-    _, met_off = _update(lm.model, load_config(None, over + ["pg.minibatches=2"]), skewed, adv)
+    _, met_off = _sgd_update(lm.model, load_config(None, over + ["pg.minibatches=2"]), skewed, adv)
     assert met_off["clip_frac"] > 0.2 and met_off["ratio_mean"] < 0.7  # tokens with A < 0 clip at 1 - eps
 
 
