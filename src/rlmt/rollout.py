@@ -11,6 +11,9 @@ draws one exponential per vocabulary entry: ~50 ms at 32 x 49152 on a 2-core CPU
 The log-prob returned for each sampled token is log softmax(logits / T) at that token (T = the sampling
 temperature; 1 for greedy), before top-p truncation: the same number a fresh forward pass over the sequence
 computes with :func:`rlmt.logprobs.token_logprobs` at the same temperature, so it serves as pi_old.
+
+The forward passes go through a decoder (:mod:`rlmt.decode`): the model's own forward, or, when the rollout
+samples from bfloat16 weights (``model.autocast``), a functional decoder for Llama-family models.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlmt.logprobs import cache_kwarg, position_ids_from_mask
+from rlmt.decode import make_decoder
+from rlmt.logprobs import position_ids_from_mask
 from rlmt.precision import sampling_weights
 
 
@@ -95,40 +99,6 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def _preallocated_cache(num_layers: int, capacity: int):
-    """A transformers ``Cache`` whose layers write new keys/values in place into (B, kv_heads, capacity, hs)
-    buffers and hand attention a view of the filled prefix, instead of growing by ``torch.cat``."""
-    from transformers.cache_utils import Cache, DynamicLayer
-
-    class PreallocatedLayer(DynamicLayer):
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                B, H, _, hs = key_states.shape
-                self.key_buf = key_states.new_empty((B, H, capacity, hs))
-                self.value_buf = value_states.new_empty((B, H, capacity, hs))
-                self.length, self.is_initialized = 0, True
-            n = key_states.shape[-2]
-            self.key_buf[:, :, self.length:self.length + n] = key_states
-            self.value_buf[:, :, self.length:self.length + n] = value_states
-            self.length += n
-            return self._views()
-
-        def _views(self):
-            self.keys, self.values = self.key_buf[:, :, :self.length], self.value_buf[:, :, :self.length]
-            return self.keys, self.values
-
-        def batch_repeat_interleave(self, repeats: int) -> None:
-            self.key_buf = self.key_buf.repeat_interleave(repeats, 0)
-            self.value_buf = self.value_buf.repeat_interleave(repeats, 0)
-            self._views()
-
-        def batch_select_indices(self, indices: torch.Tensor) -> None:
-            self.key_buf, self.value_buf = self.key_buf[indices], self.value_buf[indices]
-            self._views()
-
-    return Cache(layers=[PreallocatedLayer() for _ in range(num_layers)])
-
-
 def _eos_ids(model, tokenizer) -> list[int]:
     ids = set()
     if tokenizer.eos_token_id is not None:
@@ -162,13 +132,10 @@ def _generate(model: torch.nn.Module, tokenizer, prompts: list[list[int]], param
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     P = prompt_ids.shape[1]
 
-    cache = _preallocated_cache(model.config.num_hidden_layers, P + T)
-    ck = cache_kwarg(model)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
-                **{ck: cache}, use_cache=True, logits_to_keep=1)
-    logits = out.logits[:, -1]  # (B0, V)
+    decoder = make_decoder(model, P + T)  # rlmt.decode: the model's forward, or a functional Llama decoder
+    logits = decoder.prefill(prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask))  # (B0, V)
     if G > 1:
-        cache.batch_repeat_interleave(G)
+        decoder.repeat_interleave(G)
         logits = logits.repeat_interleave(G, 0)
     N = len(prompts) * G
     full_prompt_mask = prompt_mask.repeat_interleave(G, 0)  # (N, P)
@@ -204,12 +171,10 @@ def _generate(model: torch.nn.Module, tokenizer, prompts: list[list[int]], param
             break
         if len(rows) - n_alive >= max(1, len(rows) // 8):  # drop finished rows from the batch and the cache
             keep = alive.nonzero().flatten()
-            cache.batch_select_indices(keep)
+            decoder.select(keep)
             rows, mask, next_pos, tok = rows[keep], mask[keep], next_pos[keep], tok[keep]
             alive = torch.ones(len(rows), dtype=torch.bool, device=device)
-        out = model(input_ids=tok[:, None], attention_mask=mask[:, :P + t + 1], position_ids=next_pos[:, None],
-                    **{ck: cache}, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1]
+        logits = decoder.step(tok, mask[:, :P + t + 1], next_pos)
         next_pos = next_pos + 1
         decode_steps += 1
 

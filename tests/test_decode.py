@@ -1,0 +1,66 @@
+"""The functional Llama decoder (rlmt.decode) against the model's own forward: the same logits at prefill
+and at every decode step, with left-padded prompts of different lengths, GQA (4 query heads, 2 kv heads),
+attention biases, the cache repeated per sample and rows dropped; and which decoder a model gets."""
+
+import copy
+
+import pytest
+import torch
+
+from rlmt.decode import LlamaDecoder, ModuleDecoder, make_decoder
+from rlmt.logprobs import position_ids_from_mask
+from rlmt.models import load_model
+from rlmt.rollout import left_pad
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_model("tiny-random")
+
+
+def _drive(decoder, prompts, G=3, steps=5):
+    """Prefill, repeat G times, decode ``steps`` tokens (dropping a row after step 2); all logits."""
+    ids, mask = left_pad(prompts, 0)
+    P, N = ids.shape[1], len(prompts) * G
+    out = [decoder.prefill(ids, mask, position_ids_from_mask(mask))]
+    decoder.repeat_interleave(G)
+    key_mask = torch.cat([mask.repeat_interleave(G, 0), torch.ones(N, steps, dtype=torch.long)], 1)
+    pos = mask.sum(-1).repeat_interleave(G)
+    tok = torch.arange(N) % 50 + 5
+    for t in range(steps):
+        if t == 2:  # drop row 1, as the rollout drops finished rows
+            keep = torch.tensor([r for r in range(len(tok)) if r != 1])
+            decoder.select(keep)
+            key_mask, pos, tok = key_mask[keep], pos[keep], tok[keep]
+        out.append(decoder.step(tok, key_mask[:, :P + t + 1], pos + t))
+        tok = out[-1].argmax(-1)
+    return out
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_functional_decoder_matches_the_module(lm, bias):
+    model = copy.deepcopy(lm.model).double().eval()
+    if bias:  # Qwen2-style q/k/v biases
+        torch.manual_seed(0)
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias = torch.nn.Parameter(torch.randn(proj.out_features, dtype=torch.float64) * 0.1)
+    prompts = [[3, 8, 9, 10, 11, 12], [4, 5], [7, 7, 7, 7]]
+    with torch.no_grad():
+        ref = _drive(ModuleDecoder(model, 16), prompts)
+        got = _drive(LlamaDecoder(model, 16), prompts)
+    assert len(ref) == len(got)
+    for a, b in zip(ref, got):
+        assert torch.allclose(a, b, atol=1e-10), (a - b).abs().max()
+
+
+def test_which_decoder(lm):
+    assert isinstance(make_decoder(lm.model, 8), ModuleDecoder)  # float32 keeps the module path
+    low = copy.deepcopy(lm.model).to(torch.bfloat16)
+    assert isinstance(make_decoder(low, 8), LlamaDecoder)
+    windowed = copy.deepcopy(low)
+    windowed.config.sliding_window, windowed.config.use_sliding_window = 4, True
+    assert isinstance(make_decoder(windowed, 8), ModuleDecoder)  # a window it does not apply
+    other = copy.deepcopy(low)
+    other.config.model_type = "gpt2"
+    assert not LlamaDecoder.supports(other)
