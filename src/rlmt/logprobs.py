@@ -112,10 +112,10 @@ class _TargetLogprobs(torch.autograd.Function):
     differentiable (nothing here needs it: TRPO's Fisher products use full logits of their own).
 
     ``grad_dtype`` (the autocast dtype, or None): the forward's log-probs are always computed in the weights'
-    dtype, since they enter ratios and KL terms directly; the backward's three products then run in
-    ``grad_dtype``, as every other product of an autocast backward does (3 of the head's 4 passes; measured
-    on the GRPO benchmark's step: ~1.8 s in float32 on a CPU with AMX, against ~0.4 s for the rest of the
-    model's backward GEMMs in bfloat16).
+    dtype, since they enter ratios and KL terms directly; the backward's recomputed logits and dh then run in
+    ``grad_dtype``, as the rest of an autocast backward does, while dW is still summed in float32 by
+    ``addmm_`` (a bfloat16 product per chunk would cost a (V, H) cast each). In float32 the head's forward and
+    backward took ~1.8-2.1 s of the GRPO benchmark's step (1270 tokens, V = 49152) on a CPU with AMX.
     """
 
     @staticmethod
@@ -153,7 +153,7 @@ class _TargetLogprobs(torch.autograd.Function):
             gw = grad_z.to(weight.dtype)
             if need_h:
                 dh[start:start + ctx.chunk] = gw @ weight
-            if need_w:  # float32 products summed in place (a bfloat16 product per chunk costs a (V, H) cast each)
+            if need_w:
                 dw.addmm_(gw.T.to(acc), hc.to(acc))
             if db is not None:
                 db += grad_z.sum(0)
