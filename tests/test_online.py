@@ -135,7 +135,7 @@ run: {{output_dir: {tmp_path / 'run'}, progress: false, save_every: 2}}
         assert "loss" in r and r["skipped_steps"] == 0
     if algorithm == "grpo" and not extra:
         assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the first step
-        assert rows[0]["approx_kl"] == pytest.approx(0.0, abs=1e-6)  # on-policy: pi_old = pi
+        assert rows[0]["approx_kl"] == pytest.approx(0.0, abs=1e-6)  # sampler log-probs reused as pi_old
     assert (run / "final" / "config.json").exists() and (run / "checkpoints" / "step-3").exists()
 
 

@@ -9,9 +9,9 @@ that turns one scored rollout (:class:`Experience`) into optimizer steps:
   surrogate and clipped value loss (:mod:`rlmt.train.ppo`);
 - ``trpo``: a natural-gradient step inside a KL trust region (:mod:`rlmt.train.trpo`).
 
-No second forward pass for the old log-probs: with one epoch in one optimizer step the update is on-policy
-and the ratio is taken against the training pass's own detached log-probs; otherwise pi_old is the sampler's
-log-probs. The reference model runs only when ``pg.beta > 0`` (with LoRA it is the base with adapters
+No second forward pass for the old log-probs: pi_old is the sampler's log-probs, except under bfloat16
+autocast, where an exactly on-policy update (one epoch, one optimizer step) takes its ratio against the
+training pass's own detached log-probs (the bfloat16 sampler rounds differently; see ``_optimize``). The reference model runs only when ``pg.beta > 0`` (with LoRA it is the base with adapters
 disabled). Every forward pass runs at the model's autocast setting (:mod:`rlmt.precision`).
 """
 
@@ -32,6 +32,7 @@ from rlmt.config import Config, PolicyGradientConfig, to_dict
 from rlmt.curriculum import curriculum_weights, draw_prompts, update_pass_rates
 from rlmt.data import check_prompt_lengths, encode_prompt, load_rows, split_sft_row, tokenize_sft
 from rlmt.models import frozen_reference, release_free_heap, release_reference_pages
+from rlmt.precision import autocast_of
 from rlmt.logprobs import grouped_response_logprobs, token_logprobs
 from rlmt.objectives.advantages import group_relative_advantages, running_mean_baseline
 from rlmt.objectives.aggregate import loss_normalizer, masked_mean
@@ -350,11 +351,12 @@ def _optimize(trainable, policy, opt, sched, cfg: Config, objective, batch: Roll
     n_groups = batch.input_ids.shape[0] // G
     groups_per_micro = max(1, cfg.optim.batch_size // G)
     old_lp = batch.logprobs
-    # One epoch in one optimizer step is exactly on-policy: pi_old is the current policy, so the ratio is
-    # taken against the training pass's own (detached) log-probs, which equal the sampler's in exact
-    # arithmetic but not in bfloat16 autocast, where decode and training round differently (rlmt.precision).
-    # The gap between the two is reported as rollout/logprob_gap.
-    on_policy = pg.epochs == 1 and pg.minibatches == 1
+    # pi_old must be the policy as the trainer computes it. In float32 the sampler computes the same function
+    # (its log-probs match the training pass's to ~1e-5), so its numbers serve. Under autocast the sampler is a
+    # bfloat16 copy (rlmt.precision) that rounds differently (~0.04 nats): then an update that is exactly
+    # on-policy (one epoch, one optimizer step) takes the ratio against the training pass's own detached
+    # log-probs. The sampler/trainer gap is reported either way as rollout/logprob_gap.
+    on_policy = pg.epochs == 1 and pg.minibatches == 1 and autocast_of(policy) is not None
     token_weighted: dict[str, float] = {}  # diagnostics: token-weighted means over the whole update
     loss_sums: dict[str, float] = {}  # losses: each micro-batch holds its share; summed per optimizer step
     tokens, n_steps, skipped, grad_norm, lr = 0.0, 0, 0.0, 0.0, 0.0
