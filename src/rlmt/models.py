@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from rlmt.precision import AUTOCAST_ATTR, set_autocast
+from rlmt.precision import autocast_of, set_autocast
 
 EMBEDDED = "smollm2-135m-instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -333,7 +333,7 @@ def frozen_reference(lm: LoadedModel, dtype: str = "float32") -> torch.nn.Module
         if spans and not shared:
             ref._rlmt_weights = (str(weights.resolve()), spans)  # marks it pageable
             release_reference_pages(ref)
-            return set_autocast(ref, getattr(model, AUTOCAST_ATTR, None))  # the policy's forward precision
+            return set_autocast(ref, autocast_of(model))  # the policy's forward precision
         del ref
     return copy.deepcopy(model).eval().requires_grad_(False)
 

@@ -68,7 +68,7 @@ def compute_autocast(model: torch.nn.Module) -> contextlib.AbstractContextManage
     """The autocast context for one forward pass of ``model`` (a no-op unless :func:`set_autocast` chose a
     dtype). Each weight is cast where it is used: autocast's cache would only keep a bfloat16 copy of the
     model alive until the pass ends, since a forward pass uses each weight once."""
-    dtype = getattr(model, AUTOCAST_ATTR, None)
+    dtype = autocast_of(model)
     if dtype is None:
         return contextlib.nullcontext()
     device = next(model.parameters()).device
@@ -88,7 +88,7 @@ def sampling_weights(model: torch.nn.Module):
     weight cache would take. The sampler's log-probs are then those of a bfloat16 model; on-policy updates
     take their ratio against the training pass (:func:`rlmt.train.online._optimize`).
     """
-    dtype = getattr(model, AUTOCAST_ATTR, None)
+    dtype = autocast_of(model)
     if dtype is None:
         yield model
         return
