@@ -33,21 +33,21 @@ def test_row_layout_by_hand():
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (3, 3)])
 def test_packed_attention_equals_dense_mask_sdpa(heads, kv_heads):
     """Values and gradients (q, k, v) equal SDPA over the full row with the dense mask, with GQA, an empty
-    response, and a shorter row padded to the batch's longest."""
+    response, shorter rows padded to the batch's longest, and a row that is a prompt alone."""
     torch.manual_seed(0)
-    rows = [(3, [2, 0, 4]), (5, [1, 1, 1])]
+    rows = [(3, [2, 0, 4]), (5, [1, 1, 1]), (2, [])]
     L = max(p + sum(n) for p, n in rows)
     d = 8
-    q = torch.randn(2, heads, L, d, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(2, kv_heads, L, d, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(2, kv_heads, L, d, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(3, heads, L, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(3, kv_heads, L, d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, kv_heads, L, d, dtype=torch.float64, requires_grad=True)
     layout = PackedLayout(tuple(row_layout(p, n) for p, n in rows))
     out = packed_attention(q, k, v, layout, scaling=0.3)
     mask = torch.stack([_dense_mask(p, n, L) for p, n in rows])[:, None]
     rep = heads // kv_heads
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
                                          attn_mask=mask, scale=0.3)
-    real = torch.stack([torch.arange(L) < p + sum(n) for p, n in rows])[:, None, :, None]  # (2, 1, L, 1)
+    real = torch.stack([torch.arange(L) < p + sum(n) for p, n in rows])[:, None, :, None]  # (3, 1, L, 1)
     assert torch.allclose(out, ref * real, atol=1e-12)
     assert (out[~real.expand_as(out)] == 0).all()  # padding past a row's end is 0
     w = torch.randn_like(out) * real  # a loss that ignores padding

@@ -59,42 +59,98 @@ def row_layout(prompt_len: int, response_lens: list[int], device: torch.device |
     return RowLayout(P, tuple(int(n) for n in response_lens), mask)
 
 
-def _padded(x: torch.Tensor, lens: tuple[int, ...], T: int) -> torch.Tensor:
-    """(h, sum(lens), d) segments along dim 1 -> (G, h, T, d), each zero-padded to T. Slices and pads only, so
-    the backward is slicing too (an index gather with repeats would scatter-add serially on CPU)."""
-    return torch.stack([F.pad(part, (0, 0, 0, T - part.shape[1])) for part in x.split(list(lens), 1)])
+class _GatherRows(torch.autograd.Function):
+    """Per packed row b of x (B, h, L, d): its prompt (1, h, P, d) and its responses (G, h, [P +] T, d), response g
+    zero-padded to T and, with ``prefix``, preceded by the prompt (the keys and values each response attends to).
+
+    One Function for the whole batch: the backward writes every row's gradient into one (B, h, L, d) buffer,
+    the prompt's G + 1 copies summed, instead of autograd's full-size zero-and-add per row and per slice."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layout: "PackedLayout", prefix: bool):
+        outs = []
+        for b, row in enumerate(layout.rows):
+            P, lens, T = row.prompt_len, row.lens, row.mask.shape[2]
+            outs.append(x[b:b + 1, :, :P].clone())
+            pre = P if prefix else 0
+            y = x.new_zeros((len(lens), x.shape[1], pre + T, x.shape[3]))
+            if pre:
+                y[:, :, :P] = x[b:b + 1, :, :P]
+            off = P
+            for g, m in enumerate(lens):
+                y[g, :, pre:pre + m] = x[b, :, off:off + m]
+                off += m
+            outs.append(y)
+        ctx.layout, ctx.prefix, ctx.shape = layout, prefix, x.shape
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        dx = grads[0].new_zeros(ctx.shape)
+        for b, row in enumerate(ctx.layout.rows):
+            P, lens = row.prompt_len, row.lens
+            g_x, g_y = grads[2 * b], grads[2 * b + 1]
+            pre = P if ctx.prefix else 0
+            dx[b, :, :P] = g_x[0] + g_y[:, :, :P].sum(0) if pre else g_x[0]
+            off = P
+            for g, m in enumerate(lens):
+                dx[b, :, off:off + m] = g_y[g, :, pre:pre + m]
+                off += m
+        return dx, None, None
 
 
-def _repeat_heads(x: torch.Tensor, rep: int) -> torch.Tensor:
-    """(..., KV, L, d) -> (..., KV * rep, L, d); query head j reads kv head j // rep (as transformers' repeat_kv)."""
-    return x if rep == 1 else x.repeat_interleave(rep, dim=-3)
+class _ScatterRows(torch.autograd.Function):
+    """The inverse layout: per row b its prompt's outputs (1, H, P, d) and its responses' (G, H, T, d) -> one
+    (B, H, L, d) tensor (a transposed view of a contiguous (B, L, H, d) buffer, the layout transformers' attention
+    functions return), zero past each row's end."""
+
+    @staticmethod
+    def forward(ctx, layout: "PackedLayout", L: int, *parts: torch.Tensor) -> torch.Tensor:
+        o_x0 = parts[0]
+        B, H, d = len(layout.rows), o_x0.shape[1], o_x0.shape[3]
+        out = o_x0.new_zeros((B, L, H, d)).transpose(1, 2)  # (B, H, L, d) view
+        for b, row in enumerate(layout.rows):
+            P = row.prompt_len
+            out[b, :, :P] = parts[2 * b][0]
+            off = P
+            for g, m in enumerate(row.lens):
+                out[b, :, off:off + m] = parts[2 * b + 1][g, :, :m]
+                off += m
+        ctx.layout, ctx.T = layout, [p.shape[2] for p in parts[1::2]]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grads: list[torch.Tensor] = []
+        for b, row in enumerate(ctx.layout.rows):
+            P = row.prompt_len
+            g_y = grad.new_zeros((len(row.lens), grad.shape[1], ctx.T[b], grad.shape[3]))
+            off = P
+            for g, m in enumerate(row.lens):
+                g_y[g, :, :m] = grad[b, :, off:off + m]
+                off += m
+            grads += [grad[b:b + 1, :, :P].contiguous(), g_y]
+        return (None, None, *grads)
 
 
 def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: PackedLayout,
                      scaling: float | None, dropout: float = 0.0) -> torch.Tensor:
-    """query (B, H, L, d), key/value (B, KV, L, d) -> (B, H, L, d) attention output of packed rows.
+    """query (B, H, L, d), key/value (B, KV, L, d) -> (B, H, L, d) attention output of packed rows (a transposed
+    view of a contiguous (B, L, H, d) tensor).
 
-    Positions past a row's end (padding to the batch's longest row) get 0."""
-    _, H, L, d = query.shape
-    rep = H // key.shape[1]
-    rows = []
+    Positions past a row's end (padding to the batch's longest row) get 0. Grouped-query attention is SDPA's
+    (``enable_gqa``: no repeated key/value copies)."""
+    L = query.shape[2]
+    qs = _GatherRows.apply(query, layout, False)
+    ks = _GatherRows.apply(key, layout, True)
+    vs = _GatherRows.apply(value, layout, True)
+    parts = []
     for b, row in enumerate(layout.rows):
-        P, lens = row.prompt_len, row.lens
-        G, T, n = len(lens), row.mask.shape[2], P + sum(lens)
-        q, k, v = query[b], key[b], value[b]  # (H, L, d), (KV, L, d)
-        o_x = F.scaled_dot_product_attention(q[None, :, :P], _repeat_heads(k[None, :, :P], rep),
-                                             _repeat_heads(v[None, :, :P], rep), dropout_p=dropout,
-                                             is_causal=True, scale=scaling)[0]  # (H, P, d)
-        parts = [o_x]
-        if G:
-            q_y = _padded(q[:, P:n], lens, T)  # (G, H, T, d)
-            k_y = torch.cat([k[None, :, :P].expand(G, -1, -1, -1), _padded(k[:, P:n], lens, T)], 2)  # (G, KV, P+T, d)
-            v_y = torch.cat([v[None, :, :P].expand(G, -1, -1, -1), _padded(v[:, P:n], lens, T)], 2)
-            o_y = F.scaled_dot_product_attention(q_y, _repeat_heads(k_y, rep), _repeat_heads(v_y, rep),
-                                                 attn_mask=row.mask, dropout_p=dropout, scale=scaling)  # (G, H, T, d)
-            parts += [o_y[g, :, :m] for g, m in enumerate(lens) if m]
-        rows.append(F.pad(torch.cat(parts, 1), (0, 0, 0, L - n)))  # (H, L, d)
-    return torch.stack(rows)
+        parts.append(F.scaled_dot_product_attention(qs[2 * b], ks[2 * b], vs[2 * b], dropout_p=dropout,
+                                                    is_causal=True, scale=scaling, enable_gqa=True))  # (1, H, P, d)
+        parts.append(F.scaled_dot_product_attention(qs[2 * b + 1], ks[2 * b + 1], vs[2 * b + 1], attn_mask=row.mask,
+                                                    dropout_p=dropout, scale=scaling, enable_gqa=True))  # (G, H, T, d)
+    return _ScatterRows.apply(layout, L, *parts)
 
 
 def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -115,7 +171,8 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
             out = packed_attention(query.float(), key.float(), value.float(), rlmt_layout, scaling, dropout)
     else:
         out = packed_attention(query, key, value, rlmt_layout, scaling, dropout)
-    return out.transpose(1, 2).contiguous(), None  # (B, L, H, d), as transformers' attention functions return
+    return out.transpose(1, 2).contiguous(), None  # (B, L, H, d), as transformers' attention functions return (a no-op
+    # for packed_attention's output, already that layout)
 
 
 def register() -> None:
