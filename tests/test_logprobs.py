@@ -132,12 +132,13 @@ def test_pack_groups_layout_by_hand():
 
 
 def test_heap_trimmed_forward_trims_per_layer_only_with_gradient(monkeypatch):
-    import rlmt.models as models
+    import rlmt.allocator as allocator
     from rlmt.logprobs import heap_trimmed_forward
 
     calls = []
-    monkeypatch.setattr(models, "release_free_heap", lambda: calls.append(1))
-    lm = load_model("tiny-random")
+    monkeypatch.setattr(allocator, "release_free_heap", lambda: calls.append(1))
+    lm = load_model("tiny-random")  # (fixes the mmap threshold on this machine; set below either way)
+    monkeypatch.setattr(allocator, "_threshold", 0)  # glibc's adaptive mmap threshold
     n_layers = lm.model.config.num_hidden_layers
     ids = torch.tensor([[1, 2, 3]])
     with heap_trimmed_forward(lm.model):
@@ -146,4 +147,9 @@ def test_heap_trimmed_forward_trims_per_layer_only_with_gradient(monkeypatch):
     with torch.no_grad(), heap_trimmed_forward(lm.model):
         lm.model(input_ids=ids)
     lm.model(input_ids=ids)  # hooks are gone after the block
+    assert len(calls) == n_layers
+    monkeypatch.setattr(allocator, "_threshold", 4 << 20)  # large blocks mapped and huge-page advised:
+    monkeypatch.setattr(allocator, "huge_page_tensors", lambda: True)  # nothing to trim per layer
+    with heap_trimmed_forward(lm.model):
+        lm.model(input_ids=ids)
     assert len(calls) == n_layers

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from rlmt.allocator import limit_heap_fragmentation, release_free_heap  # noqa: F401 (re-exported)
 from rlmt.precision import autocast_of, set_autocast
 
 EMBEDDED = "smollm2-135m-instruct"
@@ -175,59 +176,6 @@ def _parse_tiny(name: str) -> tuple[int, int]:
     return layers, hidden
 
 
-_MMAP_THRESHOLD_DEFAULT = 0  # off: see the trade-off in limit_heap_fragmentation
-
-
-def limit_heap_fragmentation() -> int:
-    """Fix glibc's mmap threshold so that every block of 1 MiB or more is its own mapping, returned to the OS
-    as soon as it is freed; returns the threshold set (0: nothing done).
-
-    glibc starts at 128 KiB but raises the threshold (up to 32 MiB) each time a mapped block is freed, after
-    which activations and gradients of a few MiB come from the heap, and freed ones stay resident as
-    fragmented free heap: on CPU training of SmolLM2-135M that was ~0.5 GB of the peak RSS (measured with
-    benchmarks/memory_profile.py). A fixed threshold turns the adjustment off; the numbers computed do not
-    change. But every large tensor then costs an mmap, fresh zeroed pages and page faults: measured on the DPO
-    benchmark (rlmt side, 2 cores) 1 MiB took the step from 3.54 s to 5.94 s (no checkpointing) and from
-    5.57 s to 7.17 s (checkpointing), for 420-410 MB less peak RSS. So it is off by default; set
-    ``RLMT_MMAP_THRESHOLD`` (bytes, e.g. 1048576) for memory-lean runs. Linux/glibc only.
-    """
-    try:
-        threshold = int(os.environ.get("RLMT_MMAP_THRESHOLD", _MMAP_THRESHOLD_DEFAULT))
-    except ValueError:
-        threshold = _MMAP_THRESHOLD_DEFAULT
-    if threshold <= 0:
-        return 0
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        return threshold if libc.mallopt(-3, threshold) == 1 else 0  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return 0
-
-
-@functools.lru_cache(maxsize=1)
-def _libc():
-    import ctypes
-
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def release_free_heap() -> None:
-    """Hand the allocator's free heap pages back to the OS (glibc ``malloc_trim(0)``; a no-op elsewhere).
-
-    Called between the phases of a step (rollout, reference pass, update): each phase frees its transient
-    tensors, but glibc keeps the freed heap resident, fragmented by small long-lived blocks, and the next
-    phase's peak stacks on top of it. A few milliseconds; the numbers computed do not change.
-    ``RLMT_HEAP_TRIM=0`` turns it off."""
-    libc = _libc()
-    if os.environ.get("RLMT_HEAP_TRIM", "1") != "0" and libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
 # The float unary ops ATen hands to oneMKL's vector math (VML) when torch is built with MKL (aten/src/ATen/cpu/vml.h).
 _VML_OPS = ("abs", "acos", "asin", "atan", "cos", "erf", "erfc", "exp", "expm1", "log", "log10", "log1p", "log2",
             "sin", "sqrt", "tan", "tanh", "trunc")
@@ -255,7 +203,7 @@ def warm_up_vector_math() -> None:
 def load_model(name: str, dtype: str = "float32", device: str = "cpu", seed: int = 0) -> LoadedModel:
     """Load a policy and tokenizer by name (see the module docstring).
 
-    On CPU this also fixes glibc's mmap threshold (:func:`limit_heap_fragmentation`)."""
+    On CPU this also fixes glibc's mmap threshold (:func:`rlmt.allocator.limit_heap_fragmentation`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     warm_up_vector_math()

@@ -31,7 +31,8 @@ from rlmt.checkpoint import load_checkpoint, save_checkpoint
 from rlmt.config import Config, PolicyGradientConfig, to_dict
 from rlmt.curriculum import curriculum_weights, draw_prompts, update_pass_rates
 from rlmt.data import check_prompt_lengths, encode_prompt, load_rows, split_sft_row, tokenize_sft
-from rlmt.models import frozen_reference, release_free_heap, release_reference_pages
+from rlmt.allocator import release_free_heap
+from rlmt.models import frozen_reference, release_reference_pages
 from rlmt.precision import autocast_of
 from rlmt.logprobs import grouped_response_logprobs, token_logprobs
 from rlmt.objectives.advantages import group_relative_advantages, running_mean_baseline
