@@ -78,6 +78,7 @@ def side_by_side(script: str, doc: str, default_steps: int, run_rlmt, run_trl, t
         print("RESULT " + json.dumps(fn(a.steps, Path(a.work))), flush=True)
         return None
     clip = 0.0 if a.step_in_backward else a.max_grad_norm
+    os.environ["RLMT_BENCH_BF16"] = "1" if a.bf16 else "0"  # bf16() answers in this process too
     rlmt_set = ([*in_backward_set, "optim.step_in_backward=true"] if a.step_in_backward else []) + a.rlmt_set
     results = {w: run_child(script, w, a.steps, rlmt_set, clip, a.bf16)
                for w in (["rlmt", "trl"] if not a.only else [a.only])}

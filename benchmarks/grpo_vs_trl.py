@@ -32,10 +32,11 @@ def _rows(n: int = 256) -> list[dict]:
     return addition_rows(n, seed=0)
 
 
-def matmul_peak_gflops() -> float:
+def matmul_peak_gflops(dtype: str = "float32") -> float:
+    """Measured GFLOP/s of a 2048^3 matrix product in ``dtype`` (bfloat16 for a --bf16 run: its matmuls are)."""
     import torch
 
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a, b = (torch.randn(2048, 2048).to(getattr(torch, dtype)) for _ in range(2))
     a @ b
     t = time.perf_counter()
     for _ in range(5):
@@ -121,9 +122,10 @@ def main() -> None:
         # training FLOPs per computed token (each prompt once, then its responses: train/packed_tokens):
         # policy forward + backward (6N), the checkpointing recompute (2N; the benchmark default), reference (2N)
         flops = 10 * n_params * statistics.median(r["seq_tokens"])
-        peak = matmul_peak_gflops()
+        kind = "bfloat16" if bf16() else "float32"
+        peak = matmul_peak_gflops(kind)
         print(f"rlmt training phase: {train_s:.1f} s, ~{flops / train_s / 1e9:.0f} GFLOP/s = "
-              f"{flops / train_s / 1e9 / peak:.0%} of measured matmul peak ({peak:.0f} GFLOP/s)")
+              f"{flops / train_s / 1e9 / peak:.0%} of measured {kind} matmul peak ({peak:.0f} GFLOP/s)")
         med = {k: statistics.median(r[k][1:] or r[k]) for k in ("rollout_s", "reference_s", "update_s")}
         print(f"rlmt step phases (median after the 1st): rollout {med['rollout_s']:.1f} s, reference pass "
               f"{med['reference_s']:.1f} s, update {med['update_s']:.1f} s")
