@@ -10,6 +10,7 @@ import torch
 from rlmt.decode import LlamaDecoder, ModuleDecoder, make_decoder
 from rlmt.logprobs import position_ids_from_mask
 from rlmt.models import load_model
+from rlmt.precision import set_autocast
 from rlmt.rollout import left_pad
 
 
@@ -64,3 +65,28 @@ def test_which_decoder(lm):
     other = copy.deepcopy(low)
     other.config.model_type = "gpt2"
     assert not LlamaDecoder.supports(other)
+    autocast = copy.deepcopy(lm.model)
+    set_autocast(autocast, torch.bfloat16)  # float32 weights, bfloat16 sampling: the decoder's own copy
+    d = make_decoder(autocast, 8)
+    assert isinstance(d, LlamaDecoder) and d.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in autocast.parameters())
+
+
+def test_own_bfloat16_weights_equal_sampling_from_a_bfloat16_model(lm, monkeypatch):
+    """The decoder's own copy of a float32 model's weights (prepacked for oneDNN where this torch can) gives
+    bit-identical logits to the plain decoder over the model's parameters swapped to bfloat16
+    (:func:`rlmt.precision.sampling_weights`, what the rollout sampled from before): embedding rows cast after
+    lookup, norms, rotary, GQA, every linear."""
+    import rlmt.decode as decode
+    from rlmt.precision import sampling_weights
+
+    model = copy.deepcopy(lm.model)
+    set_autocast(model, torch.bfloat16)
+    prompts = [[3, 8, 9, 10, 11, 12], [4, 5], [7, 7, 7, 7]]
+    with torch.no_grad():
+        got = _drive(LlamaDecoder(model, 16, torch.bfloat16), prompts)
+        monkeypatch.setattr(decode, "_packing", lambda dtype: False)
+        with sampling_weights(model):
+            ref = _drive(LlamaDecoder(model, 16), prompts)
+    for a, b in zip(ref, got):
+        assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b)

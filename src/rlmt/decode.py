@@ -4,12 +4,18 @@ Two implementations of one small interface (``prefill``, ``step``, ``repeat_inte
 
 - :class:`ModuleDecoder` calls the model's own ``forward`` with a cache written in place. Any causal LM.
 - :class:`LlamaDecoder`, a functional decoder for the Llama family (Llama, Mistral, Qwen2, SmolLM), used when
-  the rollout samples from bfloat16 weights (:func:`rlmt.precision.sampling_weights`). There a 135M model's
-  decode step is mostly per-op overhead, not arithmetic: at 32 rows its ~210 bfloat16 GEMMs take ~27 ms of
-  a ~80 ms module step. The functional form skips the modules, cache objects and mask building, and folds
-  GQA into the query axis instead of expanding the cache. Measured on SmolLM2-135M in bfloat16 (2-core
-  AMX CPU, median of 4 x 10 steps): 71 vs 84 ms a step at 32 rows, 56 vs 64 ms at 12. In float32 the
-  GEMMs dominate and it gained ~3% (2026-12-01), so float32 keeps the module path.
+  the rollout samples in bfloat16 or float16: a model that autocasts (:mod:`rlmt.precision`) or one loaded in
+  that dtype. There a 135M model's decode step is mostly per-op overhead, not arithmetic: at 32 rows its
+  ~210 bfloat16 GEMMs take ~27 ms of a ~80 ms module step. The functional form skips the modules, cache
+  objects and mask building, and folds GQA into the query axis instead of expanding the cache. Measured on
+  SmolLM2-135M in bfloat16 (2-core AMX CPU, median of 4 x 10 steps): 71 vs 84 ms a step at 32 rows, 56 vs
+  64 ms at 12. In float32 the GEMMs dominate and it gained ~3% (2026-12-01), so float32 keeps the module path.
+
+  It holds its own copy of the weights in the sampling dtype, made once per rollout from the model's (the
+  model is not touched). On a CPU with oneDNN the bfloat16 copy is prepacked in oneDNN's blocked layout
+  (:func:`_packing`): an unpacked bfloat16 GEMM re-lays its weight out on every call. Measured per call
+  (SmolLM2-135M shapes, 2-core AMX): 32 rows 157 -> 122 us (576 x 1536), 8 rows 74 -> 37 us, the output
+  layer 4.7 -> 1.7 ms; bit-identical results. Packing costs ~0.3 s a rollout against ~0.12 s for a cast.
 
 Same math as transformers' Llama: RMSNorm statistics in float32, the model's own rotary module, SDPA with
 the default 1/sqrt(d) scale. Mask convention: prompts are left padded; ``key_mask`` (B, L) is 1 on real
@@ -19,10 +25,14 @@ values never become NaN; real queries never see padded keys.
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
 from rlmt.logprobs import cache_kwarg
+from rlmt.precision import autocast_of
 
 LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2"})
 
@@ -101,21 +111,60 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x2, x1), -1) * sin
 
 
-class LlamaDecoder:
-    """Functional KV-cached decode for the Llama family (see the module doc). It reads the model's weights
-    when made, so make one per rollout."""
+@functools.cache
+def _packing(dtype: torch.dtype) -> bool:
+    """Whether oneDNN can prepack CPU weights of ``dtype`` for its linear op with results identical to
+    ``F.linear`` (checked once per process on a small product; any failure means no)."""
+    if dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(48, 40, generator=g).to(dtype)
+        x = torch.randn(5, 40, generator=g).to(dtype)
+        y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 32), None, "none",
+                                               [], "")
+        return bool(torch.equal(y, F.linear(x, w)))
+    except (RuntimeError, AttributeError):
+        return False
 
-    def __init__(self, model: torch.nn.Module, capacity: int):
+
+def _linear_of(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+               ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x (..., in) -> (..., out) = x W^T + b with W and b copied to ``dtype`` now (prepacked where :func:`_packing`)."""
+    w = weight.detach().to(dtype)
+    b = bias.detach().to(dtype) if bias is not None else None
+    if w.device.type == "cpu" and _packing(dtype):
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 32)  # 32: a batch-size hint; any row count works
+        del w
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+    return lambda x: F.linear(x, w, b)
+
+
+class LlamaDecoder:
+    """Functional KV-cached decode for the Llama family (see the module doc), in ``dtype`` (default: the
+    model's). It copies the model's weights when made, so make one per rollout."""
+
+    def __init__(self, model: torch.nn.Module, capacity: int, dtype: torch.dtype | None = None):
         cfg = model.config
+        self.dtype = dtype = dtype or next(model.parameters()).dtype
         self.H, self.KV = cfg.num_attention_heads, cfg.num_key_value_heads
         self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.H
         self.capacity, self.rotary = capacity, model.model.rotary_emb
+
+        def lin(m):
+            return _linear_of(m.weight, m.bias, dtype)
+
+        def norm(m):
+            return m.weight.detach().to(dtype), m.variance_epsilon
+
         self.layers = []
         for layer in model.model.layers:
             a, mlp = layer.self_attn, layer.mlp
-            self.layers.append((layer.input_layernorm, a.q_proj, a.k_proj, a.v_proj, a.o_proj,
-                                layer.post_attention_layernorm, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
-        self.embed, self.norm, self.head = model.model.embed_tokens, model.model.norm, model.get_output_embeddings()
+            self.layers.append((norm(layer.input_layernorm), lin(a.q_proj), lin(a.k_proj), lin(a.v_proj),
+                                lin(a.o_proj), norm(layer.post_attention_layernorm), lin(mlp.gate_proj),
+                                lin(mlp.up_proj), lin(mlp.down_proj)))
+        self.embed = model.model.embed_tokens.weight  # rows looked up, then cast: the rows of a cast table
+        self.norm, self.head = norm(model.model.norm), lin(model.get_output_embeddings())
         self.k: list[torch.Tensor] = []  # per layer (B, KV, capacity, hd)
         self.v: list[torch.Tensor] = []
         self.length = 0
@@ -141,21 +190,24 @@ class LlamaDecoder:
         cos, sin = self.rotary(x, pos)  # (B, S, hd)
         cos, sin = cos[:, None], sin[:, None]
         for i, (ln1, q_proj, k_proj, v_proj, o_proj, ln2, gate, up, down) in enumerate(self.layers):
-            h = _rms_norm(x, ln1.weight, ln1.variance_epsilon)
-            q = F.linear(h, q_proj.weight, q_proj.bias).reshape(B, S, self.H, self.hd).transpose(1, 2)
-            k = F.linear(h, k_proj.weight, k_proj.bias).reshape(B, S, self.KV, self.hd).transpose(1, 2)
-            v = F.linear(h, v_proj.weight, v_proj.bias).reshape(B, S, self.KV, self.hd).transpose(1, 2)
+            h = _rms_norm(x, *ln1)
+            q = q_proj(h).reshape(B, S, self.H, self.hd).transpose(1, 2)
+            k = k_proj(h).reshape(B, S, self.KV, self.hd).transpose(1, 2)
+            v = v_proj(h).reshape(B, S, self.KV, self.hd).transpose(1, 2)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             write(i, k, v)
             o = attend(i, q).transpose(1, 2).reshape(B, S, self.H * self.hd)
-            x = x + F.linear(o, o_proj.weight, o_proj.bias)
-            h = _rms_norm(x, ln2.weight, ln2.variance_epsilon)
-            x = x + F.linear(F.silu(F.linear(h, gate.weight)) * F.linear(h, up.weight), down.weight)
+            x = x + o_proj(o)
+            h = _rms_norm(x, *ln2)
+            x = x + down(F.silu(gate(h)) * up(h))
         return x
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.embed).to(self.dtype)
 
     def _logits(self, x_last: torch.Tensor) -> torch.Tensor:
         """(B, D) last hidden state -> (B, V) logits."""
-        return self.head(_rms_norm(x_last, self.norm.weight, self.norm.variance_epsilon))
+        return self.head(_rms_norm(x_last, *self.norm))
 
     def prefill(self, ids: torch.Tensor, key_mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         B, P = ids.shape
@@ -173,7 +225,7 @@ class LlamaDecoder:
             return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
                                                   attn_mask=allowed)
 
-        x = self._layers(self.embed(ids), pos, attend, write)
+        x = self._layers(self._embed(ids), pos, attend, write)
         self.length = P
         return self._logits(x[:, -1])
 
@@ -193,7 +245,7 @@ class LlamaDecoder:
             o = F.scaled_dot_product_attention(qg, self.k[i][:, :, :L], self.v[i][:, :, :L], attn_mask=mask)
             return o.reshape(B, self.H, 1, self.hd)
 
-        x = self._layers(self.embed(tok[:, None]), pos[:, None], attend, write)
+        x = self._layers(self._embed(tok[:, None]), pos[:, None], attend, write)
         self.length = L
         return self._logits(x[:, -1])
 
@@ -206,8 +258,15 @@ class LlamaDecoder:
         self.v = [v[rows] for v in self.v]
 
 
+def functional_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype :class:`LlamaDecoder` samples ``model`` in, or None when the rollout uses the module's forward:
+    bfloat16/float16 (the autocast dtype, else the weights') for a model it supports."""
+    dtype = autocast_of(model) or next(model.parameters()).dtype
+    return dtype if dtype in (torch.bfloat16, torch.float16) and LlamaDecoder.supports(model) else None
+
+
 def make_decoder(model: torch.nn.Module, capacity: int) -> ModuleDecoder | LlamaDecoder:
-    """The functional decoder for a supported Llama-family model whose weights are bfloat16 (the rollout's
-    sampling copy), else the module's own forward."""
-    low = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
-    return (LlamaDecoder if low and LlamaDecoder.supports(model) else ModuleDecoder)(model, capacity)
+    """The functional decoder, with its own copy of the weights, where :func:`functional_dtype` gives one,
+    else the module's own forward."""
+    dtype = functional_dtype(model)
+    return LlamaDecoder(model, capacity, dtype) if dtype is not None else ModuleDecoder(model, capacity)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlmt.decode import make_decoder
+from rlmt.decode import functional_dtype, make_decoder
 from rlmt.logprobs import position_ids_from_mask
 from rlmt.precision import sampling_weights
 
@@ -113,8 +113,11 @@ def _eos_ids(model, tokenizer) -> list[int]:
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer, prompts: list[list[int]], params: SamplingParams,
              generator: torch.Generator | None = None) -> RolloutBatch:
-    """Sample ``params.num_samples`` responses for each prompt (token ids) in one batched pass (from a
-    bfloat16 copy of the weights when the model autocasts: :func:`rlmt.precision.sampling_weights`)."""
+    """Sample ``params.num_samples`` responses for each prompt (token ids) in one batched pass; a model that
+    autocasts samples from a bfloat16 copy of its weights (the functional decoder's own, :mod:`rlmt.decode`,
+    or else :func:`rlmt.precision.sampling_weights`)."""
+    if functional_dtype(model) is not None:
+        return _generate(model, tokenizer, prompts, params, generator)
     with sampling_weights(model):
         return _generate(model, tokenizer, prompts, params, generator)
 
