@@ -219,3 +219,33 @@ def test_grpo_end_to_end_with_autocast(tmp_path):
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-7)  # policy and reference: same weights, same numerics
     assert rows[0]["rollout/logprob_gap"] > 0  # the bfloat16 sampler is not the training pass, bit for bit
     assert all(r["skipped_steps"] == 0 and r["clip_frac"] == 0.0 for r in rows)  # on-policy: ratio 1
+
+
+def test_reference_pass_casts_a_file_backed_reference_once_with_the_same_bits(lm, rollout, tmp_path):
+    """A reference memory-mapped from its safetensors file, under autocast: inside ``reference_pass`` its body's
+    linear weights are bfloat16 copies (norms, embedding and output layer untouched), its log-probs are the
+    same bits as autocast casting at every use, and on exit (also after an error) every parameter is the
+    original tensor again."""
+    from rlmt.models import LoadedModel, reference_pass
+
+    lm.model.save_pretrained(tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    set_autocast(policy, torch.bfloat16)
+    ref = frozen_reference(LoadedModel(policy, lm.tokenizer, "local", str(tmp_path)))
+    assert hasattr(ref, "_rlmt_weights")  # paged from the file, the path this is for
+    with torch.no_grad():
+        expected = grouped_response_logprobs(ref, *_group_args(rollout))
+    before = {n: (p.data_ptr(), p.dtype) for n, p in ref.named_parameters()}
+    linear = {id(m.weight) for m in ref.get_decoder().modules() if isinstance(m, torch.nn.Linear)}
+    with torch.no_grad(), reference_pass(ref):
+        dtypes = {id(p): p.dtype for p in ref.parameters()}
+        got = grouped_response_logprobs(ref, *_group_args(rollout))
+    assert len(linear) == 7 * ref.config.num_hidden_layers
+    assert {i: d for i, d in dtypes.items() if d == torch.bfloat16}.keys() == linear  # norms, embedding: float32
+    assert torch.equal(got, expected)
+    assert {n: (p.data_ptr(), p.dtype) for n, p in ref.named_parameters()} == before
+    with pytest.raises(RuntimeError, match="boom"), reference_pass(ref):
+        raise RuntimeError("boom")
+    assert {n: (p.data_ptr(), p.dtype) for n, p in ref.named_parameters()} == before

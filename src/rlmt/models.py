@@ -13,6 +13,7 @@ Model names understood by :func:`load_model`:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import functools
@@ -297,16 +298,56 @@ def release_reference_pages(ref: torch.nn.Module) -> int:
     path, spans = getattr(ref, "_rlmt_weights", (None, None))
     if path is None or _weight_mappings(ref, path) != spans:
         return 0
+    return _drop_pages(spans)
+
+
+_PAGE = 4096
+
+
+def _drop_pages(spans: list[tuple[int, int]]) -> int:
+    """madvise(MADV_DONTNEED) each [lo, hi) of a private file mapping (lo page-aligned); returns the bytes."""
     import ctypes
     import mmap
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    released = 0
-    for lo, hi in spans:
-        if libc.madvise(lo, hi - lo, mmap.MADV_DONTNEED) == 0:
-            released += hi - lo
-    return released
+    return sum(hi - lo for lo, hi in spans if libc.madvise(lo, hi - lo, mmap.MADV_DONTNEED) == 0)
+
+
+@contextlib.contextmanager
+def reference_pass(ref: torch.nn.Module):
+    """Open around a reference's no-grad forward passes (all of a step's); drops its file pages on exit
+    (:func:`release_reference_pages`).
+
+    For a file-backed reference under autocast, the decoder body's ``nn.Linear`` weights and biases (what
+    autocast casts at every use) hold a cast copy while open, made once from the file's float32 pages, which
+    are dropped as each is cast: the passes then hold a bfloat16 body (~210 MB for SmolLM2-135M) instead of
+    faulting in its float32 pages (~430 MB), and cast once instead of once per forward. The log-probs are the
+    same bits (autocast casts a bfloat16 weight to itself); norms, embeddings and the output layer are untouched.
+    On exit the original tensors are put back, whatever happened inside.
+    """
+    path, spans = getattr(ref, "_rlmt_weights", (None, None))
+    dtype = autocast_of(ref)
+    originals: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
+    try:
+        if path is not None and dtype is not None and _weight_mappings(ref, path) == spans:
+            head = ref.get_output_embeddings()
+            skip = {id(p) for p in head.parameters()} if head is not None else set()
+            for m in ref.get_decoder().modules():
+                if isinstance(m, torch.nn.Linear):
+                    for p in (m.weight, m.bias):
+                        if (p is not None and id(p) not in skip and id(p) not in originals
+                                and p.is_floating_point() and p.dtype != dtype):
+                            originals[id(p)] = (p, p.data)
+                            p.data = p.data.to(dtype)
+                            old = originals[id(p)][1]  # drop the float32 pages just read
+                            lo = old.data_ptr()
+                            _drop_pages([(lo - lo % _PAGE, lo + old.numel() * old.element_size())])
+        yield ref
+    finally:
+        for p, data in originals.values():
+            p.data = data
+        release_reference_pages(ref)
 
 
 def is_tiny(name: str) -> bool:

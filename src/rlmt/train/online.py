@@ -32,7 +32,7 @@ from rlmt.config import Config, PolicyGradientConfig, to_dict
 from rlmt.curriculum import curriculum_weights, draw_prompts, update_pass_rates
 from rlmt.data import check_prompt_lengths, encode_prompt, load_rows, split_sft_row, tokenize_sft
 from rlmt.allocator import release_free_heap
-from rlmt.models import frozen_reference, release_reference_pages
+from rlmt.models import frozen_reference, reference_pass
 from rlmt.precision import autocast_of
 from rlmt.logprobs import grouped_response_logprobs, token_logprobs
 from rlmt.objectives.advantages import group_relative_advantages, running_mean_baseline
@@ -287,10 +287,9 @@ def train_online(cfg: Config) -> Path:
         t_ref = time.perf_counter()
         if pg.beta > 0:
             release_free_heap()  # the rollout's freed transients, before the reference pass stacks on them
-            with torch.no_grad(), reference_of(policy, ref_copy) as ref:  # one prompt group per pass: small peak
+            with torch.no_grad(), reference_of(policy, ref_copy) as ref, reference_pass(ref):
+                # one prompt group per pass: small peak; the reference's file pages are dropped after
                 ref_lp = torch.cat([_response_logprobs(ref, batch, g[None], G, train_t) for g in torch.arange(N // G)])
-            if ref_copy is not None:
-                release_reference_pages(ref_copy)  # its pages return to the page cache until the next pass
         dense = dense_rewards_for(cfg.algorithm, batch.response_ids, batch.response_mask, tok, scored.token_rewards,
                                   mask)
         revised = revise_step(ctx, base_demos, tok, fmt, rep_rows, batch, scored, source, params, gen) if revise else {}
