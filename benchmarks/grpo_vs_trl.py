@@ -116,7 +116,7 @@ def main() -> None:
         r = results["rlmt"]
         tok_s = r["rollout_tok_s"]
         print(f"rlmt rollout: {tok_s:.0f} tok/s = {tok_s / DECODE_FLOOR_TOK_S:.0%} of the ~{DECODE_FLOOR_TOK_S:.0f} "
-              "tok/s decode floor (DESIGN.md)")
+              "tok/s float32 decode floor (DESIGN.md; a --bf16 run reads half the weight bytes, so its floor is higher)")
         n_params = 134.5e6
         train_s = statistics.median([s - ro for s, ro in zip(r["step_s"], r["rollout_s"])][1:] or [1.0])
         # training FLOPs per computed token (each prompt once, then its responses: train/packed_tokens):

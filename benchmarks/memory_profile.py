@@ -58,7 +58,7 @@ What the peak is made of (DPO, end of backward = 2470 MB):
     as fragmented free heap: glibc raises its mmap threshold up to 32 MiB each time a mapped block is freed,
     so multi-MiB tensors come from the heap afterwards and their memory is never given back (heap "free"
     1.6 GB in A vs < 0.1 GB in C). malloc_trim after the fact cannot lower a peak that happens inside
-    backward; a fixed threshold (rlmt.models.limit_heap_fragmentation, applied by load_model on CPU) can.
+    backward; a fixed threshold (rlmt.allocator.limit_heap_fragmentation, applied by load_model on CPU) can.
 
 Floors (fp32, exact math as TRL: same optimizer, grad-norm clipping needs every gradient before any update,
 so gradients and AdamW states must coexist):
