@@ -31,7 +31,6 @@ import os
 
 import torch
 
-HUGE_PAGE_ENV = "THP_MEM_ALLOC_ENABLE"
 _MMAP_THRESHOLD_WITH_HUGE_PAGES = 4 << 20
 _threshold = 0  # the fixed mmap threshold in effect (0: glibc's adaptive one)
 

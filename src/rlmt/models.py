@@ -17,6 +17,7 @@ import contextlib
 import importlib.util
 import json
 import functools
+import mmap
 import os
 import shutil
 import tempfile
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from rlmt.allocator import limit_heap_fragmentation, release_free_heap  # noqa: F401 (re-exported)
+from rlmt.allocator import limit_heap_fragmentation
 from rlmt.precision import autocast_of, set_autocast
 
 EMBEDDED = "smollm2-135m-instruct"
@@ -301,13 +302,9 @@ def release_reference_pages(ref: torch.nn.Module) -> int:
     return _drop_pages(spans)
 
 
-_PAGE = 4096
-
-
 def _drop_pages(spans: list[tuple[int, int]]) -> int:
     """madvise(MADV_DONTNEED) each [lo, hi) of a private file mapping (lo page-aligned); returns the bytes."""
     import ctypes
-    import mmap
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -342,7 +339,7 @@ def reference_pass(ref: torch.nn.Module):
                             p.data = p.data.to(dtype)
                             old = originals[id(p)][1]  # drop the float32 pages just read
                             lo = old.data_ptr()
-                            _drop_pages([(lo - lo % _PAGE, lo + old.numel() * old.element_size())])
+                            _drop_pages([(lo - lo % mmap.PAGESIZE, lo + old.numel() * old.element_size())])
         yield ref
     finally:
         for p, data in originals.values():
