@@ -44,8 +44,8 @@ def cache_survives_checkpointing() -> bool:
 @contextlib.contextmanager
 def heap_trimmed_forward(model: torch.nn.Module):
     """During a CPU forward that keeps activations for backward, return the allocator's free heap to the OS
-    after every decoder layer (:func:`rlmt.allocator.release_free_heap`), when the heap holds large blocks
-    (:func:`rlmt.allocator.per_layer_trim`: glibc's adaptive mmap threshold).
+    after every decoder layer (:func:`rlmt.allocator.release_free_heap`), unless large tensors are already
+    huge-page advised and unmapped when freed (:func:`rlmt.allocator.per_layer_trim`).
 
     Each layer frees its transients but keeps its output (and autograd's small blocks) on top of them, so
     glibc's heap grows by several times the kept size per layer; measured on the GRPO benchmark step

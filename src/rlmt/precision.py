@@ -3,7 +3,7 @@
 ``model.autocast`` picks it (:func:`autocast_dtype`). The choice is kept on the model (:func:`set_autocast`)
 and the forward passes rlmt runs follow it: the reference pass and the training passes open
 :func:`compute_autocast` (:mod:`rlmt.logprobs`); the rollout samples from a bfloat16 copy of the weights
-(:func:`sampling_weights`, decoded by :mod:`rlmt.decode`). Backward runs outside autocast, as it requires;
+(the functional decoder's own for the Llama family, :mod:`rlmt.decode`; else :func:`sampling_weights`). Backward runs outside autocast, as it requires;
 gradient checkpointing replays a layer under the autocast state of its first pass.
 
 The output projection and log-softmax that turn hidden states into log-probs stay in the weights' dtype
@@ -77,8 +77,8 @@ def compute_autocast(model: torch.nn.Module) -> contextlib.AbstractContextManage
 
 @contextlib.contextmanager
 def sampling_weights(model: torch.nn.Module):
-    """For the rollout: while open, ``model``'s floating-point parameters hold their autocast dtype (a cast
-    copy); on exit the original tensors are put back, bit for bit, whatever happened inside. A no-op unless
+    """For a rollout through the model's own forward (models :class:`rlmt.decode.LlamaDecoder` does not
+    support): while open, ``model``'s floating-point parameters hold their autocast dtype (a cast copy); on exit the original tensors are put back, bit for bit, whatever happened inside. A no-op unless
     :func:`set_autocast` chose a dtype.
 
     A decode step under autocast would cast every activation, run rotary in float32 and cast the whole
