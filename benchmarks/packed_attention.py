@@ -24,7 +24,7 @@ from common import peak_rss_mb  # noqa: E402
 def worker(way: str, G: int, T: int, runs: int) -> dict:
     import torch
 
-    import rlmt.logprobs as LP
+    import rlmt.rollout.logprobs as LP
     from rlmt.models import load_model
 
     model = load_model("smollm2-135m-instruct").model

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from rlmt.data import PromptFormat, encode_prompt
-from rlmt.logprobs import position_ids_from_mask
+from rlmt.rollout.logprobs import position_ids_from_mask
 from rlmt.models import load_model
 from rlmt.rollout import SamplingParams, generate
 from rlmt.tasks import addition_rows

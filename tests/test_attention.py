@@ -1,10 +1,10 @@
-"""Packed-row attention (rlmt.attention) against SDPA with the dense mask it replaces."""
+"""Packed-row attention (rlmt.rollout.attention) against SDPA with the dense mask it replaces."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from rlmt.attention import PackedLayout, packed_attention, row_layout
+from rlmt.rollout.attention import PackedLayout, packed_attention, row_layout
 
 
 def _dense_mask(prompt_len: int, lens: list[int], L: int) -> torch.Tensor:
@@ -68,7 +68,7 @@ def test_row_layout_mask_grows_with_responses_not_the_row_squared():
 def test_models_on_other_attention_keep_it_and_get_the_dense_mask():
     """An eager model is not switched (its attention would ignore the layout); a model on sdpa is switched
     to rlmt_packed, which gives sdpa's numbers for ordinary calls."""
-    from rlmt.attention import NAME, use_packed_attention
+    from rlmt.rollout.attention import NAME, use_packed_attention
     from rlmt.models import tiny_random_model
 
     eager, _ = tiny_random_model()

@@ -1,4 +1,4 @@
-"""The functional Llama decoder (rlmt.decode) against the model's own forward: the same logits at prefill
+"""The functional Llama decoder (rlmt.rollout.decode) against the model's own forward: the same logits at prefill
 and at every decode step, with left-padded prompts of different lengths, GQA (4 query heads, 2 kv heads),
 attention biases, the cache repeated per sample and rows dropped; and which decoder a model gets."""
 
@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from rlmt.decode import LlamaDecoder, ModuleDecoder, make_decoder
-from rlmt.logprobs import position_ids_from_mask
+from rlmt.rollout.decode import LlamaDecoder, ModuleDecoder, make_decoder
+from rlmt.rollout.logprobs import position_ids_from_mask
 from rlmt.models import load_model
-from rlmt.precision import set_autocast
+from rlmt.rollout.precision import set_autocast
 from rlmt.rollout import left_pad
 
 
@@ -75,10 +75,10 @@ def test_which_decoder(lm):
 def test_own_bfloat16_weights_equal_sampling_from_a_bfloat16_model(lm, monkeypatch):
     """The decoder's own copy of a float32 model's weights (prepacked for oneDNN where this torch can) gives
     bit-identical logits to the plain decoder over the model's parameters swapped to bfloat16
-    (:func:`rlmt.precision.sampling_weights`, what the rollout sampled from before): embedding rows cast after
+    (:func:`rlmt.rollout.precision.sampling_weights`, what the rollout sampled from before): embedding rows cast after
     lookup, norms, rotary, GQA, every linear."""
-    import rlmt.decode as decode
-    from rlmt.precision import sampling_weights
+    import rlmt.rollout.decode as decode
+    from rlmt.rollout.precision import sampling_weights
 
     model = copy.deepcopy(lm.model)
     set_autocast(model, torch.bfloat16)

@@ -14,10 +14,11 @@ from rlmt.models import load_model
 from rlmt.objectives.preference import LOSSES, cdpo_loss, dpo_loss, ipo_loss
 from rlmt.records import read_metrics
 from rlmt.train import dpo as dpo_mod
-from rlmt.logprobs import token_logprobs
-from rlmt.train.dpo import PreferencePair, collate_pairs, dpo_update, preference_loss
+from rlmt.rollout.logprobs import token_logprobs
+from rlmt.data import PreferencePair, collate_pairs
+from rlmt.train.dpo import dpo_update, preference_loss
 from rlmt.train.runner import train
-from rlmt.train.sft import collate_sft
+from rlmt.data import collate_sft
 
 T = torch.tensor
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rlmt.data import PromptFormat, encode_prompt
-from rlmt.logprobs import token_logprobs
+from rlmt.rollout.logprobs import token_logprobs
 from rlmt.models import load_model
 from rlmt.rewards import build_reward_source
 from rlmt.rollout import SamplingParams, generate
@@ -62,8 +62,8 @@ def test_embedded_autocast_logprobs_stay_close_to_float32(smol):
     bfloat16 head gave 0.029), and the bfloat16 sampler's within 0.1 (measured 0.036)."""
     import copy
 
-    from rlmt.logprobs import grouped_response_logprobs
-    from rlmt.precision import set_autocast
+    from rlmt.rollout.logprobs import grouped_response_logprobs
+    from rlmt.rollout.precision import set_autocast
 
     fmt = PromptFormat()
     prompts = [encode_prompt(smol.tokenizer, fmt, f"What is {a} + {b}?") for a, b in [(23, 4), (51, 7)]]

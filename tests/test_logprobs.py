@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlmt.data import PromptFormat, encode_prompt
-from rlmt.logprobs import grouped_hidden_states, grouped_response_logprobs, pack_groups, token_logprobs
+from rlmt.rollout.logprobs import grouped_hidden_states, grouped_response_logprobs, pack_groups, token_logprobs
 from rlmt.models import load_model
 from rlmt.rollout import SamplingParams, generate
 
@@ -39,16 +39,16 @@ def _grads(model, fn):
 
 @pytest.fixture(params=["packed", "dense"])
 def attention(request, monkeypatch):
-    """Both ways the packed rows attend: ``rlmt_packed`` (two SDPA calls a row, rlmt.attention) and the dense
+    """Both ways the packed rows attend: ``rlmt_packed`` (two SDPA calls a row, rlmt.rollout.attention) and the dense
     (B0, 1, L, L) mask for models on other attention implementations. Asserts the intended one ran."""
-    import rlmt.attention
-    import rlmt.logprobs
+    import rlmt.rollout.attention
+    import rlmt.rollout.logprobs
 
     calls = []
-    real = rlmt.attention.packed_attention
-    monkeypatch.setattr(rlmt.attention, "packed_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = rlmt.rollout.attention.packed_attention
+    monkeypatch.setattr(rlmt.rollout.attention, "packed_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     if request.param == "dense":
-        monkeypatch.setattr(rlmt.logprobs, "use_packed_attention", lambda model: False)
+        monkeypatch.setattr(rlmt.rollout.logprobs, "use_packed_attention", lambda model: False)
     yield request.param
     assert bool(calls) == (request.param == "packed")
 
@@ -133,7 +133,7 @@ def test_pack_groups_layout_by_hand():
 
 def test_heap_trimmed_forward_trims_per_layer_only_with_gradient(monkeypatch):
     import rlmt.allocator as allocator
-    from rlmt.logprobs import heap_trimmed_forward
+    from rlmt.rollout.logprobs import heap_trimmed_forward
 
     calls = []
     monkeypatch.setattr(allocator, "release_free_heap", lambda: calls.append(1))

@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 
-import rlmt.precision as precision
+import rlmt.rollout.precision as precision
 from rlmt.config import ConfigError, load_config
 from rlmt.data import PromptFormat, encode_prompt
-from rlmt.logprobs import grouped_response_logprobs
+from rlmt.rollout.logprobs import grouped_response_logprobs
 from rlmt.models import frozen_reference, load_model
-from rlmt.precision import AUTOCAST_ATTR, autocast_dtype, compute_autocast, set_autocast
+from rlmt.rollout.precision import AUTOCAST_ATTR, autocast_dtype, compute_autocast, set_autocast
 from rlmt.rollout import SamplingParams, generate
 from rlmt.train.online import advantages_for
 from rlmt.train.session import prepare_model
@@ -56,7 +56,7 @@ def test_prepare_model_and_reference_carry_the_setting(tmp_path):
     cfg = load_config(None, ["model.name=tiny-random", "model.autocast=bfloat16", f"run.output_dir={tmp_path}"])
     loaded = prepare_model(cfg)
     assert getattr(loaded.model, AUTOCAST_ATTR) is torch.bfloat16
-    assert getattr(frozen_reference(loaded), AUTOCAST_ATTR) is torch.bfloat16
+    assert getattr(frozen_reference(loaded).module, AUTOCAST_ATTR) is torch.bfloat16
     assert all(p.dtype == torch.float32 for p in loaded.model.parameters())  # weights stay float32
     plain = prepare_model(load_config(None, ["model.name=tiny-random", f"run.output_dir={tmp_path}"]))
     assert getattr(plain.model, AUTOCAST_ATTR) is None
@@ -76,7 +76,7 @@ def test_body_in_bfloat16_head_in_float32(lm, rollout):
     lp = grouped_response_logprobs(model, *_group_args(rollout))
     assert seen["q"] is torch.bfloat16 and lp.dtype == torch.float32
     # the head, independently: log_softmax(h W^T) in float32 from the body's (autocast) final states
-    from rlmt.logprobs import pack_groups
+    from rlmt.rollout.logprobs import pack_groups
 
     packed = pack_groups(*_group_args(rollout))
     h = captured["h"].reshape(-1, captured["h"].shape[-1])[packed.source].float()
@@ -167,7 +167,7 @@ def test_sampling_weights_swap_in_a_cast_copy_and_put_back_the_originals(lm):
 
 
 def test_head_log_probs_exact_and_backward_in_the_autocast_dtype():
-    from rlmt.logprobs import _TargetLogprobs
+    from rlmt.rollout.logprobs import _TargetLogprobs
 
     torch.manual_seed(0)
     h = torch.randn(70, 16, requires_grad=True)
@@ -189,7 +189,7 @@ def test_head_log_probs_exact_and_backward_in_the_autocast_dtype():
 
 
 def test_packed_attention_runs_in_float32_under_autocast():
-    from rlmt.attention import _attention, packed_attention, row_layout, PackedLayout
+    from rlmt.rollout.attention import _attention, packed_attention, row_layout, PackedLayout
 
     torch.manual_seed(0)
     layout = PackedLayout((row_layout(3, [2, 4]),))
@@ -222,30 +222,31 @@ def test_grpo_end_to_end_with_autocast(tmp_path):
 
 
 def test_reference_pass_casts_a_file_backed_reference_once_with_the_same_bits(lm, rollout, tmp_path):
-    """A reference memory-mapped from its safetensors file, under autocast: inside ``reference_pass`` its body's
+    """A reference memory-mapped from its safetensors file, under autocast: inside ``Reference.passes`` its body's
     linear weights are bfloat16 copies (norms, embedding and output layer untouched), its log-probs are the
     same bits as autocast casting at every use, and on exit (also after an error) every parameter is the
     original tensor again."""
-    from rlmt.models import LoadedModel, reference_pass
+    from rlmt.models import LoadedModel
 
     lm.model.save_pretrained(tmp_path)
     from transformers import AutoModelForCausalLM
 
     policy = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     set_autocast(policy, torch.bfloat16)
-    ref = frozen_reference(LoadedModel(policy, lm.tokenizer, "local", str(tmp_path)))
-    assert hasattr(ref, "_rlmt_weights")  # paged from the file, the path this is for
+    reference = frozen_reference(LoadedModel(policy, lm.tokenizer, "local", str(tmp_path)))
+    assert reference.pages is not None  # paged from the file, the path this is for
+    ref = reference.module
     with torch.no_grad():
         expected = grouped_response_logprobs(ref, *_group_args(rollout))
     before = {n: (p.data_ptr(), p.dtype) for n, p in ref.named_parameters()}
     linear = {id(m.weight) for m in ref.get_decoder().modules() if isinstance(m, torch.nn.Linear)}
-    with torch.no_grad(), reference_pass(ref):
+    with torch.no_grad(), reference.passes():
         dtypes = {id(p): p.dtype for p in ref.parameters()}
         got = grouped_response_logprobs(ref, *_group_args(rollout))
     assert len(linear) == 7 * ref.config.num_hidden_layers
     assert {i: d for i, d in dtypes.items() if d == torch.bfloat16}.keys() == linear  # norms, embedding: float32
     assert torch.equal(got, expected)
     assert {n: (p.data_ptr(), p.dtype) for n, p in ref.named_parameters()} == before
-    with pytest.raises(RuntimeError, match="boom"), reference_pass(ref):
+    with pytest.raises(RuntimeError, match="boom"), reference.passes():
         raise RuntimeError("boom")
     assert {n: (p.data_ptr(), p.dtype) for n, p in ref.named_parameters()} == before

@@ -18,8 +18,8 @@ from rlmt.objectives.process import (agreement, aggregate_steps, process_step_lo
 from rlmt.records import read_metrics
 from rlmt.rewards import build_reward_source, score_checked
 from rlmt.train import dense as dense_mod
-from rlmt.train.dense import (dense_rewards_for, place_token_rewards, ppo_token_rewards, returns_to_go,
-                              token_char_ends)
+from rlmt.train.dense import dense_rewards_for, place_token_rewards, ppo_token_rewards, returns_to_go
+from rlmt.data import token_char_ends
 from rlmt.train.runner import train
 
 T = torch.tensor
@@ -343,7 +343,9 @@ def test_process_update_is_accumulation_invariant():
     """batch 6 x accumulation 1 == batch 2 x accumulation 3 (rows with different step counts)."""
     import copy
 
-    from rlmt.train.process_reward_model import ProcessHead, StepExample, collate_steps, process_update
+    from rlmt.models import ProcessHead
+    from rlmt.data import StepExample, collate_steps
+    from rlmt.train.process_reward_model import process_update
 
     lm = load_model("tiny-random")
     rng = random.Random(5)

@@ -150,7 +150,7 @@ def test_kill_after_a_rounds_kept_set_is_written_resumes_exactly(tmp_path):
 def test_models_settle_vector_math_dispatch_before_use(monkeypatch):
     """The oneMKL first-call race (see ``warm_up_vector_math``) made resumed runs drift by ~1e-4 in the first
     rotary ``cos``: every model load settles the dispatch first, with one-element calls of each VML op."""
-    import rlmt.models as models
+    import rlmt.models.loading as models
 
     warm_up = models.warm_up_vector_math.__wrapped__  # uncached
     calls = []

@@ -15,8 +15,10 @@ from rlmt.models import load_model
 from rlmt.objectives.preference import bradley_terry_loss
 from rlmt.records import read_metrics
 from rlmt.rewards import build_reward_source, score_checked
-from rlmt.train.dpo import PreferencePair
-from rlmt.train.reward_model import HEAD_FILE, META_FILE, RewardHead, RewardModel, rm_update
+from rlmt.data import PreferencePair
+from rlmt.models.reward_model import HEAD_FILE, META_FILE, RewardModel
+from rlmt.models import RewardHead
+from rlmt.train.reward_model import rm_update
 from rlmt.train.runner import train
 
 T = torch.tensor

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rlmt.data import PromptFormat, encode_prompt
-from rlmt.logprobs import token_logprobs
+from rlmt.rollout.logprobs import token_logprobs
 from rlmt.models import load_model
 from rlmt.rollout import SamplingParams, generate, sample_tokens
 

@@ -7,10 +7,11 @@ import torch
 
 from rlmt.config import OptimConfig
 from rlmt.data import SFTExample
-from rlmt.logprobs import token_logprobs
+from rlmt.rollout.logprobs import token_logprobs
 from rlmt.models import load_model
 from rlmt.train.optim import build_optimizer, lr_factor
-from rlmt.train.sft import collate_sft, make_micro_batches, pack_sft, sft_update
+from rlmt.data import collate_sft, make_micro_batches, pack_sft
+from rlmt.train.sft import sft_update
 
 
 @pytest.fixture(scope="module")

@@ -92,7 +92,7 @@ def limit_heap_fragmentation() -> int:
 
 def per_layer_trim() -> bool:
     """Whether a CPU forward that keeps activations should trim the heap after every layer
-    (:func:`rlmt.logprobs.heap_trimmed_forward`): yes, unless large tensors are huge-page advised and a fixed
+    (:func:`rlmt.rollout.logprobs.heap_trimmed_forward`): yes, unless large tensors are huge-page advised and a fixed
     threshold maps them. Then the trim measured 450-540 thousand page faults a step for no lower peak; without
     huge pages, dropping it raised the peak by ~300 MB."""
     return not (_threshold > 0 and huge_page_tensors())

@@ -33,8 +33,8 @@ class ProcessRewardModelReward:
     def __init__(self, path: str, aggregate: str | None = None, separator: str | None = None, dense: bool = True,
                  batch_size: int = 16, device: str = "auto"):
         from rlmt.data import PromptFormat
-        from rlmt.train.process_reward_model import load_process_reward_model
-        from rlmt.train.session import pick_device
+        from rlmt.models.process_reward_model import load_process_reward_model
+        from rlmt.models import pick_device
 
         if aggregate is not None and aggregate not in STEP_AGGREGATES:
             raise ValueError(f"aggregate {aggregate!r} is not one of {sorted(STEP_AGGREGATES)}")
@@ -55,8 +55,9 @@ class ProcessRewardModelReward:
         """Per response, (step text, char_end, score) for each non-empty step."""
         from rlmt.data import encode_prompt
         from rlmt.objectives.process import step_end_positions
-        from rlmt.train.dense import token_char_ends
-        from rlmt.train.process_reward_model import StepExample, step_scores
+        from rlmt.data import token_char_ends
+        from rlmt.data import StepExample
+        from rlmt.models.process_reward_model import step_scores
 
         steps = [split_steps(r, self.separator) for r in responses]
         todo = [i for i, s in enumerate(steps) if s]

@@ -25,7 +25,7 @@ class RewardModelReward:
     name = "reward_model"
 
     def __init__(self, path: str, batch_size: int = 16, normalize: bool = True, device: str = "auto"):
-        from rlmt.train.reward_model import load_reward_model
+        from rlmt.models.reward_model import load_reward_model
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")

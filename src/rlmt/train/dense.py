@@ -19,23 +19,10 @@ from torch import Tensor
 
 from rlmt.objectives.advantages import kl_penalized_token_rewards
 from rlmt.objectives.process import step_end_positions
+from rlmt.data import token_char_ends
 
 DENSE_METHODS = ("reinforce", "ppo")
 _warned: set[str] = set()
-
-
-def token_char_ends(tokenizer, ids: Sequence[int]) -> list[int]:
-    """The character offset of the decoded text after each token: ``ends[t] = len(decode(ids[:t + 1]))``.
-
-    Decoded as the rollout decodes responses (``skip_special_tokens=True``), so offsets index the same text
-    a reward source saw. Made non-decreasing (a partial multi-byte character may decode to a longer
-    placeholder than the finished character).
-    """
-    ends, reached = [], 0
-    for t in range(len(ids)):
-        reached = max(reached, len(tokenizer.decode(list(ids[:t + 1]), skip_special_tokens=True)))
-        ends.append(reached)
-    return ends
 
 
 def place_token_rewards(response_ids: Tensor, response_mask: Tensor, tokenizer,

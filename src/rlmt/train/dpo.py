@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -24,47 +23,18 @@ import torch
 
 from rlmt.checkpoint import load_checkpoint, save_checkpoint
 from rlmt.config import Config, DPOConfig, to_dict
-from rlmt.data import (LoadReport, PromptFormat, Row, SFTExample, encode_completion, load_rows,
-                       prompt_ids_within_limit)
-from rlmt.logprobs import grouped_response_logprobs
+from rlmt.data import (LoadReport, load_rows)
+from rlmt.rollout.logprobs import grouped_response_logprobs
 from rlmt.objectives.preference import LOSSES, PreferenceLoss, log_ratio_margin
 from rlmt.records import RunRecorder, write_atomic
 from rlmt.rollout import left_pad
 from rlmt.train.optim import build_optimizer, guarded_step
-from rlmt.train.session import resume_checkpoint, save_final, start_run
-from rlmt.train.sft import TokenBatch, collate_sft, examples_per_step, step_indices, total_steps_for
+from rlmt.train.session import resume_checkpoint, start_run
+from rlmt.models import save_final
+from rlmt.train.sft import examples_per_step, step_indices, total_steps_for
+from rlmt.data import PreferencePair, tokenize_preference
 
 REFERENCE_FILE = "reference_logps.pt"
-
-
-@dataclass
-class PreferencePair:
-    """Token ids of one pair; both completions end with the end-of-turn token."""
-
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
-
-
-def tokenize_preference(rows: Sequence[Row], tokenizer, fmt: PromptFormat, max_prompt_tokens: int,
-                        max_completion_tokens: int, on_invalid: str = "error",
-                        report: LoadReport | None = None) -> list[PreferencePair]:
-    """Tokenize preference rows; over-long prompts are an error (or skipped), long completions truncated."""
-    out = []
-    for row in rows:
-        p_ids = prompt_ids_within_limit(row, row.data["prompt"], tokenizer, fmt, max_prompt_tokens, on_invalid, report)
-        if p_ids is None:
-            continue
-        completions = [encode_completion(tokenizer, row.data[k], max_completion_tokens, report, k)
-                       for k in ("chosen", "rejected")]
-        out.append(PreferencePair(p_ids, *completions))
-    return out
-
-
-def collate_pairs(pairs: Sequence[PreferencePair], pad_id: int) -> TokenBatch:
-    """(2B, L) right-padded rows: the B chosen completions, then the B rejected ones, targets on completions."""
-    return collate_sft([SFTExample(p.prompt_ids, p.chosen_ids) for p in pairs]
-                       + [SFTExample(p.prompt_ids, p.rejected_ids) for p in pairs], pad_id)
 
 
 def pair_sequence_logprobs(model: torch.nn.Module, pairs: Sequence[PreferencePair], pad_id: int,

@@ -12,7 +12,7 @@ that turns one scored rollout (:class:`Experience`) into optimizer steps:
 No second forward pass for the old log-probs: pi_old is the sampler's log-probs, except under bfloat16
 autocast, where an exactly on-policy update (one epoch, one optimizer step) takes its ratio against the
 training pass's own detached log-probs (the bfloat16 sampler rounds differently; see ``_optimize``). The reference model runs only when ``pg.beta > 0`` (with LoRA it is the base with adapters
-disabled). Every forward pass runs at the model's autocast setting (:mod:`rlmt.precision`).
+disabled). Every forward pass runs at the model's autocast setting (:mod:`rlmt.rollout.precision`).
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from rlmt.config import Config, PolicyGradientConfig, to_dict
 from rlmt.curriculum import curriculum_weights, draw_prompts, update_pass_rates
 from rlmt.data import check_prompt_lengths, encode_prompt, load_rows, split_sft_row, tokenize_sft
 from rlmt.allocator import release_free_heap
-from rlmt.models import frozen_reference, reference_pass
-from rlmt.precision import autocast_of
-from rlmt.logprobs import grouped_response_logprobs, token_logprobs
+from rlmt.models import frozen_reference
+from rlmt.rollout.precision import autocast_of
+from rlmt.rollout.logprobs import grouped_response_logprobs, token_logprobs
 from rlmt.objectives.advantages import group_relative_advantages, running_mean_baseline
 from rlmt.objectives.aggregate import loss_normalizer, masked_mean
 from rlmt.objectives.policy import kl_penalty_loss, nll_loss, ppo_clip_loss, reinforce_loss, return_weights
@@ -44,8 +44,10 @@ from rlmt.rollout import RolloutBatch, SamplingParams, generate
 from rlmt.train.dense import dense_reinforce_advantages, dense_rewards_for
 from rlmt.train.optim import build_optimizer, guarded_step
 from rlmt.train.runner import _eval_metrics
-from rlmt.train.session import resume_checkpoint, save_final, start_run
-from rlmt.train.sft import make_micro_batches, step_indices
+from rlmt.train.session import resume_checkpoint, start_run
+from rlmt.models import save_final
+from rlmt.data import make_micro_batches
+from rlmt.train.sft import step_indices
 
 
 # ------------------------------------------------------------------------------------------ the parts
@@ -216,16 +218,6 @@ def _response_logprobs(model, batch: RolloutBatch, groups: torch.Tensor, group_s
                                      batch.response_ids[rows], batch.response_mask[rows], group_size, temperature)
 
 
-@contextlib.contextmanager
-def reference_of(policy, ref_copy):
-    """The frozen reference: a copy made at the start, or (LoRA) the policy with adapters disabled."""
-    if ref_copy is not None:
-        yield ref_copy
-    else:
-        with policy.disable_adapter():
-            yield policy
-
-
 # ------------------------------------------------------------------------------------------ the loop
 
 
@@ -244,10 +236,7 @@ def train_online(cfg: Config) -> Path:
     opt, sched = build_optimizer(trainable, cfg.optim, total * pg.epochs * pg.minibatches,
                                  preallocate=cfg.algorithm != "trpo")  # TRPO takes its own steps
     extras = {"critic": critic} if critic is not None else None
-    lora = bool(getattr(policy, "peft_config", None))
-    ref_copy = None
-    if pg.beta > 0 and not lora:
-        ref_copy = frozen_reference(lm, cfg.model.dtype)  # file-backed pages when it can (rlmt.models)
+    reference = frozen_reference(lm, cfg.model.dtype) if pg.beta > 0 else None  # rlmt.models.reference
     ckpt = resume_checkpoint(cfg)
     state = load_checkpoint(ckpt, policy, opt, sched, extras) if ckpt else {"step": 0, "update": {}}
     rec = RunRecorder(run_dir, to_dict(cfg), state["step"] if ckpt else None, cfg.run.tensorboard,
@@ -287,7 +276,7 @@ def train_online(cfg: Config) -> Path:
         t_ref = time.perf_counter()
         if pg.beta > 0:
             release_free_heap()  # the rollout's freed transients, before the reference pass stacks on them
-            with torch.no_grad(), reference_of(policy, ref_copy) as ref, reference_pass(ref):
+            with torch.no_grad(), reference.passes() as ref:
                 # one prompt group per pass: small peak; the reference's file pages are dropped after
                 ref_lp = torch.cat([_response_logprobs(ref, batch, g[None], G, train_t) for g in torch.arange(N // G)])
         dense = dense_rewards_for(cfg.algorithm, batch.response_ids, batch.response_mask, tok, scored.token_rewards,
@@ -353,7 +342,7 @@ def _optimize(trainable, policy, opt, sched, cfg: Config, objective, batch: Roll
     old_lp = batch.logprobs
     # pi_old must be the policy as the trainer computes it. In float32 the sampler computes the same function
     # (its log-probs match the training pass's to ~1e-5), so its numbers serve. Under autocast the sampler is a
-    # bfloat16 copy (rlmt.precision) that rounds differently (~0.04 nats): then an update that is exactly
+    # bfloat16 copy (rlmt.rollout.precision) that rounds differently (~0.04 nats): then an update that is exactly
     # on-policy (one epoch, one optimizer step) takes the ratio against the training pass's own detached
     # log-probs. The sampler/trainer gap is reported either way as rollout/logprob_gap.
     on_policy = pg.epochs == 1 and pg.minibatches == 1 and autocast_of(policy) is not None

@@ -25,31 +25,15 @@ import torch
 from torch import Tensor, nn
 
 from rlmt.config import Config
-from rlmt.precision import autocast_of
-from rlmt.logprobs import activation_checkpointing, cache_survives_checkpointing, grouped_hidden_states, _scored_positions, position_ids_from_mask
+from rlmt.rollout.precision import autocast_of
+from rlmt.rollout.logprobs import activation_checkpointing, cache_survives_checkpointing, grouped_hidden_states, _scored_positions, position_ids_from_mask
 from rlmt.objectives import (explained_variance, gae, loss_normalizer, masked_mean,
                              ppo_clip_loss, value_loss, whiten)
 from rlmt.rollout import RolloutBatch
 from rlmt.train.dense import ppo_token_rewards
 from rlmt.train.online import Experience, UpdateContext
 from rlmt.train.optim import guarded_step
-
-
-class ValueHead(nn.Module):
-    """``V(s_t) = w^T h_t + b`` on the policy's final hidden states: (..., H) -> (...,) float32.
-
-    Initialised to w = 0, b = 0, so every value starts at 0 and the value loss sends no gradient into the
-    trunk before the head has learned something. Kept in float32 whatever the policy's dtype.
-    """
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.linear = nn.Linear(hidden_size, 1)
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
-
-    def forward(self, hidden: Tensor) -> Tensor:
-        return self.linear(hidden.float()).squeeze(-1)
+from rlmt.models import ValueHead
 
 
 def make_value_head(policy: nn.Module, cfg: Config) -> ValueHead:
@@ -66,7 +50,7 @@ def _hidden_before_tokens(policy: nn.Module, batch: RolloutBatch, groups: Tensor
     """(g*G, T, H) final hidden states that predict each response token of the given prompt groups.
 
     Each prompt runs once and its KV cache is repeated for its G responses, as in
-    :func:`rlmt.logprobs.grouped_response_logprobs` (also under gradient checkpointing); with a transformers
+    :func:`rlmt.rollout.logprobs.grouped_response_logprobs` (also under gradient checkpointing); with a transformers
     too old to keep a cache under checkpointing the full sequences run instead. Position t holds the state before response token t.
     """
     rows, P, G = _rows(groups, group_size), batch.prompt_len, group_size

@@ -22,8 +22,10 @@ from rlmt.records import RunRecorder, write_atomic
 from rlmt.rewards import build_reward_source, reward_source_for
 from rlmt.rollout import SamplingParams
 from rlmt.train.optim import build_optimizer
-from rlmt.train.session import resume_checkpoint, save_final, start_run
-from rlmt.train.sft import examples_per_step, make_micro_batches, sft_update, step_indices, total_steps_for
+from rlmt.train.session import resume_checkpoint, start_run
+from rlmt.models import save_final
+from rlmt.train.sft import examples_per_step, sft_update, step_indices, total_steps_for
+from rlmt.data import make_micro_batches
 
 
 def _eval_metrics(cfg: Config, lm, fmt, tag: str, run_dir: Path) -> dict[str, float]:

@@ -3,7 +3,6 @@ directory and the resume point, and writing ``final/``."""
 
 from __future__ import annotations
 
-import copy
 import random
 from pathlib import Path
 
@@ -13,8 +12,8 @@ import torch
 from rlmt.checkpoint import latest_checkpoint, list_checkpoints
 from rlmt.config import Config, ModelConfig
 from rlmt.data import PromptFormat
-from rlmt.models import LoadedModel, load_model, save_pretrained_atomic
-from rlmt.precision import autocast_dtype, set_autocast
+from rlmt.models import LoadedModel, load_model, pick_device
+from rlmt.rollout.precision import autocast_dtype, set_autocast
 
 
 class RunError(RuntimeError):
@@ -25,12 +24,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
 
 
 def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
@@ -89,19 +82,4 @@ def resume_checkpoint(cfg: Config) -> Path | None:
         raise RunError(f"run.resume={cfg.run.resume}: not a complete checkpoint (no state.json)")
     return path
 
-
-def save_final(model: torch.nn.Module, tokenizer, run_dir: Path) -> Path:
-    """Write ``final/``, loadable by ``AutoModelForCausalLM.from_pretrained``.
-
-    With LoRA the adapters go to ``final/adapter`` and ``final/`` holds a merged copy; the live model and
-    the base weights on disk are untouched.
-    """
-    target = Path(run_dir) / "final"
-    if getattr(model, "peft_config", None):
-        merged = copy.deepcopy(model).merge_and_unload()
-        save_pretrained_atomic(merged, tokenizer, target)
-        model.save_pretrained(target / "adapter")
-    else:
-        save_pretrained_atomic(model, tokenizer, target)
-    return target
 

@@ -12,89 +12,16 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from rlmt.config import Config
-from rlmt.data import SFTExample
-from rlmt.logprobs import token_logprobs
+from rlmt.rollout.logprobs import token_logprobs
 from rlmt.objectives.aggregate import loss_normalizer
 from rlmt.objectives.policy import nll_loss
 from rlmt.train.optim import guarded_step
-
-
-@dataclass
-class TokenBatch:
-    """(B, L) ids, attention (2D 0/1, or 4D block-diagonal for packed rows), target mask, positions."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    target_mask: torch.Tensor
-    position_ids: torch.Tensor | None = None
-
-    def to(self, device) -> "TokenBatch":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return TokenBatch(move(self.input_ids), move(self.attention_mask), move(self.target_mask),
-                          move(self.position_ids))
-
-
-def collate_sft(examples: list[SFTExample], pad_id: int) -> TokenBatch:
-    """Right-padded rows [prompt | completion]; targets are the completion tokens only."""
-    L = max(len(e.prompt_ids) + len(e.completion_ids) for e in examples)
-    ids = torch.full((len(examples), L), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(examples), L), dtype=torch.long)
-    target = torch.zeros((len(examples), L), dtype=torch.bool)
-    for i, e in enumerate(examples):
-        seq = e.prompt_ids + e.completion_ids
-        ids[i, :len(seq)] = torch.tensor(seq)
-        attn[i, :len(seq)] = 1
-        target[i, len(e.prompt_ids):len(seq)] = True
-    return TokenBatch(ids, attn, target)
-
-
-def pack_sft(examples: list[SFTExample], pad_id: int, pack_length: int) -> TokenBatch:
-    """Greedily concatenate examples into rows of ``pack_length`` tokens.
-
-    Attention is block-diagonal (each example sees only itself) and positions restart per example, so a
-    packed row computes exactly what the examples would compute alone. An example longer than
-    ``pack_length`` gets a row of its own.
-    """
-    rows: list[list[SFTExample]] = [[]]
-    for e in examples:
-        n = len(e.prompt_ids) + len(e.completion_ids)
-        if rows[-1] and sum(len(x.prompt_ids) + len(x.completion_ids) for x in rows[-1]) + n > pack_length:
-            rows.append([])
-        rows[-1].append(e)
-    L = max(sum(len(x.prompt_ids) + len(x.completion_ids) for x in r) for r in rows)
-    B = len(rows)
-    ids = torch.full((B, L), pad_id, dtype=torch.long)
-    target = torch.zeros((B, L), dtype=torch.bool)
-    pos = torch.zeros((B, L), dtype=torch.long)
-    seg = torch.full((B, L), -1, dtype=torch.long)
-    for i, r in enumerate(rows):
-        at = 0
-        for j, e in enumerate(r):
-            seq = e.prompt_ids + e.completion_ids
-            ids[i, at:at + len(seq)] = torch.tensor(seq)
-            target[i, at + len(e.prompt_ids):at + len(seq)] = True
-            pos[i, at:at + len(seq)] = torch.arange(len(seq))
-            seg[i, at:at + len(seq)] = j
-            at += len(seq)
-    causal = torch.tril(torch.ones((L, L), dtype=torch.bool))
-    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
-    attn = (same & causal)[:, None]  # (B, 1, L, L)
-    attn = attn | torch.eye(L, dtype=torch.bool)[None, None]  # padding rows attend to themselves (no NaN)
-    return TokenBatch(ids, attn, target, pos)
-
-
-def make_micro_batches(examples: list[SFTExample], batch_size: int, pad_id: int,
-                       packing: bool = False, pack_length: int = 512) -> list[TokenBatch]:
-    chunks = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
-    if packing:
-        return [pack_sft(c, pad_id, pack_length) for c in chunks]
-    return [collate_sft(c, pad_id) for c in chunks]
+from rlmt.data import TokenBatch
 
 
 def sft_update(model: torch.nn.Module, micro_batches: list[TokenBatch], optimizer, scheduler,

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from rlmt.logprobs import position_ids_from_mask
+from rlmt.rollout.logprobs import position_ids_from_mask
 from rlmt.objectives import approx_kl, kl_penalty_loss, masked_sum
 from rlmt.train.online import Experience, UpdateContext, advantages_for, sequence_rewards
 

@@ -1,6 +1,6 @@
 """Attention over packed prompt groups without a dense (L, L) mask.
 
-A packed row (:func:`rlmt.logprobs.pack_groups`) holds a prompt once, then its G responses:
+A packed row (:func:`rlmt.rollout.logprobs.pack_groups`) holds a prompt once, then its G responses:
 ``[x | y_1 | ... | y_G]``. The prompt attends causally to itself. Response y_j attends to the prompt and,
 causally, to itself. It never attends to its siblings. With a dense mask, SDPA computes all L^2 query-key
 pairs (L = P + sum_j |y_j|) and the mask alone is L^2 bytes. For G = 16 responses of 1024 tokens after a
@@ -164,7 +164,7 @@ def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, 
                                       **kwargs)
     low = (torch.bfloat16, torch.float16)
     if query.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or value.dtype in low or query.dtype in low):
-        # under autocast (rlmt.precision): CPU flash attention's bfloat16 backward ran 3x slower than its float32
+        # under autocast (rlmt.rollout.precision): CPU flash attention's bfloat16 backward ran 3x slower than its float32
         # one at the GRPO benchmark's shapes (15 ms vs 5 ms a call, 1.8 s vs 0.6 s a step), so attention runs in
         # float32 with autocast off (autocast would cast SDPA's inputs back down)
         with torch.autocast("cpu", enabled=False):

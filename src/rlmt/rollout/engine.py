@@ -1,4 +1,4 @@
-"""Rollout engine v1: G samples for each of a batch of prompts in one batched, KV-cached pass.
+"""The rollout engine: G samples for each of a batch of prompts in one batched, KV-cached pass.
 
 The prompts are prefilled once each and the cache is then repeated G times, so the prefill costs P tokens
 per prompt, not G x P. Each decode step computes the output projection for the last position only
@@ -10,9 +10,9 @@ draws one exponential per vocabulary entry: ~50 ms at 32 x 49152 on a 2-core CPU
 
 The log-prob returned for each sampled token is log softmax(logits / T) at that token (T = the sampling
 temperature; 1 for greedy), before top-p truncation: the same number a fresh forward pass over the sequence
-computes with :func:`rlmt.logprobs.token_logprobs` at the same temperature, so it serves as pi_old.
+computes with :func:`rlmt.rollout.logprobs.token_logprobs` at the same temperature, so it serves as pi_old.
 
-The forward passes go through a decoder (:mod:`rlmt.decode`): the model's own forward, or, when the rollout
+The forward passes go through a decoder (:mod:`rlmt.rollout.decode`): the model's own forward, or, when the rollout
 samples from bfloat16 weights (``model.autocast``), a functional decoder for Llama-family models.
 """
 
@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlmt.decode import functional_dtype, make_decoder
-from rlmt.logprobs import position_ids_from_mask
-from rlmt.precision import sampling_weights
+from rlmt.rollout.decode import functional_dtype, make_decoder
+from rlmt.rollout.logprobs import position_ids_from_mask
+from rlmt.rollout.precision import sampling_weights
 
 
 @dataclass(frozen=True)
@@ -114,8 +114,8 @@ def _eos_ids(model, tokenizer) -> list[int]:
 def generate(model: torch.nn.Module, tokenizer, prompts: list[list[int]], params: SamplingParams,
              generator: torch.Generator | None = None) -> RolloutBatch:
     """Sample ``params.num_samples`` responses for each prompt (token ids) in one batched pass; a model that
-    autocasts samples from a bfloat16 copy of its weights (the functional decoder's own, :mod:`rlmt.decode`,
-    or else :func:`rlmt.precision.sampling_weights`)."""
+    autocasts samples from a bfloat16 copy of its weights (the functional decoder's own, :mod:`rlmt.rollout.decode`,
+    or else :func:`rlmt.rollout.precision.sampling_weights`)."""
     if functional_dtype(model) is not None:
         return _generate(model, tokenizer, prompts, params, generator)
     with sampling_weights(model):
@@ -135,7 +135,7 @@ def _generate(model: torch.nn.Module, tokenizer, prompts: list[list[int]], param
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     P = prompt_ids.shape[1]
 
-    decoder = make_decoder(model, P + T)  # rlmt.decode: the model's forward, or a functional Llama decoder
+    decoder = make_decoder(model, P + T)  # rlmt.rollout.decode: the model's forward, or a functional Llama decoder
     logits = decoder.prefill(prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask))  # (B0, V)
     if G > 1:
         decoder.repeat_interleave(G)

@@ -2,15 +2,15 @@
 
 ``model.autocast`` picks it (:func:`autocast_dtype`). The choice is kept on the model (:func:`set_autocast`)
 and the forward passes rlmt runs follow it: the reference pass and the training passes open
-:func:`compute_autocast` (:mod:`rlmt.logprobs`); the rollout samples from a bfloat16 copy of the weights
-(the functional decoder's own for the Llama family, :mod:`rlmt.decode`; else :func:`sampling_weights`). Backward runs outside autocast, as it requires;
+:func:`compute_autocast` (:mod:`rlmt.rollout.logprobs`); the rollout samples from a bfloat16 copy of the weights
+(the functional decoder's own for the Llama family, :mod:`rlmt.rollout.decode`; else :func:`sampling_weights`). Backward runs outside autocast, as it requires;
 gradient checkpointing replays a layer under the autocast state of its first pass.
 
 The output projection and log-softmax that turn hidden states into log-probs stay in the weights' dtype
-(:func:`rlmt.logprobs._scored_positions` turns autocast off there), because they enter every ratio and KL
+(:func:`rlmt.rollout.logprobs._scored_positions` turns autocast off there), because they enter every ratio and KL
 directly. Measured on SmolLM2-135M against float32 log-probs (the GRPO benchmark's batch): mean |error|
 0.016 nats with the float32 head, 0.029 with a bfloat16 one. Packed attention also runs in float32
-(:mod:`rlmt.attention`: CPU flash attention's bfloat16 backward was 3x slower).
+(:mod:`rlmt.rollout.attention`: CPU flash attention's bfloat16 backward was 3x slower).
 
 Measured on a 2-core CPU with AMX (SmolLM2-135M, the GRPO benchmark's step): square bfloat16 products run
 at ~1.7 TFLOP/s against ~250 GFLOP/s in float32; decode GEMMs at 8-32 rows run ~3x faster. On a CPU without
@@ -77,7 +77,7 @@ def compute_autocast(model: torch.nn.Module) -> contextlib.AbstractContextManage
 
 @contextlib.contextmanager
 def sampling_weights(model: torch.nn.Module):
-    """For a rollout through the model's own forward (models :class:`rlmt.decode.LlamaDecoder` does not
+    """For a rollout through the model's own forward (models :class:`rlmt.rollout.decode.LlamaDecoder` does not
     support): while open, ``model``'s floating-point parameters hold their autocast dtype (a cast copy); on exit the original tensors are put back, bit for bit, whatever happened inside. A no-op unless
     :func:`set_autocast` chose a dtype.
 

@@ -13,11 +13,10 @@ Model names understood by :func:`load_model`:
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import importlib.util
 import json
 import functools
-import mmap
 import os
 import shutil
 import tempfile
@@ -27,7 +26,6 @@ from pathlib import Path
 import torch
 
 from rlmt.allocator import limit_heap_fragmentation
-from rlmt.precision import autocast_of, set_autocast
 
 EMBEDDED = "smollm2-135m-instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -225,126 +223,11 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", seed: int
     return LoadedModel(model, tok, name, path)
 
 
-def _file_mappings() -> list[tuple[int, int, str, str]]:
-    """(start, end, permissions, path) of this process's file-backed memory mappings (Linux; else [])."""
-    out = []
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                parts = line.split(None, 5)
-                if len(parts) == 6 and parts[5].startswith("/"):
-                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                    out.append((lo, hi, parts[1], parts[5].strip()))
-    except OSError:
-        pass
-    return out
-
-
-def _weight_mappings(model: torch.nn.Module, path: str) -> list[tuple[int, int]]:
-    """The private file mappings of ``path`` that hold *every* parameter of ``model``, or [] if any parameter
-    lives elsewhere (then paging is not possible)."""
-    maps = [(lo, hi) for lo, hi, perm, p in _file_mappings() if perm.endswith("p") and p == path]
-    used = set()
-    for p in model.parameters():
-        ptr = p.data_ptr()
-        hit = next(((lo, hi) for lo, hi in maps if lo <= ptr and ptr + p.numel() * p.element_size() <= hi), None)
-        if hit is None:
-            return []
-        used.add(hit)
-    return sorted(used)
-
-
-def frozen_reference(lm: LoadedModel, dtype: str = "float32") -> torch.nn.Module:
-    """A frozen (eval, no-grad) copy of ``lm.model``'s *current* weights, to use as a KL reference.
-
-    When the policy came from a float32 safetensors checkpoint on the CPU and still holds exactly the
-    weights in that file, the copy is loaded from the file again: transformers memory-maps it, so its weights
-    are clean file-backed pages that :func:`release_reference_pages` can drop from the process between
-    reference passes (the next pass faults them back in from the page cache; the numbers are the same bits).
-    Otherwise (tiny models, other dtypes, GPU, weights already changed) it is a ``copy.deepcopy``. Either way
-    its forward passes run at the policy's autocast setting (:mod:`rlmt.precision`), so the two agree exactly
-    while their weights do.
-    """
-    import copy
-
-    model = lm.model
-    params = list(model.parameters())
-    weights = Path(lm.path) / "model.safetensors"
-    if (dtype == "float32" and not is_tiny(lm.name) and weights.exists()
-            and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)):
-        from transformers import AutoModelForCausalLM
-
-        ref = AutoModelForCausalLM.from_pretrained(lm.path, dtype=torch.float32).eval().requires_grad_(False)
-        ref_params = dict(ref.named_parameters())
-        same = set(ref_params) == {n for n, _ in model.named_parameters()} and all(
-            torch.equal(ref_params[n], p) for n, p in model.named_parameters())
-        spans = _weight_mappings(ref, str(weights.resolve())) if same else []
-        shared = any(lo <= p.data_ptr() < hi for p in params for lo, hi in spans)  # never page the policy
-        if spans and not shared:
-            ref._rlmt_weights = (str(weights.resolve()), spans)  # marks it pageable
-            release_reference_pages(ref)
-            return set_autocast(ref, autocast_of(model))  # the policy's forward precision
-        del ref
-    return copy.deepcopy(model).eval().requires_grad_(False)
-
-
-def release_reference_pages(ref: torch.nn.Module) -> int:
-    """Drop the resident pages of a :func:`frozen_reference` loaded from its file (no-op for a deepcopy);
-    returns the bytes of mappings released.
-
-    ``madvise(MADV_DONTNEED)`` on a private file mapping discards the process's pages; the next access reads
-    the file again (from the page cache). The reference is never written, so nothing is lost, and even a
-    written page would come back as the file's (= the reference's) value.
-    """
-    path, spans = getattr(ref, "_rlmt_weights", (None, None))
-    if path is None or _weight_mappings(ref, path) != spans:
-        return 0
-    return _drop_pages(spans)
-
-
-def _drop_pages(spans: list[tuple[int, int]]) -> int:
-    """madvise(MADV_DONTNEED) each [lo, hi) of a private file mapping (lo page-aligned); returns the bytes."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return sum(hi - lo for lo, hi in spans if libc.madvise(lo, hi - lo, mmap.MADV_DONTNEED) == 0)
-
-
-@contextlib.contextmanager
-def reference_pass(ref: torch.nn.Module):
-    """Open around a reference's no-grad forward passes (all of a step's); drops its file pages on exit
-    (:func:`release_reference_pages`).
-
-    For a file-backed reference under autocast, the decoder body's ``nn.Linear`` weights and biases (what
-    autocast casts at every use) hold a cast copy while open, made once from the file's float32 pages, which
-    are dropped as each is cast: the passes then hold a bfloat16 body (~210 MB for SmolLM2-135M) instead of
-    faulting in its float32 pages (~430 MB), and cast once instead of once per forward. The log-probs are the
-    same bits (autocast casts a bfloat16 weight to itself); norms, embeddings and the output layer are untouched.
-    On exit the original tensors are put back, whatever happened inside.
-    """
-    path, spans = getattr(ref, "_rlmt_weights", (None, None))
-    dtype = autocast_of(ref)
-    originals: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
-    try:
-        if path is not None and dtype is not None and _weight_mappings(ref, path) == spans:
-            head = ref.get_output_embeddings()
-            skip = {id(p) for p in head.parameters()} if head is not None else set()
-            for m in ref.get_decoder().modules():
-                if isinstance(m, torch.nn.Linear):
-                    for p in (m.weight, m.bias):
-                        if (p is not None and id(p) not in skip and id(p) not in originals
-                                and p.is_floating_point() and p.dtype != dtype):
-                            originals[id(p)] = (p, p.data)
-                            p.data = p.data.to(dtype)
-                            old = originals[id(p)][1]  # drop the float32 pages just read
-                            lo = old.data_ptr()
-                            _drop_pages([(lo - lo % mmap.PAGESIZE, lo + old.numel() * old.element_size())])
-        yield ref
-    finally:
-        for p, data in originals.values():
-            p.data = data
-        release_reference_pages(ref)
+def pick_device(name: str) -> str:
+    """``model.device``: 'auto' is cuda when available, else cpu; anything else as given."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 def is_tiny(name: str) -> bool:
@@ -367,3 +250,19 @@ def save_pretrained_atomic(model: torch.nn.Module, tokenizer, target: Path) -> N
     tmp.rename(target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def save_final(model: torch.nn.Module, tokenizer, run_dir: Path) -> Path:
+    """Write ``final/``, loadable by ``AutoModelForCausalLM.from_pretrained``.
+
+    With LoRA the adapters go to ``final/adapter`` and ``final/`` holds a merged copy; the live model and
+    the base weights on disk are untouched.
+    """
+    target = Path(run_dir) / "final"
+    if getattr(model, "peft_config", None):
+        merged = copy.deepcopy(model).merge_and_unload()
+        save_pretrained_atomic(merged, tokenizer, target)
+        model.save_pretrained(target / "adapter")
+    else:
+        save_pretrained_atomic(model, tokenizer, target)
+    return target

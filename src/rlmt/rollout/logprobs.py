@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
-from rlmt.attention import PackedLayout, row_layout, use_packed_attention
-from rlmt.precision import autocast_of, compute_autocast
+from rlmt.rollout.attention import PackedLayout, row_layout, use_packed_attention
+from rlmt.rollout.precision import autocast_of, compute_autocast
 
 
 def activation_checkpointing(model: torch.nn.Module) -> bool:
@@ -169,11 +169,11 @@ def _scored_positions(h: torch.Tensor, targets: torch.Tensor, head: torch.nn.Mod
     no more than ``chunk_tokens x V`` float32 logits live at once, forward or backward
     (:class:`_TargetLogprobs`). ``entropy=False``: zeros instead of entropies, and less memory per chunk.
     The log-probs are computed in the head's dtype (autocast off); ``grad_dtype`` is the model's autocast
-    dtype, in which the backward's products run (:mod:`rlmt.precision`)."""
+    dtype, in which the backward's products run (:mod:`rlmt.rollout.precision`)."""
     if h.shape[0] == 0:
         return h.sum(-1) * 0.0, h.new_zeros(0)
     weight, bias = head.weight, head.bias
-    h = h.to(weight.dtype)  # under autocast (rlmt.precision) the body's output may be bfloat16
+    h = h.to(weight.dtype)  # under autocast (rlmt.rollout.precision) the body's output may be bfloat16
     device = h.device.type
     with torch.autocast(device, enabled=False):  # log-probs in the weights' dtype, even under autocast
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
@@ -266,7 +266,7 @@ class PackedGroups:
     positions: torch.Tensor  # (B0, L): the prompt from 0; each response continues from the prompt's length
     source: torch.Tensor  # (M,) flat index into (B0 * L) of the state predicting each scored response token
     targets: torch.Tensor  # (M,) those tokens, in the row-major order of ``response_mask``
-    layout: PackedLayout  # the same structure for :mod:`rlmt.attention` (no (L, L) mask)
+    layout: PackedLayout  # the same structure for :mod:`rlmt.rollout.attention` (no (L, L) mask)
 
     def dense_mask(self) -> torch.Tensor:
         """(B0, 1, L, L) bool, True = may attend: the mask for attention implementations other than
@@ -341,7 +341,7 @@ def grouped_response_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, 
     """
     N, T = response_ids.shape
     packed = pack_groups(prompt_ids, prompt_mask, response_ids, response_mask, group_size)
-    if use_packed_attention(model):  # two SDPA calls a row, no (L, L) mask (rlmt.attention)
+    if use_packed_attention(model):  # two SDPA calls a row, no (L, L) mask (rlmt.rollout.attention)
         # an all-ones 2-D mask: transformers then neither builds a causal mask nor infers packing from positions
         attention = {"attention_mask": torch.ones_like(packed.input_ids), "rlmt_layout": packed.layout}
     else:

@@ -4,7 +4,7 @@ Two implementations of one small interface (``prefill``, ``step``, ``repeat_inte
 
 - :class:`ModuleDecoder` calls the model's own ``forward`` with a cache written in place. Any causal LM.
 - :class:`LlamaDecoder`, a functional decoder for the Llama family (Llama, Mistral, Qwen2, SmolLM), used when
-  the rollout samples in bfloat16 or float16: a model that autocasts (:mod:`rlmt.precision`) or one loaded in
+  the rollout samples in bfloat16 or float16: a model that autocasts (:mod:`rlmt.rollout.precision`) or one loaded in
   that dtype. There a 135M model's decode step is mostly per-op overhead, not arithmetic: at 32 rows its
   ~210 bfloat16 GEMMs take ~27 ms of a ~80 ms module step. The functional form skips the modules, cache
   objects and mask building, and folds GQA into the query axis instead of expanding the cache. Measured on
@@ -31,8 +31,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from rlmt.logprobs import cache_kwarg
-from rlmt.precision import autocast_of
+from rlmt.rollout.logprobs import cache_kwarg
+from rlmt.rollout.precision import autocast_of
 
 LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2"})
 
