@@ -43,7 +43,7 @@ def _pipeline(d: Path, out: Path) -> dict:
     f = _data(d)
     return {
         "algorithm": "pipeline",
-        "model": {"name": "tiny-random", "threads": 1},
+        "model": {"name": "tiny-random"}, "runtime": {"threads": 1},
         "optim": {"lr": 1e-3, "batch_size": 4},
         "run": {"output_dir": str(out), "progress": False, "save_every": 1, "keep_checkpoints": 10},
         "stages": [
@@ -94,7 +94,7 @@ def test_plan_merges_substitutes_and_places_stages(tmp_path):
     # deep merge: the shared reward.args gains the stage's path; shared keys reach every stage
     assert ppo.reward.args == {"batch_size": 4, "path": str(tmp_path / "out" / "rm" / "final")}
     assert not rm.data.chat and sft.optim.lr == 1e-3 and sft.optim.max_steps == 3 and rm.optim.max_steps == 5
-    assert sft.model.threads == 1 and not sft.stages
+    assert sft.runtime.threads == 1 and not sft.stages
 
 
 def _bad(tmp_path, edit) -> dict:

@@ -26,7 +26,7 @@ T = torch.tensor
 
 @pytest.fixture(scope="module", autouse=True)
 def _restore_threads():
-    """The runs here use model.threads=1 (robust timings on a busy 2-core box); later test files get theirs back."""
+    """The runs here use runtime.threads=1 (robust timings on a busy 2-core box); later test files get theirs back."""
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
@@ -130,7 +130,7 @@ def _write(path, idx):
 
 
 def _cfg(d, *extra):
-    return load_config(None, ["algorithm=reward_model", "model.name=tiny-random", "model.threads=1",
+    return load_config(None, ["algorithm=reward_model", "model.name=tiny-random", "runtime.threads=1",
                               f"run.output_dir={d / 'run'}", f"data.train={_write(d / 'train.jsonl', range(16))}",
                               f"data.eval={_write(d / 'eval.jsonl', range(50, 58))}", "optim.batch_size=4",
                               "optim.lr=1e-3", "optim.max_steps=6", "run.seed=0", "run.save_every=1",
@@ -223,7 +223,7 @@ def test_grpo_runs_on_the_reward_model(trained, tmp_path):
     from rlmt.tasks import write_addition_split
 
     train_file, _ = write_addition_split(tmp_path, 8, 2)
-    cfg = load_config(None, ["algorithm=grpo", "model.name=tiny-random", "model.threads=1",
+    cfg = load_config(None, ["algorithm=grpo", "model.name=tiny-random", "runtime.threads=1",
                              f"run.output_dir={tmp_path / 'grpo'}", f"data.train={train_file}",
                              "reward.source=reward_model", f"reward.args={{path: {trained[0] / 'final'}}}",
                              "rollout.num_samples=2", "rollout.batch_prompts=2", "rollout.max_new_tokens=4",

@@ -46,13 +46,31 @@ class ModelConfig:
     name: str = doc("smollm2-135m-instruct", "model: 'smollm2-135m-instruct', 'tiny-random[:L:H]', or a transformers directory")
     dtype: Literal["float32", "bfloat16", "float16"] = doc("float32", "weight dtype (float32 on CPU)")
     device: str = doc("auto", "'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:N'")
-    threads: int = doc(0, "torch intra-op threads; 0 keeps torch's default")
     gradient_checkpointing: bool = doc(False, "recompute activations in backward to save memory")
     autocast: Literal["none", "bfloat16", "auto"] = doc(
         "none", "mixed precision: forward passes (rollout, reference, training) in bfloat16 under torch.autocast, "
                 "weights/gradients/optimizer in float32, log-probs from a float32 output projection; 'auto' = "
                 "bfloat16 where the device has bf16 matrix units (CUDA with bf16, CPU with AMX), else none")
     lora: LoraConfig = section(LoraConfig, "optional LoRA adapters (peft)")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    threads: int = doc(0, "torch intra-op threads, set when the run starts; 0 keeps torch's default")
+    huge_pages: bool = doc(
+        True, "CPU: torch advises tensors of 2 MiB or more for transparent huge pages (THP_MEM_ALLOC_ENABLE=1). "
+              "torch reads this once, at its first allocation: the rlmt command line sets it before torch starts; "
+              "a library caller sets THP_MEM_ALLOC_ENABLE=1 in the environment itself (the run reports which is in "
+              "effect). Linux only")
+    mmap_threshold: int = doc(
+        -1, "CPU: glibc's mmap threshold in bytes, fixed when the run starts (blocks this large are unmapped as "
+            "soon as they are freed); -1: 4 MiB when huge pages are in effect, else glibc's adaptive threshold; "
+            "0: glibc's adaptive threshold")
+    heap_trim: bool = doc(True, "CPU: hand glibc's free heap back to the OS between the phases of an online step "
+                                "(rollout, reference pass, update): lower peak memory, a few ms each")
+    layer_trim: Literal["auto", "on", "off"] = doc(
+        "auto", "CPU: also trim after every decoder layer of a training forward; auto: only when huge pages or "
+                "a fixed mmap threshold are not both in effect")
 
 
 @dataclass(frozen=True)
@@ -239,6 +257,7 @@ class Config:
     stages: list = doc([], "pipeline: ordered stages [{name, ...config keys}], each merged over this config; "
                            "'${NAME}' in a value is stage NAME's final/ directory")
     eval: EvalConfig = section(EvalConfig, "evaluation")
+    runtime: RuntimeConfig = section(RuntimeConfig, "process settings applied when a run starts: threads, allocator")
     run: RunConfig = section(RunConfig, "run directory, seeding, checkpoints, logging")
 
 

@@ -39,8 +39,8 @@ def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
 
 def prepare_model(cfg: Config) -> LoadedModel:
     """Load the policy as configured: device, dtype, threads, gradient checkpointing, LoRA, autocast."""
-    if cfg.model.threads > 0:
-        torch.set_num_threads(cfg.model.threads)
+    if cfg.runtime.threads > 0:
+        torch.set_num_threads(cfg.runtime.threads)
     lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=pick_device(cfg.model.device), seed=cfg.run.seed)
     if cfg.model.gradient_checkpointing:
         enable = getattr(lm.model, "activation_checkpointing_enable", None) or lm.model.gradient_checkpointing_enable
