@@ -1,4 +1,10 @@
-"""Shared pieces of the side-by-side benchmarks: per-process peak RSS and running one side in a child."""
+"""Shared pieces of the side-by-side benchmarks: per-process peak RSS and running one side in a child.
+
+Importing it turns on huge pages for torch's CPU tensors (``THP_MEM_ALLOC_ENABLE=1``, rlmt's
+``runtime.huge_pages`` default, unless the environment says otherwise): torch reads the variable once, at its
+first allocation, so every benchmark imports this module before torch. The benchmarks are scripts that own
+their process; rlmt itself changes nothing on import.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,9 @@ import resource
 import subprocess
 import sys
 import tempfile
+
+if sys.platform.startswith("linux"):
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
 def peak_rss_mb() -> float:

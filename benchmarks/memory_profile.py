@@ -10,7 +10,7 @@ free but kept / mmapped), so a peak splits into tensors, transients and fragment
 
     python benchmarks/memory_profile.py dpo --steps 2
     python benchmarks/memory_profile.py grpo --steps 2 --set model.gradient_checkpointing=true
-    RLMT_MMAP_THRESHOLD=0 python benchmarks/memory_profile.py dpo      # glibc's default (growing) threshold
+    python benchmarks/memory_profile.py dpo --set runtime.mmap_threshold=0   # glibc's default (growing) threshold
     python benchmarks/memory_profile.py dpo --set model.gradient_checkpointing=false   # any config override
 
 Measured 2026-11-22, SmolLM2-135M-Instruct fp32 on CPU (2 cores, busy machine: peaks are exact, times are
@@ -58,7 +58,7 @@ What the peak is made of (DPO, end of backward = 2470 MB):
     as fragmented free heap: glibc raises its mmap threshold up to 32 MiB each time a mapped block is freed,
     so multi-MiB tensors come from the heap afterwards and their memory is never given back (heap "free"
     1.6 GB in A vs < 0.1 GB in C). malloc_trim after the fact cannot lower a peak that happens inside
-    backward; a fixed threshold (rlmt.allocator.limit_heap_fragmentation, applied by load_model on CPU) can.
+    backward; a fixed threshold (runtime.mmap_threshold, applied by rlmt.runtime.apply_runtime on CPU) can.
 
 Floors (fp32, exact math as TRL: same optimizer, grad-norm clipping needs every gradient before any update,
 so gradients and AdamW states must coexist):
@@ -82,6 +82,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402,F401 - before torch: huge pages for CPU tensors, as rlmt runs have by default
 
 _libc = ctypes.CDLL("libc.so.6")
 
@@ -317,7 +318,7 @@ def main() -> None:
         train(cfg)
         wall = time.perf_counter() - t0
     print(f"{a.algorithm} {' '.join(a.set)} MALLOC_ARENA_MAX={os.environ.get('MALLOC_ARENA_MAX', '-')} "
-          f"RLMT_MMAP_THRESHOLD={os.environ.get('RLMT_MMAP_THRESHOLD', '-')} trim={a.trim} "
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '-')} trim={a.trim} "
           f"mmap_threshold={a.mmap_threshold or '-'} steps={a.steps} "
           f"wall {wall:.0f}s")
     print(ph.report())

@@ -26,7 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402,F401 - before torch: huge pages for CPU tensors, as rlmt runs have by default
+
+import torch  # noqa: E402
 
 from rlmt.data import PromptFormat, encode_prompt
 from rlmt.rollout.logprobs import position_ids_from_mask

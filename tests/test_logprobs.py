@@ -132,13 +132,17 @@ def test_pack_groups_layout_by_hand():
 
 
 def test_heap_trimmed_forward_trims_per_layer_only_with_gradient(monkeypatch):
-    import rlmt.allocator as allocator
+    from rlmt import runtime
     from rlmt.rollout.logprobs import heap_trimmed_forward
 
+    def state(layer_trim: bool) -> runtime.RuntimeState:
+        return runtime.RuntimeState(threads=1, huge_pages=True, huge_pages_active=not layer_trim,
+                                    mmap_threshold=0 if layer_trim else 4 << 20, heap_trim=True, layer_trim=layer_trim)
+
     calls = []
-    monkeypatch.setattr(allocator, "release_free_heap", lambda: calls.append(1))
-    lm = load_model("tiny-random")  # (fixes the mmap threshold on this machine; set below either way)
-    monkeypatch.setattr(allocator, "_threshold", 0)  # glibc's adaptive mmap threshold
+    monkeypatch.setattr(runtime, "release_free_heap", lambda: calls.append(1))
+    lm = load_model("tiny-random")
+    monkeypatch.setattr(runtime, "_applied", state(layer_trim=True))  # glibc's adaptive mmap threshold
     n_layers = lm.model.config.num_hidden_layers
     ids = torch.tensor([[1, 2, 3]])
     with heap_trimmed_forward(lm.model):
@@ -148,8 +152,8 @@ def test_heap_trimmed_forward_trims_per_layer_only_with_gradient(monkeypatch):
         lm.model(input_ids=ids)
     lm.model(input_ids=ids)  # hooks are gone after the block
     assert len(calls) == n_layers
-    monkeypatch.setattr(allocator, "_threshold", 4 << 20)  # large blocks mapped and huge-page advised:
-    monkeypatch.setattr(allocator, "huge_page_tensors", lambda: True)  # nothing to trim per layer
+    # large blocks mapped and huge-page advised: nothing to trim per layer
+    monkeypatch.setattr(runtime, "_applied", state(layer_trim=False))
     with heap_trimmed_forward(lm.model):
         lm.model(input_ids=ids)
     assert len(calls) == n_layers

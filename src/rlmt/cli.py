@@ -38,11 +38,43 @@ def _load(args):
     return load_config(args.config, args.overrides)
 
 
+def huge_pages_env(args: argparse.Namespace) -> bool:
+    """Whether this command should run with ``THP_MEM_ALLOC_ENABLE=1``: on Linux, a command that starts a run
+    (train, eval, generate, demo) whose config says ``runtime.huge_pages``.
+
+    torch reads the variable once, at its first CPU allocation, so :func:`main` decides before torch loads; the
+    config is read as the command will read it (YAML and overrides; no torch). A config that does not load
+    gives False, and the command then reports its error."""
+    if not sys.platform.startswith("linux") or args.command not in ("train", "eval", "generate", "demo"):
+        return False
+    from rlmt.config import ConfigError, load_config
+
+    try:
+        if args.command == "demo":
+            from rlmt.demo import DEMO_CONFIG
+
+            return load_config(None, args.overrides, base=DEMO_CONFIG).runtime.huge_pages
+        return _load(args).runtime.huge_pages
+    except ConfigError:
+        return False
+
+
+def _print_runtime_note() -> None:
+    """After a command's run: the one-line note of its runtime settings, if they have one (huge pages asked for
+    and not in effect); after the output, so an error stays the only line of a failed command."""
+    from rlmt.runtime import applied
+
+    state = applied()
+    if state is not None and state.note:
+        print(f"note: {state.note}", file=sys.stderr)
+
+
 def cmd_train(args) -> int:
     cfg = _load(args)  # config errors are reported before the heavy imports
     from rlmt.train.runner import train
 
     run_dir = train(cfg)
+    _print_runtime_note()
     print(f"run written to {run_dir}")
     return 0
 
@@ -72,6 +104,7 @@ def cmd_eval(args) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_samples(out, samples)
     print(json.dumps({"model": cfg.model.name, "data": path, **metrics}, indent=1))
+    _print_runtime_note()
     return 0
 
 
@@ -104,13 +137,16 @@ def cmd_generate(args) -> int:
             out.write(json.dumps({"prompt": row["prompt"], "response": text}) + "\n")
     if out is not sys.stdout:
         out.close()
+    _print_runtime_note()
     return 0
 
 
 def cmd_demo(args) -> int:
     from rlmt.demo import run_demo
 
-    return run_demo(args.output_dir, args.overrides)
+    code = run_demo(args.output_dir, args.overrides)
+    _print_runtime_note()
+    return code
 
 
 def cmd_report(args) -> int:
@@ -263,17 +299,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as :func:`main` reads it (a config argument with ``=`` that is no file is an override)."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "config", None) and "=" in args.config and not Path(args.config).exists():
+        args.overrides = [args.config] + list(args.overrides)  # only overrides were given
+        args.config = None
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     if not getattr(args, "func", None):
-        parser.print_help()
+        build_parser().print_help()
         return 0
     if getattr(args, "help_config", False):
         return cmd_help_config()
-    if hasattr(args, "config") and args.config and "=" in args.config and not Path(args.config).exists():
-        args.overrides = [args.config] + list(args.overrides)  # only overrides were given
-        args.config = None
+    if "torch" not in sys.modules and huge_pages_env(args):  # torch reads it at its first allocation
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # the user's own value wins
     _quiet_transformers()
     from rlmt.config import ConfigError
     from rlmt.data import DataError

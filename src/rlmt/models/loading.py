@@ -25,8 +25,6 @@ from pathlib import Path
 
 import torch
 
-from rlmt.allocator import limit_heap_fragmentation
-
 EMBEDDED = "smollm2-135m-instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -201,14 +199,10 @@ def warm_up_vector_math() -> None:
 
 
 def load_model(name: str, dtype: str = "float32", device: str = "cpu", seed: int = 0) -> LoadedModel:
-    """Load a policy and tokenizer by name (see the module docstring).
-
-    On CPU this also fixes glibc's mmap threshold (:func:`rlmt.allocator.limit_heap_fragmentation`)."""
+    """Load a policy and tokenizer by name (see the module docstring)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     warm_up_vector_math()
-    if str(device).startswith("cpu"):
-        limit_heap_fragmentation()
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     if name.startswith("tiny-random"):

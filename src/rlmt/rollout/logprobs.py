@@ -44,19 +44,20 @@ def cache_survives_checkpointing() -> bool:
 @contextlib.contextmanager
 def heap_trimmed_forward(model: torch.nn.Module):
     """During a CPU forward that keeps activations for backward, return the allocator's free heap to the OS
-    after every decoder layer (:func:`rlmt.allocator.release_free_heap`), unless large tensors are already
-    huge-page advised and unmapped when freed (:func:`rlmt.allocator.per_layer_trim`).
+    after every decoder layer (:func:`rlmt.runtime.release_free_heap`), as ``runtime.layer_trim`` says
+    (:func:`rlmt.runtime.per_layer_trim`; by default not when large tensors are already huge-page advised and
+    unmapped when freed).
 
     Each layer frees its transients but keeps its output (and autograd's small blocks) on top of them, so
     glibc's heap grows by several times the kept size per layer; measured on the GRPO benchmark step
     (SmolLM2-135M, checkpointing, one backward per step) this cut peak RSS by ~290 MB at no measurable time
     cost. Not done in backward, where it cost time and saved less. A no-op without gradient or off the CPU.
     """
-    from rlmt import allocator
+    from rlmt import runtime
 
     hooks = []
-    if torch.is_grad_enabled() and next(model.parameters()).device.type == "cpu" and allocator.per_layer_trim():
-        hooks = [m.register_forward_hook(lambda *_: allocator.release_free_heap())
+    if torch.is_grad_enabled() and next(model.parameters()).device.type == "cpu" and runtime.per_layer_trim():
+        hooks = [m.register_forward_hook(lambda *_: runtime.release_free_heap())
                  for m in model.modules() if hasattr(type(m), "_can_checkpoint_with_cache")
                  or type(m).__name__.endswith("DecoderLayer")]
     try:

@@ -31,7 +31,7 @@ from rlmt.checkpoint import load_checkpoint, save_checkpoint
 from rlmt.config import Config, PolicyGradientConfig, to_dict
 from rlmt.curriculum import curriculum_weights, draw_prompts, update_pass_rates
 from rlmt.data import check_prompt_lengths, encode_prompt, load_rows, split_sft_row, tokenize_sft
-from rlmt.allocator import release_free_heap
+from rlmt.runtime import release_free_heap
 from rlmt.models import frozen_reference
 from rlmt.rollout.precision import autocast_of
 from rlmt.rollout.logprobs import grouped_response_logprobs, token_logprobs

@@ -1,5 +1,5 @@
-"""What every training run shares: seeding, device and threads, the model (with optional LoRA), the run
-directory and the resume point, and writing ``final/``."""
+"""What every training run shares: seeding, the process settings (``cfg.runtime``), the model (with optional
+LoRA), the run directory and the resume point, and writing ``final/``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from rlmt.config import Config, ModelConfig
 from rlmt.data import PromptFormat
 from rlmt.models import LoadedModel, load_model, pick_device
 from rlmt.rollout.precision import autocast_dtype, set_autocast
+from rlmt.runtime import apply_runtime
 
 
 class RunError(RuntimeError):
@@ -38,9 +39,7 @@ def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
 
 
 def prepare_model(cfg: Config) -> LoadedModel:
-    """Load the policy as configured: device, dtype, threads, gradient checkpointing, LoRA, autocast."""
-    if cfg.runtime.threads > 0:
-        torch.set_num_threads(cfg.runtime.threads)
+    """Load the policy as configured: device, dtype, gradient checkpointing, LoRA, autocast."""
     lm = load_model(cfg.model.name, dtype=cfg.model.dtype, device=pick_device(cfg.model.device), seed=cfg.run.seed)
     if cfg.model.gradient_checkpointing:
         enable = getattr(lm.model, "activation_checkpointing_enable", None) or lm.model.gradient_checkpointing_enable
@@ -57,8 +56,13 @@ def prompt_format(cfg: Config) -> PromptFormat:
 
 
 def start_run(cfg: Config) -> tuple[Path, LoadedModel, PromptFormat]:
-    """What every training loop does first: seed, load the model as configured, pick the prompt format."""
+    """What every training loop does first: seed, apply ``cfg.runtime`` to the process, load the model as
+    configured, pick the prompt format.
+
+    What the runtime settings put in effect (whether huge pages are, and its one-line note when they were asked
+    for and are not) is :func:`rlmt.runtime.applied` afterwards."""
     seed_everything(cfg.run.seed)
+    apply_runtime(cfg.runtime, pick_device(cfg.model.device))
     return Path(cfg.run.output_dir), prepare_model(cfg), prompt_format(cfg)
 
 
