@@ -197,14 +197,15 @@ def test_killed_stage_resumes_to_the_same_weights(straight, tmp_path):
     killed = tmp_path / "killed"
     script = textwrap.dedent(f"""
         import os, signal, sys
-        import rlmt.train.reward_model as rm
-        real = rm.save_checkpoint
+        from pathlib import Path
+        import rlmt.train.offline as offline
+        real = offline.save_checkpoint
         def save(run_dir, step, *a, **k):
             path = real(run_dir, step, *a, **k)
-            if step == 3:  # the RM stage, mid-way: step-3 is written, steps 4-5 are not
+            if Path(run_dir).name == "rm" and step == 3:  # the RM stage, mid-way: step-3 is written, 4-5 are not
                 os.kill(os.getpid(), signal.SIGKILL)
             return path
-        rm.save_checkpoint = save
+        offline.save_checkpoint = save
         from rlmt.cli import main
         sys.exit(main(["train", {str(config)!r}, "run.output_dir={killed}"]))
     """)

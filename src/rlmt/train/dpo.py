@@ -1,38 +1,31 @@
-"""DPO and its variants (IPO, cDPO): the offline loop over preference pairs (prompt, chosen, rejected).
+"""DPO and its variants (IPO, cDPO) on preference pairs (prompt, chosen, rejected), a task of the offline loop.
 
 The reference is the policy before any update. Its sequence log-probs of every pair are computed once, before
 a checkpoint is loaded (so on a resume the weights are still the initial ones), and cached in
 RUN_DIR/reference_logps.pt, which a resume reloads instead of recomputing.
 
-A step takes ``batch_size * grad_accum`` pairs (a pure function of (seed, step), as in SFT). The chosen and
-rejected completions of a micro-batch share one pass over their prompt (2B response rows attend to the B
+A step takes ``batch_size * grad_accum`` pairs (a pure function of (seed, step)). The chosen and rejected
+completions of a micro-batch share one pass over their prompt (2B response rows attend to the B
 prompts' keys and values); each micro-batch's loss is its pairs' sum divided by the step's pair count, so the
 accumulated gradient does not depend on the split.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from functools import partial
 from pathlib import Path
 from typing import Sequence
 
 import torch
+from torch import Tensor
 
-from rlmt.checkpoint import load_checkpoint, save_checkpoint
-from rlmt.config import Config, DPOConfig, to_dict
-from rlmt.data import (LoadReport, load_rows)
-from rlmt.rollout.logprobs import grouped_response_logprobs
-from rlmt.objectives.preference import LOSSES, PreferenceLoss, log_ratio_margin
-from rlmt.records import RunRecorder, write_atomic
-from rlmt.rollout import left_pad
-from rlmt.train.optim import build_optimizer, guarded_step
-from rlmt.train.session import resume_checkpoint, start_run
-from rlmt.models import save_final
-from rlmt.train.sft import examples_per_step, step_indices, total_steps_for
+from rlmt.config import Config, DPOConfig
 from rlmt.data import PreferencePair, tokenize_preference
+from rlmt.objectives.preference import LOSSES, PreferenceLoss, log_ratio_margin
+from rlmt.rollout import left_pad
+from rlmt.rollout.logprobs import grouped_response_logprobs
+from rlmt.train.offline import OfflineRun, OfflineTask, chunks, offline_update, train_offline
 
 REFERENCE_FILE = "reference_logps.pt"
 
@@ -94,24 +87,30 @@ def preference_loss(cfg: DPOConfig) -> PreferenceLoss:
     return partial(LOSSES[cfg.loss], beta=cfg.beta, **extra)
 
 
-def dpo_update(model: torch.nn.Module, micro_batches: list[tuple[list[PreferencePair], torch.Tensor]],
+def dpo_micro_loss(model: torch.nn.Module, loss_fn: PreferenceLoss, pad_id: int, device,
+                   micro_batch: tuple[list[PreferencePair], Tensor], normalizer: float,
+                   ) -> tuple[Tensor, dict[str, float], float]:
+    """A micro-batch of (b pairs, reference (b, 2)): ``loss_fn`` of its pairs over the step's ``normalizer``
+    pairs, its metrics and its weight b."""
+    pairs, ref = micro_batch
+    seq = pair_sequence_logprobs(model, pairs, pad_id, device)  # (b, 2)
+    ref = ref.to(device=seq.device, dtype=seq.dtype)
+    loss, metrics = loss_fn(seq[:, 0], seq[:, 1], ref[:, 0], ref[:, 1], normalizer=normalizer)
+    return loss, metrics, float(len(pairs))
+
+
+def pair_count(micro_batches: list[tuple[list[PreferencePair], Tensor]]) -> float:
+    """N_step: the pairs of all ``micro_batches``."""
+    return float(sum(len(pairs) for pairs, _ in micro_batches))
+
+
+def dpo_update(model: torch.nn.Module, micro_batches: list[tuple[list[PreferencePair], Tensor]],
                loss_fn: PreferenceLoss, optimizer, scheduler, max_grad_norm: float, pad_id: int,
                device) -> dict[str, float]:
-    """One optimizer step over micro-batches of (pairs, reference (b, 2)); metrics over the whole step."""
-    t0 = time.perf_counter()
-    n_pairs = sum(len(pairs) for pairs, _ in micro_batches)
-    model.train()
-    policy = []
-    for pairs, ref in micro_batches:
-        seq = pair_sequence_logprobs(model, pairs, pad_id, device)  # (b, 2)
-        ref = ref.to(device=seq.device, dtype=seq.dtype)
-        loss, _ = loss_fn(seq[:, 0], seq[:, 1], ref[:, 0], ref[:, 1], normalizer=n_pairs)
-        loss.backward()
-        policy.append(seq.detach())
-    pol, ref = torch.cat(policy), torch.cat([r.to(policy[0].device, policy[0].dtype) for _, r in micro_batches])
-    _, metrics = loss_fn(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1])
-    return {**metrics, **guarded_step(model, optimizer, scheduler, max_grad_norm), "pairs": float(n_pairs),
-            "time/step_s": time.perf_counter() - t0}
+    """One optimizer step over micro-batches of (pairs, reference (b, 2)); the loss metrics over the step."""
+    return offline_update(model, micro_batches, pair_count(micro_batches),
+                          partial(dpo_micro_loss, model, loss_fn, pad_id, device), optimizer, scheduler,
+                          max_grad_norm, "pairs")
 
 
 def preference_accuracy(model: torch.nn.Module, pairs: list[PreferencePair], ref: torch.Tensor, beta: float,
@@ -134,53 +133,47 @@ def preference_accuracy(model: torch.nn.Module, pairs: list[PreferencePair], ref
             "pairs": float(len(pairs))}
 
 
-def _load_pairs(cfg: Config, path: str, lm, fmt, limit: int) -> tuple[list[PreferencePair], LoadReport]:
-    report = load_rows(path, "preference", cfg.data.on_invalid, limit)
-    pairs = tokenize_preference(report.rows, lm.tokenizer, fmt, cfg.data.max_prompt_tokens,
-                                cfg.data.max_completion_tokens, cfg.data.on_invalid, report)
-    return pairs, report
+# ------------------------------------------------------------------------------------------ the task
+
+
+def tokenize_pairs(cfg: Config, tokenizer, fmt, report) -> list[PreferencePair]:
+    return tokenize_preference(report.rows, tokenizer, fmt, cfg.data.max_prompt_tokens,
+                               cfg.data.max_completion_tokens, cfg.data.on_invalid, report)
+
+
+def _with_reference(run: OfflineRun, splits: dict[str, list[PreferencePair]]) -> tuple[dict[str, list], str]:
+    """Each split's pairs with their reference log-probs: [(pair, (2,) [chosen, rejected])]."""
+    ref, reloaded = reference_logprobs(run.run_dir, run.modules.model, splits, run.cfg.optim.batch_size,
+                                       run.pad_id, run.device)
+    note = f"reference log-probs {'reloaded from' if reloaded else 'computed, saved to'} {run.run_dir / REFERENCE_FILE}"
+    return {k: list(zip(v, ref[k])) for k, v in splits.items()}, note
+
+
+def _collate(run: OfflineRun, examples: list[tuple[PreferencePair, Tensor]]) -> list[tuple[list, Tensor]]:
+    return [([p for p, _ in c], torch.stack([r for _, r in c])) for c in chunks(run, examples)]
+
+
+def _loss(run: OfflineRun, micro_batch, normalizer: float):
+    return dpo_micro_loss(run.modules.model, preference_loss(run.cfg.dpo), run.pad_id, run.device, micro_batch,
+                          normalizer)
+
+
+def _evaluate(run: OfflineRun, held: list[tuple[PreferencePair, Tensor]]) -> dict[str, float]:
+    pairs, ref = [p for p, _ in held], torch.stack([r for _, r in held])
+    return preference_accuracy(run.modules.model, pairs, ref, run.cfg.dpo.beta, run.cfg.optim.batch_size,
+                               run.pad_id, run.device)
+
+
+DPO = OfflineTask(
+    data_kind="preference", unit="pairs", count="pairs",
+    tokenize=tokenize_pairs,
+    prepare=_with_reference,
+    collate=_collate,
+    normalizer=pair_count,
+    loss=_loss,
+    evaluate=_evaluate,
+)
 
 
 def train_dpo(cfg: Config) -> Path:
-    run_dir, lm, fmt = start_run(cfg)
-    pad_id = lm.tokenizer.pad_token_id
-    device = next(lm.model.parameters()).device
-    pairs, report = _load_pairs(cfg, cfg.data.train, lm, fmt, cfg.data.limit)
-    splits = {"train": pairs}
-    if cfg.data.eval:
-        splits["eval"] = _load_pairs(cfg, cfg.data.eval, lm, fmt, cfg.eval.max_prompts)[0]
-    total = total_steps_for(cfg, len(pairs))
-    opt, sched = build_optimizer(lm.model, cfg.optim, total)
-    ckpt = resume_checkpoint(cfg)
-    ref, reloaded = reference_logprobs(run_dir, lm.model, splits, cfg.optim.batch_size, pad_id, device)
-    start = load_checkpoint(ckpt, lm.model, opt, sched)["step"] if ckpt else 0
-    rec = RunRecorder(run_dir, to_dict(cfg), start if ckpt else None, cfg.run.tensorboard, cfg.run.log_every,
-                      total, cfg.run.progress)
-    rec.note(f"reference log-probs {'reloaded from' if reloaded else 'computed, saved to'} {run_dir / REFERENCE_FILE}")
-    if report.skipped:
-        rec.note(f"data: {len(pairs)} pairs; filtered/adjusted: {report.skipped}")
-    accuracy = partial(preference_accuracy, beta=cfg.dpo.beta, batch_size=cfg.optim.batch_size, pad_id=pad_id,
-                       device=device)
-    if cfg.run.eval_before_after and "eval" in splits and not ckpt:
-        before = accuracy(lm.model, splits["eval"], ref["eval"])
-        write_atomic(run_dir / "eval-before.json", json.dumps(before, indent=1))
-        rec.note(f"eval before: {json.dumps(before)}")
-    loss_fn = preference_loss(cfg.dpo)
-    per_step = examples_per_step(cfg)
-    bs = cfg.optim.batch_size
-    for step in range(start, total):
-        idx = step_indices(step, per_step, len(pairs), cfg.run.seed, cfg.data.shuffle)
-        mbs = [([pairs[i] for i in idx[j:j + bs]], ref["train"][idx[j:j + bs]]) for j in range(0, len(idx), bs)]
-        metrics = dpo_update(lm.model, mbs, loss_fn, opt, sched, cfg.optim.max_grad_norm, pad_id, device)
-        rec.log(step + 1, {**metrics, "epoch": (step + 1) * per_step / len(pairs)})
-        if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < total:
-            save_checkpoint(run_dir, step + 1, lm.model, opt, sched, {"pairs_seen": (step + 1) * per_step},
-                            cfg.run.keep_checkpoints)
-    save_checkpoint(run_dir, total, lm.model, opt, sched, {"pairs_seen": total * per_step}, cfg.run.keep_checkpoints)
-    save_final(lm.model, lm.tokenizer, run_dir)
-    if "eval" in splits:
-        after = accuracy(lm.model, splits["eval"], ref["eval"])
-        write_atomic(run_dir / "eval-after.json", json.dumps(after, indent=1))
-        rec.note(f"eval after: {json.dumps(after)}")
-    rec.close()
-    return run_dir
+    return train_offline(cfg, DPO)

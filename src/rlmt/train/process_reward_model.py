@@ -1,4 +1,5 @@
-"""Process reward model: per-step correctness from step labels, the offline loop (``algorithm: process_reward_model``).
+"""Process reward model: per-step correctness from step labels, a task of the offline loop
+(``algorithm: process_reward_model``).
 
 Rows hold ``prompt``, ``steps`` and ``labels`` (one per step, in [0, 1]). The completion is the steps joined
 by ``rm.step_separator`` followed by the end-of-turn token. A score head (Linear H -> 1, zero-initialised,
@@ -19,43 +20,43 @@ step scores are probabilities.
 
 from __future__ import annotations
 
-import json
-import time
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from rlmt.checkpoint import load_checkpoint, save_checkpoint
-from rlmt.config import Config, to_dict
-from rlmt.data import LoadReport, load_rows
-from rlmt.objectives.process import agreement, aggregate_steps, process_step_loss
-from rlmt.records import RunRecorder, write_atomic
-from rlmt.train.optim import build_optimizer, guarded_step
-from rlmt.train.session import resume_checkpoint, start_run
-from rlmt.models import save_final
-from rlmt.train.sft import examples_per_step, step_indices, total_steps_for
-from rlmt.data import StepBatch, StepExample, collate_steps, tokenize_steps
-from rlmt.models import ProcessHead
+from rlmt.config import Config
+from rlmt.data import PromptFormat, StepBatch, StepExample, collate_steps, tokenize_steps
+from rlmt.models import LoadedModel, ProcessHead, save_final
 from rlmt.models.process_reward_model import save_process_head, step_logits, step_scores
+from rlmt.objectives.process import agreement, aggregate_steps, process_step_loss
+from rlmt.train.offline import OfflineModules, OfflineRun, OfflineTask, chunks, offline_update, train_offline
+
+HEAD_MODULE = "process_head"  # its name among a checkpoint's extra modules
+
+
+def labelled_steps(micro_batches: list[StepBatch]) -> float:
+    """N_step: the labelled steps of all ``micro_batches``."""
+    return float(sum(int(mb.mask.sum()) for mb in micro_batches))
+
+
+def process_micro_loss(model: nn.Module, head: nn.Module, device, batch: StepBatch, normalizer: float,
+                       ) -> tuple[Tensor, dict[str, float], float]:
+    """A micro-batch's BCE sum over its labelled steps divided by the step's ``normalizer`` steps; metrics
+    ``loss`` (that share) and ``step_accuracy``; weight: its labelled steps."""
+    batch = batch.to(device)
+    loss, met = process_step_loss(step_logits(model, head, batch), batch.labels, batch.mask, normalizer=normalizer)
+    return loss, {"loss": met["step_loss"], "step_accuracy": met["step_accuracy"]}, float(batch.mask.sum())
 
 
 def process_update(model: nn.Module, head: nn.Module, trainable: nn.Module, micro_batches: list[StepBatch],
                    optimizer, scheduler, max_grad_norm: float, device) -> dict[str, float]:
     """One optimizer step: each micro-batch's BCE sum over the step's total step count, accumulated."""
-    t0 = time.perf_counter()
-    n_steps = sum(int(mb.mask.sum()) for mb in micro_batches)
-    trainable.train()
-    loss_sum, correct = 0.0, 0.0
-    for mb in micro_batches:
-        mb = mb.to(device)
-        loss, met = process_step_loss(step_logits(model, head, mb), mb.labels, mb.mask, normalizer=n_steps)
-        loss.backward()
-        loss_sum += met["step_loss"]
-        correct += met["step_accuracy"] * float(mb.mask.sum())
-    return {"loss": loss_sum, "step_accuracy": correct / max(n_steps, 1), "steps": float(n_steps),
-            **guarded_step(trainable, optimizer, scheduler, max_grad_norm), "time/step_s": time.perf_counter() - t0}
+    return offline_update(trainable, micro_batches, labelled_steps(micro_batches),
+                          partial(process_micro_loss, model, head, device), optimizer, scheduler, max_grad_norm,
+                          "steps")
 
 
 def process_accuracy(model: nn.Module, head: nn.Module, examples: Sequence[StepExample], aggregate: str,
@@ -76,52 +77,50 @@ def process_accuracy(model: nn.Module, head: nn.Module, examples: Sequence[StepE
             "step_loss": met["step_loss"], "steps": float(m.sum()), "rows": float(len(examples))}
 
 
-def _load(cfg: Config, path: str, lm, fmt, limit: int) -> tuple[list[StepExample], LoadReport]:
-    report = load_rows(path, "steps", cfg.data.on_invalid, limit)
-    return tokenize_steps(report.rows, lm.tokenizer, fmt, cfg.data.max_prompt_tokens, cfg.data.max_completion_tokens,
-                          cfg.rm.step_separator, cfg.data.on_invalid, report), report
+# ------------------------------------------------------------------------------------------ the task
+
+
+def _tokenize(cfg: Config, tokenizer, fmt: PromptFormat, report) -> list[StepExample]:
+    return tokenize_steps(report.rows, tokenizer, fmt, cfg.data.max_prompt_tokens, cfg.data.max_completion_tokens,
+                          cfg.rm.step_separator, cfg.data.on_invalid, report)
+
+
+def _modules(lm: LoadedModel, fmt: PromptFormat) -> OfflineModules:
+    head = ProcessHead(lm.model.config.hidden_size).to(next(lm.model.parameters()).device)
+    return OfflineModules(lm.model, nn.ModuleList([lm.model, head]), {HEAD_MODULE: head})
+
+
+def _collate(run: OfflineRun, examples: list[StepExample]) -> list[StepBatch]:
+    return [collate_steps(c, run.pad_id) for c in chunks(run, examples)]
+
+
+def _loss(run: OfflineRun, batch: StepBatch, normalizer: float):
+    return process_micro_loss(run.modules.model, run.modules.extras[HEAD_MODULE], run.device, batch, normalizer)
+
+
+def _evaluate(run: OfflineRun, held: list[StepExample]) -> dict[str, float]:
+    return process_accuracy(run.modules.model, run.modules.extras[HEAD_MODULE], held, run.cfg.rm.step_aggregate,
+                            run.cfg.optim.batch_size, run.pad_id, run.device)
+
+
+def _save_final(run: OfflineRun, examples: list[StepExample], note) -> None:
+    """``final/``: the trunk, ``process_head.pt`` and ``process_reward_model.json``."""
+    final = save_final(run.modules.model, run.lm.tokenizer, run.run_dir)
+    save_process_head(final, run.modules.extras[HEAD_MODULE], run.cfg.rm.step_separator, run.cfg.rm.step_aggregate,
+                      run.fmt)
+
+
+PROCESS_REWARD_MODEL = OfflineTask(
+    data_kind="steps", unit="rows", count="steps",
+    tokenize=_tokenize,
+    modules=_modules,
+    collate=_collate,
+    normalizer=labelled_steps,
+    loss=_loss,
+    evaluate=_evaluate,
+    save_final=_save_final,
+)
 
 
 def train_process_reward_model(cfg: Config) -> Path:
-    run_dir, lm, fmt = start_run(cfg)
-    pad_id = lm.tokenizer.pad_token_id
-    device = next(lm.model.parameters()).device
-    examples, report = _load(cfg, cfg.data.train, lm, fmt, cfg.data.limit)
-    held_out = _load(cfg, cfg.data.eval, lm, fmt, cfg.eval.max_prompts)[0] if cfg.data.eval else None
-    head = ProcessHead(lm.model.config.hidden_size).to(device)
-    trainable = nn.ModuleList([lm.model, head])
-    total = total_steps_for(cfg, len(examples))
-    opt, sched = build_optimizer(trainable, cfg.optim, total)
-    ckpt = resume_checkpoint(cfg)
-    extras = {"process_head": head}
-    start = load_checkpoint(ckpt, lm.model, opt, sched, extras)["step"] if ckpt else 0
-    rec = RunRecorder(run_dir, to_dict(cfg), start if ckpt else None, cfg.run.tensorboard, cfg.run.log_every,
-                      total, cfg.run.progress)
-    if report.skipped:
-        rec.note(f"data: {len(examples)} rows; filtered/adjusted: {report.skipped}")
-
-    def evaluate(tag: str) -> None:
-        metrics = process_accuracy(lm.model, head, held_out, cfg.rm.step_aggregate, cfg.optim.batch_size, pad_id,
-                                   device)
-        write_atomic(run_dir / f"eval-{tag}.json", json.dumps(metrics, indent=1))
-        rec.note(f"eval {tag}: {json.dumps(metrics)}")
-
-    if cfg.run.eval_before_after and held_out and not ckpt:
-        evaluate("before")
-    per_step, bs = examples_per_step(cfg), cfg.optim.batch_size
-    for step in range(start, total):
-        idx = step_indices(step, per_step, len(examples), cfg.run.seed, cfg.data.shuffle)
-        mbs = [collate_steps([examples[i] for i in idx[j:j + bs]], pad_id) for j in range(0, len(idx), bs)]
-        metrics = process_update(lm.model, head, trainable, mbs, opt, sched, cfg.optim.max_grad_norm, device)
-        rec.log(step + 1, {**metrics, "epoch": (step + 1) * per_step / len(examples)})
-        if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < total:
-            save_checkpoint(run_dir, step + 1, lm.model, opt, sched, {"rows_seen": (step + 1) * per_step},
-                            cfg.run.keep_checkpoints, extras)
-    save_checkpoint(run_dir, total, lm.model, opt, sched, {"rows_seen": total * per_step}, cfg.run.keep_checkpoints,
-                    extras)
-    final = save_final(lm.model, lm.tokenizer, run_dir)
-    save_process_head(final, head, cfg.rm.step_separator, cfg.rm.step_aggregate, fmt)
-    if held_out:
-        evaluate("after")
-    rec.close()
-    return run_dir
+    return train_offline(cfg, PROCESS_REWARD_MODEL)

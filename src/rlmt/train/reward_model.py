@@ -4,10 +4,10 @@
                                         prompt + completion (the completion ends with the end-of-turn token)
     loss    = sum_pairs -log sigmoid(r(x, y_w) - r(x, y_l)) / N_step
 
-The offline loop mirrors DPO's: a step takes ``batch_size * grad_accum`` pairs (a pure function of (seed,
-step)); the chosen and rejected completions of a micro-batch run as one batch of 2B rows; each micro-batch's
-loss is its pairs' sum divided by the step's pair count, so accumulation does not change the gradient.
-Checkpoints hold the trunk and, as an extra module, the head (``reward_head.pt``), so resume is exact.
+A task of the offline loop: a step takes ``batch_size * grad_accum`` pairs (a pure function of (seed, step));
+the chosen and rejected completions of a micro-batch run as one batch of 2B rows; each micro-batch's loss is
+its pairs' sum divided by the step's pair count, so accumulation does not change the gradient. Checkpoints
+hold the trunk and, as an extra module, the head (``reward_head.pt``), so resume is exact.
 
 ``final/`` holds the trunk (``AutoModelForCausalLM``-loadable, its tokenizer with it), ``reward_head.pt`` and
 ``reward_model.json`` (hidden size, the prompt format used in training, and with ``rm.normalize`` the mean
@@ -20,25 +20,20 @@ Held-out pairwise accuracy (share of data.eval pairs with r_w > r_l; ties count 
 
 from __future__ import annotations
 
-import json
-import time
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from rlmt.checkpoint import load_checkpoint, save_checkpoint
-from rlmt.config import Config, to_dict
-from rlmt.data import LoadReport, PromptFormat, load_rows
-from rlmt.objectives.preference import bradley_terry_loss
-from rlmt.records import RunRecorder, write_atomic
-from rlmt.data import PreferencePair, collate_pairs, tokenize_preference
-from rlmt.train.optim import build_optimizer, guarded_step
-from rlmt.train.session import resume_checkpoint, start_run
-from rlmt.train.sft import examples_per_step, step_indices, total_steps_for
-from rlmt.models import RewardHead
+from rlmt.config import Config
+from rlmt.data import PreferencePair, PromptFormat, collate_pairs
+from rlmt.models import LoadedModel, RewardHead
 from rlmt.models.reward_model import HEAD_FILE, RewardModel, save_reward_model
+from rlmt.objectives.preference import bradley_terry_loss
+from rlmt.train.dpo import tokenize_pairs
+from rlmt.train.offline import OfflineModules, OfflineRun, OfflineTask, chunks, offline_update, train_offline
 
 HEAD_MODULE = "reward_head"  # its name among a checkpoint's extra modules
 
@@ -46,24 +41,28 @@ HEAD_MODULE = "reward_head"  # its name among a checkpoint's extra modules
 # -------------------------------------------------------------------------------------------- the math
 
 
+def bradley_terry_micro_loss(rm: RewardModel, pad_id: int, device, pairs: list[PreferencePair],
+                              normalizer: float) -> tuple[Tensor, dict[str, float], float]:
+    """A micro-batch of b pairs: its Bradley-Terry sum over the step's ``normalizer`` pairs, the
+    :func:`bradley_terry_loss` metrics and its weight b."""
+    b = len(pairs)
+    batch = collate_pairs(pairs, pad_id).to(device)
+    r = rm(batch.input_ids, batch.attention_mask)  # (2b,): chosen rows, then rejected rows
+    loss, metrics = bradley_terry_loss(r[:b], r[b:], normalizer=normalizer)
+    return loss, metrics, float(b)
+
+
+def pairs_in(micro_batches: list[list[PreferencePair]]) -> float:
+    """N_step: the pairs of all ``micro_batches``."""
+    return float(sum(len(pairs) for pairs in micro_batches))
+
+
 def rm_update(rm: RewardModel, micro_batches: list[list[PreferencePair]], optimizer, scheduler,
               max_grad_norm: float, pad_id: int, device) -> dict[str, float]:
-    """One optimizer step of Bradley-Terry over micro-batches of pairs; metrics over the whole step."""
-    t0 = time.perf_counter()
-    n_pairs = sum(len(pairs) for pairs in micro_batches)
-    rm.train()
-    chosen, rejected = [], []
-    for pairs in micro_batches:
-        b = len(pairs)
-        batch = collate_pairs(pairs, pad_id).to(device)
-        r = rm(batch.input_ids, batch.attention_mask)  # (2b,): chosen rows, then rejected rows
-        loss, _ = bradley_terry_loss(r[:b], r[b:], normalizer=n_pairs)
-        loss.backward()
-        chosen.append(r[:b].detach())
-        rejected.append(r[b:].detach())
-    _, metrics = bradley_terry_loss(torch.cat(chosen), torch.cat(rejected))
-    return {**metrics, **guarded_step(rm, optimizer, scheduler, max_grad_norm), "pairs": float(n_pairs),
-            "time/step_s": time.perf_counter() - t0}
+    """One optimizer step of Bradley-Terry over micro-batches of pairs; the loss metrics over the step."""
+    return offline_update(rm, micro_batches, pairs_in(micro_batches),
+                          partial(bradley_terry_micro_loss, rm, pad_id, device), optimizer, scheduler, max_grad_norm,
+                          "pairs")
 
 
 @torch.no_grad()
@@ -94,66 +93,48 @@ def score_stats(scores: Tensor, min_std: float = 1e-6) -> tuple[float, float]:
     return float(flat.mean()), max(float(flat.std(correction=0)), min_std)
 
 
-# ---------------------------------------------------------------------------------------- save and load
+# ------------------------------------------------------------------------------------------ the task
 
 
-# ------------------------------------------------------------------------------------------- the loop
-
-
-def _load_pairs(cfg: Config, path: str, tokenizer, fmt: PromptFormat, limit: int,
-                ) -> tuple[list[PreferencePair], LoadReport]:
-    report = load_rows(path, "preference", cfg.data.on_invalid, limit)
-    return tokenize_preference(report.rows, tokenizer, fmt, cfg.data.max_prompt_tokens,
-                               cfg.data.max_completion_tokens, cfg.data.on_invalid, report), report
-
-
-def train_reward_model(cfg: Config) -> Path:
-    run_dir, lm, fmt = start_run(cfg)
-    tok, pad_id = lm.tokenizer, lm.tokenizer.pad_token_id
+def _modules(lm: LoadedModel, fmt: PromptFormat) -> OfflineModules:
     device = next(lm.model.parameters()).device
-    rm = RewardModel(lm.model, RewardHead(lm.model.config.hidden_size).to(device), tok, fmt)
-    pairs, report = _load_pairs(cfg, cfg.data.train, tok, fmt, cfg.data.limit)
-    held = _load_pairs(cfg, cfg.data.eval, tok, fmt, cfg.eval.max_prompts)[0] if cfg.data.eval else []
-    total = total_steps_for(cfg, len(pairs))
-    opt, sched = build_optimizer(rm, cfg.optim, total)
-    ckpt = resume_checkpoint(cfg)
-    extras = {HEAD_MODULE: rm.head}
-    start = load_checkpoint(ckpt, rm.trunk, opt, sched, extras)["step"] if ckpt else 0
-    rec = RunRecorder(run_dir, to_dict(cfg), start if ckpt else None, cfg.run.tensorboard, cfg.run.log_every,
-                      total, cfg.run.progress)
-    if report.skipped:
-        rec.note(f"data: {len(pairs)} pairs; filtered/adjusted: {report.skipped}")
-    bs = cfg.optim.batch_size
+    rm = RewardModel(lm.model, RewardHead(lm.model.config.hidden_size).to(device), lm.tokenizer, fmt)
+    return OfflineModules(rm.trunk, rm, {HEAD_MODULE: rm.head})
 
-    def evaluate(tag: str) -> None:
-        metrics = pairwise_accuracy(pair_scores(rm, held, bs, pad_id, device))
-        write_atomic(run_dir / f"eval-{tag}.json", json.dumps(metrics, indent=1))
-        rec.note(f"eval {tag}: {json.dumps(metrics)}")
 
-    if cfg.run.eval_before_after and held and not ckpt:
-        evaluate("before")
-    per_step = examples_per_step(cfg)
-    for step in range(start, total):
-        idx = step_indices(step, per_step, len(pairs), cfg.run.seed, cfg.data.shuffle)
-        mbs = [[pairs[i] for i in idx[j:j + bs]] for j in range(0, len(idx), bs)]
-        metrics = rm_update(rm, mbs, opt, sched, cfg.optim.max_grad_norm, pad_id, device)
-        rec.log(step + 1, {**metrics, "epoch": (step + 1) * per_step / len(pairs)})
-        if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < total:
-            save_checkpoint(run_dir, step + 1, rm.trunk, opt, sched, {"pairs_seen": (step + 1) * per_step},
-                            cfg.run.keep_checkpoints, extras)
-    save_checkpoint(run_dir, total, rm.trunk, opt, sched, {"pairs_seen": total * per_step},
-                    cfg.run.keep_checkpoints, extras)
+def _loss(run: OfflineRun, pairs: list[PreferencePair], normalizer: float):
+    return bradley_terry_micro_loss(run.modules.trainable, run.pad_id, run.device, pairs, normalizer)
+
+
+def _evaluate(run: OfflineRun, held: list[PreferencePair]) -> dict[str, float]:
+    return pairwise_accuracy(pair_scores(run.modules.trainable, held, run.cfg.optim.batch_size, run.pad_id,
+                                         run.device))
+
+
+def _save_final(run: OfflineRun, pairs: list[PreferencePair], note) -> None:
+    """``final/``: the trunk, the head and ``reward_model.json``, with ``rm.normalize`` the train scores' stats."""
+    rm, cfg, fmt = run.modules.trainable, run.cfg, run.fmt
     meta = {"hidden_size": rm.trunk.config.hidden_size, "head": HEAD_FILE, "chat": fmt.chat,
             "system_prompt": fmt.system_prompt, "max_completion_tokens": cfg.data.max_completion_tokens,
             "train_pairs": len(pairs)}
     if cfg.rm.normalize:
-        mean, std = score_stats(pair_scores(rm, pairs, bs, pad_id, device))
+        mean, std = score_stats(pair_scores(rm, pairs, cfg.optim.batch_size, run.pad_id, run.device))
         meta.update(score_mean=mean, score_std=std)
-        rec.note(f"train scores: mean {mean:.4g}, std {std:.4g} (stored for z-scores)")
-    save_reward_model(rm, tok, run_dir, meta)
-    if held:
-        evaluate("after")
-    rec.close()
-    return run_dir
+        note(f"train scores: mean {mean:.4g}, std {std:.4g} (stored for z-scores)")
+    save_reward_model(rm, run.lm.tokenizer, run.run_dir, meta)
 
 
+REWARD_MODEL = OfflineTask(
+    data_kind="preference", unit="pairs", count="pairs",
+    tokenize=tokenize_pairs,
+    modules=_modules,
+    collate=chunks,
+    normalizer=pairs_in,
+    loss=_loss,
+    evaluate=_evaluate,
+    save_final=_save_final,
+)
+
+
+def train_reward_model(cfg: Config) -> Path:
+    return train_offline(cfg, REWARD_MODEL)

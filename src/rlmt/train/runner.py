@@ -1,4 +1,4 @@
-"""``rlmt train``: the offline loop (SFT) and rejection sampling, with checkpoints and exact resume.
+"""``rlmt train``: ``algorithm`` -> the loop that runs it; rejection sampling, with checkpoints and exact resume.
 
 Resume is exact because every source of randomness is either restored from the checkpoint (RNG states) or
 a pure function of (seed, step / round): the data order of SFT step s, the prompts and the sampling
@@ -16,7 +16,7 @@ import torch
 
 from rlmt.checkpoint import load_checkpoint, save_checkpoint
 from rlmt.config import Config, to_dict
-from rlmt.data import Row, SFTExample, check_prompt_lengths, load_rows, tokenize_sft
+from rlmt.data import Row, SFTExample, check_prompt_lengths, load_rows
 from rlmt.evaluate import ScoredSamples, evaluate, sample_and_score, summarize
 from rlmt.records import RunRecorder, write_atomic
 from rlmt.rewards import build_reward_source, reward_source_for
@@ -24,7 +24,7 @@ from rlmt.rollout import SamplingParams
 from rlmt.train.optim import build_optimizer
 from rlmt.train.session import resume_checkpoint, start_run
 from rlmt.models import save_final
-from rlmt.train.sft import examples_per_step, sft_update, step_indices, total_steps_for
+from rlmt.train.sft import examples_per_step, sft_update, step_indices, train_sft
 from rlmt.data import make_micro_batches
 
 
@@ -56,36 +56,6 @@ def write_samples(path: Path, samples: ScoredSamples) -> None:
 def train(cfg: Config) -> Path:
     """Run ``cfg.algorithm`` and return the run directory."""
     return ALGORITHMS[cfg.algorithm](cfg)
-
-
-def train_sft(cfg: Config) -> Path:
-    run_dir, lm, fmt = start_run(cfg)
-    report = load_rows(cfg.data.train, "sft", cfg.data.on_invalid, cfg.data.limit)
-    examples = tokenize_sft(report.rows, lm.tokenizer, fmt, cfg.data.max_prompt_tokens,
-                            cfg.data.max_completion_tokens, cfg.data.on_invalid, report)
-    total = total_steps_for(cfg, len(examples))
-    opt, sched = build_optimizer(lm.model, cfg.optim, total)
-    ckpt = resume_checkpoint(cfg)
-    start = load_checkpoint(ckpt, lm.model, opt, sched)["step"] if ckpt else 0
-    rec = RunRecorder(run_dir, to_dict(cfg), start if ckpt else None, cfg.run.tensorboard, cfg.run.log_every,
-                      total, cfg.run.progress)
-    if report.skipped:
-        rec.note(f"data: {len(examples)} examples; filtered/adjusted: {report.skipped}")
-    device = next(lm.model.parameters()).device
-    per_step = examples_per_step(cfg)
-    for step in range(start, total):
-        idx = step_indices(step, per_step, len(examples), cfg.run.seed, cfg.data.shuffle)
-        mbs = make_micro_batches([examples[i] for i in idx], cfg.optim.batch_size, lm.tokenizer.pad_token_id,
-                                 cfg.sft.packing, cfg.sft.pack_length)
-        metrics = sft_update(lm.model, mbs, opt, sched, cfg.optim.max_grad_norm, device)
-        rec.log(step + 1, {**metrics, "epoch": (step + 1) * per_step / len(examples)})
-        if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < total:
-            save_checkpoint(run_dir, step + 1, lm.model, opt, sched, {"examples_seen": (step + 1) * per_step},
-                            cfg.run.keep_checkpoints)
-    save_checkpoint(run_dir, total, lm.model, opt, sched, {"examples_seen": total * per_step}, cfg.run.keep_checkpoints)
-    save_final(lm.model, lm.tokenizer, run_dir)
-    rec.close()
-    return run_dir
 
 
 # ------------------------------------------------------------------------------------- rejection sampling

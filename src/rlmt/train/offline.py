@@ -1,0 +1,230 @@
+"""The offline loop: SFT, DPO, the reward model and the process reward model are tasks of this one loop.
+
+    load + tokenize train / eval -> modules -> total steps, optimizer -> prepare (initial weights) -> resume
+    -> eval before -> for each step: indices -> micro-batches -> sum_k loss_k backward -> guarded step -> log
+    -> checkpoint -> final/ -> eval after
+
+A task (:class:`OfflineTask`) says only what differs: how rows become examples, which modules train and
+which extra ones a checkpoint holds, what to compute before a checkpoint is loaded, a step's normalizer and
+a micro-batch's loss, the held-out evaluation, and what ``final/`` holds.
+
+Why the step does not depend on its split into micro-batches
+------------------------------------------------------------
+A step's loss is a sum over its units u (completion tokens, pairs or labelled steps) divided by the step's
+count of units N_step (the task's ``normalizer``). Micro-batch k holds a disjoint subset S_k of the units and
+returns ``loss_k = sum_{u in S_k} c_u / N_step``, so ``sum_k loss_k`` is the step's loss and, the gradient
+being linear, the accumulated gradient is the whole step's gradient (batch 1 x accumulation 4 == batch 4 x
+accumulation 1). The logged metrics go through :class:`rlmt.train.metrics.MetricReduction` with each
+micro-batch weighted by its units: loss shares are summed, and a per-unit mean (accuracy, margin) weighted by
+units is the mean over the whole step.
+
+Why resume is exact
+-------------------
+The data of step s is a pure function of (seed, s) (:func:`step_indices`); weights, optimizer,
+scheduler, RNG states and the task's extra modules come back from the checkpoint; what ``prepare`` computes
+from the initial weights (DPO's reference log-probs) is cached in the run directory and reloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from rlmt.checkpoint import load_checkpoint, save_checkpoint
+from rlmt.config import Config, to_dict
+from rlmt.data import LoadReport, PromptFormat, load_rows
+from rlmt.models import LoadedModel, save_final
+from rlmt.records import RunRecorder, write_atomic
+from rlmt.train.metrics import MetricReduction
+from rlmt.train.optim import build_optimizer, guarded_step
+from rlmt.train.session import resume_checkpoint, start_run
+
+MicroBatchLoss = Callable[[Any, float], tuple[Tensor, dict[str, float], float]]
+"""(micro-batch, N_step) -> (its loss share sum_{u in micro-batch} c_u / N_step with grad, its metrics, its
+weight: the units it holds)."""
+
+
+@dataclass(frozen=True)
+class OfflineModules:
+    """The modules of one run."""
+
+    model: nn.Module  # the causal LM: a checkpoint's model.pt and, by default, final/
+    trainable: nn.Module  # what the optimizer updates and the step clips: the model, or the model and a head
+    extras: dict[str, nn.Module] = field(default_factory=dict)  # saved beside the model in checkpoints as {name}.pt
+
+
+@dataclass(frozen=True)
+class OfflineRun:
+    """What a task's functions see of a run."""
+
+    cfg: Config
+    lm: LoadedModel
+    fmt: PromptFormat
+    run_dir: Path
+    modules: OfflineModules
+    device: torch.device
+
+    @property
+    def pad_id(self) -> int:
+        return self.lm.tokenizer.pad_token_id
+
+
+def model_only(lm: LoadedModel, fmt: PromptFormat) -> OfflineModules:
+    """The causal LM alone trains; no extra modules."""
+    return OfflineModules(lm.model, lm.model)
+
+
+def chunks(run: OfflineRun, examples: list) -> list[list]:
+    """A step's examples in micro-batches of ``optim.batch_size``, in order."""
+    bs = run.cfg.optim.batch_size
+    return [examples[j:j + bs] for j in range(0, len(examples), bs)]
+
+
+def save_model(run: OfflineRun, examples: list, note: Callable[[str], None]) -> None:
+    """``final/``: the causal LM and its tokenizer (:func:`rlmt.models.save_final`)."""
+    save_final(run.modules.model, run.lm.tokenizer, run.run_dir)
+
+
+@dataclass(frozen=True)
+class OfflineTask:
+    """One offline method: everything the loop does differently for it."""
+
+    data_kind: str  # the row kind :func:`rlmt.data.load_rows` checks: "sft", "preference" or "steps"
+    unit: str  # what one example is, in the data note: "examples", "pairs", "rows"
+    count: str  # the logged name of a step's normalizer: "tokens", "pairs", "steps"
+    tokenize: Callable[[Config, Any, PromptFormat, LoadReport], list]  # (cfg, tokenizer, fmt, loaded rows) -> examples
+    collate: Callable[[OfflineRun, list], list]  # a step's examples -> its micro-batches
+    normalizer: Callable[[list], float]  # a step's micro-batches -> N_step, the units of the whole step
+    loss: Callable[[OfflineRun, Any, float], tuple[Tensor, dict[str, float], float]]  # see MicroBatchLoss
+    modules: Callable[[LoadedModel, PromptFormat], OfflineModules] = model_only
+    # with the initial weights, before a checkpoint is loaded: {"train": ..., ["eval": ...]} -> (the examples
+    # the loop then uses, a line for the record or None)
+    prepare: Callable[[OfflineRun, dict[str, list]], tuple[dict[str, list], str | None]] | None = None
+    evaluate: Callable[[OfflineRun, list], dict[str, float]] | None = None  # held-out figures; None: no eval
+    save_final: Callable[[OfflineRun, list, Callable[[str], None]], None] = save_model  # writes final/
+
+
+# ------------------------------------------------------------------------------------ the data order
+
+
+def examples_per_step(cfg: Config) -> int:
+    """Examples of one optimizer step: ``batch_size * grad_accum``."""
+    return cfg.optim.batch_size * cfg.optim.grad_accum
+
+
+def step_indices(step: int, per_step: int, n: int, seed: int, shuffle: bool) -> list[int]:
+    """Dataset indices of optimizer step ``step``: a seeded permutation per epoch, read in order.
+
+    A pure function of (step, seed), so the data position after a resume is exactly where it was.
+    """
+    out = []
+    start = step * per_step
+    for k in range(start, start + per_step):
+        epoch, offset = divmod(k, n)
+        out.append(int(_epoch_order(n, seed, epoch, shuffle)[offset]))
+    return out
+
+
+_ORDER_CACHE: dict[tuple[int, int, int, bool], torch.Tensor] = {}
+
+
+def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+    key = (n, seed, epoch, shuffle)
+    if key not in _ORDER_CACHE:
+        if len(_ORDER_CACHE) > 8:
+            _ORDER_CACHE.clear()
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        _ORDER_CACHE[key] = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+    return _ORDER_CACHE[key]
+
+
+def total_steps_for(cfg: Config, n_examples: int, epochs: float | None = None) -> int:
+    """``optim.max_steps``, or enough steps for ``epochs`` (default ``optim.epochs``) passes over the data."""
+    if cfg.optim.max_steps > 0:
+        return cfg.optim.max_steps
+    ep = cfg.optim.epochs if epochs is None else epochs
+    return max(1, math.ceil(ep * n_examples / examples_per_step(cfg)))
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+
+def offline_update(trainable: nn.Module, micro_batches: list, normalizer: float, loss: MicroBatchLoss,
+                   optimizer, scheduler, max_grad_norm: float, count: str) -> dict[str, float]:
+    """One optimizer step: backward each micro-batch's share of the step's loss, then clip and apply (or skip
+    if the gradient is not finite). Returns the reduced micro-batch metrics, ``count``: N_step, ``grad_norm``,
+    ``lr``, ``skipped_steps`` and ``time/step_s``."""
+    t0 = time.perf_counter()
+    trainable.train()
+    reduction = MetricReduction()
+    for mb in micro_batches:
+        value, metrics, weight = loss(mb, normalizer)
+        value.backward()
+        reduction.add(metrics, weight)
+    applied = guarded_step(trainable, optimizer, scheduler, max_grad_norm)
+    return {**reduction.result(), count: float(normalizer), **applied, "time/step_s": time.perf_counter() - t0}
+
+
+def _load(cfg: Config, task: OfflineTask, lm: LoadedModel, fmt: PromptFormat, path: str, limit: int,
+          ) -> tuple[list, LoadReport]:
+    report = load_rows(path, task.data_kind, cfg.data.on_invalid, limit)
+    return task.tokenize(cfg, lm.tokenizer, fmt, report), report
+
+
+def _evaluate(run: OfflineRun, task: OfflineTask, held: list, tag: str, rec: RunRecorder) -> None:
+    metrics = task.evaluate(run, held)
+    write_atomic(run.run_dir / f"eval-{tag}.json", json.dumps(metrics, indent=1))
+    rec.note(f"eval {tag}: {json.dumps(metrics)}")
+
+
+def train_offline(cfg: Config, task: OfflineTask) -> Path:
+    """Run ``task`` on ``cfg`` and return the run directory."""
+    run_dir, lm, fmt = start_run(cfg)
+    modules = task.modules(lm, fmt)
+    run = OfflineRun(cfg, lm, fmt, run_dir, modules, next(lm.model.parameters()).device)
+    examples, report = _load(cfg, task, lm, fmt, cfg.data.train, cfg.data.limit)
+    splits = {"train": examples}
+    if task.evaluate is not None and cfg.data.eval:
+        splits["eval"] = _load(cfg, task, lm, fmt, cfg.data.eval, cfg.eval.max_prompts)[0]
+    total = total_steps_for(cfg, len(examples))
+    opt, sched = build_optimizer(modules.trainable, cfg.optim, total)
+    ckpt = resume_checkpoint(cfg)
+    splits, prepare_note = task.prepare(run, splits) if task.prepare else (splits, None)  # initial weights
+    examples, held = splits["train"], splits.get("eval", [])
+    start = load_checkpoint(ckpt, modules.model, opt, sched, modules.extras)["step"] if ckpt else 0
+    rec = RunRecorder(run_dir, to_dict(cfg), start if ckpt else None, cfg.run.tensorboard, cfg.run.log_every,
+                      total, cfg.run.progress)
+    if prepare_note:
+        rec.note(prepare_note)
+    if report.skipped:
+        rec.note(f"data: {len(examples)} {task.unit}; filtered/adjusted: {report.skipped}")
+    if cfg.run.eval_before_after and held and not ckpt:
+        _evaluate(run, task, held, "before", rec)
+
+    loss = partial(task.loss, run)
+    per_step = examples_per_step(cfg)
+    for step in range(start, total):
+        idx = step_indices(step, per_step, len(examples), cfg.run.seed, cfg.data.shuffle)
+        mbs = task.collate(run, [examples[i] for i in idx])
+        metrics = offline_update(modules.trainable, mbs, task.normalizer(mbs), loss, opt, sched,
+                                 cfg.optim.max_grad_norm, task.count)
+        rec.log(step + 1, {**metrics, "epoch": (step + 1) * per_step / len(examples)})
+        if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < total:
+            save_checkpoint(run_dir, step + 1, modules.model, opt, sched, {"examples_seen": (step + 1) * per_step},
+                            cfg.run.keep_checkpoints, modules.extras)
+    save_checkpoint(run_dir, total, modules.model, opt, sched, {"examples_seen": total * per_step},
+                    cfg.run.keep_checkpoints, modules.extras)
+
+    task.save_final(run, examples, rec.note)
+    if held:
+        _evaluate(run, task, held, "after", rec)
+    rec.close()
+    return run_dir
