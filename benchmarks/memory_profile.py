@@ -221,7 +221,6 @@ def instrument(ph: Phases, algorithm: str) -> None:
     import rlmt.train.session as session
 
     ph.wrap(session, "load_model", "model load", _grab_model)
-    ph.wrap(session, "save_final", "final save")
     if algorithm == "dpo":
         import rlmt.train.dpo as m
 
@@ -230,28 +229,19 @@ def instrument(ph: Phases, algorithm: str) -> None:
         ph.wrap(m, "dpo_update", "train step")
     else:
         import rlmt.train.online as m
+        import rlmt.train.update as update
 
         ph.wrap(m, "generate", "rollout (generate)")
-        ph.wrap(m, "_response_logprobs", "forward")
-        ph.wrap(m, "_optimize", "train step")
+        ph.wrap(m, "reference_logprobs", "reference forward")
         ph.wrap(m, "frozen_reference", "reference copy")  # file-backed: pages released after each pass
-        import contextlib
-
-        inner = m.reference_of
-
-        @contextlib.contextmanager
-        def reference_of(policy, ref_copy):
-            ph.enter("reference forward")
-            try:
-                with inner(policy, ref_copy) as ref:
-                    yield ref
-            finally:
-                ph.leave("reference forward")
-
-        m.reference_of = reference_of
+        ph.wrap(update, "response_logprobs", "forward")
+        ph.wrap(update, "accumulate", "train step")
+        ph.wrap(update, "guarded_step", "optimizer step")
     ph.wrap(m, "build_optimizer", "build optimizer", _grab_opt)
     ph.wrap(m, "save_checkpoint", "checkpoint save")
-    ph.wrap(m, "guarded_step", "optimizer step")
+    ph.wrap(m, "save_final", "final save")
+    if algorithm == "dpo":
+        ph.wrap(m, "guarded_step", "optimizer step")
     ph.wrap(optim.torch.nn.utils, "clip_grad_norm_", "  clip_grad_norm_")
     orig_backward = torch.Tensor.backward
 

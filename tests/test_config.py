@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import yaml
 
-from rlmt.config import Config, ConfigError, describe, load_config, to_dict
+from rlmt.config import Config, ConfigError, describe, load_config, to_dict, with_method_defaults
 
 
 def write(tmp_path, text: str, name: str = "cfg.yaml"):
@@ -21,7 +21,7 @@ def write(tmp_path, text: str, name: str = "cfg.yaml"):
 
 def test_defaults_without_file_or_overrides():
     cfg = load_config()
-    assert cfg == Config()
+    assert cfg == with_method_defaults(Config())  # unset pg keys: the default algorithm's convention
     assert cfg.algorithm == "sft"
     assert cfg.optim.lr == 1e-5
 
@@ -60,7 +60,7 @@ data:
 
 
 def test_empty_yaml_file_gives_defaults(tmp_path):
-    assert load_config(write(tmp_path, "")) == Config()
+    assert load_config(write(tmp_path, "")) == with_method_defaults(Config())
 
 
 def test_overrides_are_dotted_and_yaml_typed():
@@ -385,10 +385,55 @@ def _get(cfg, key: str):
 
 def test_every_described_key_is_settable_by_override():
     # each leaf key that --help-config prints is one load_config accepts, and its value arrives intact
-    cfg = Config()
+    cfg = with_method_defaults(Config())
     for key, default, _ in describe():
         if default == "":
             continue
         value = _get(cfg, key)
         reloaded = load_config(overrides=[f"{key}={_yaml_scalar(value)}"])
         assert _get(reloaded, key) == value, key
+
+
+def test_unset_policy_gradient_keys_take_the_method_convention_and_set_ones_win():
+    ppo = load_config(None, ["algorithm=ppo"]).pg
+    assert (ppo.kl_estimator, ppo.kl_in_reward, ppo.aggregation) == ("k1", True, "token_mean")
+    grpo = load_config(None, ["algorithm=grpo"]).pg
+    assert (grpo.kl_estimator, grpo.kl_in_reward, grpo.aggregation) == ("k3", False, "token_mean")
+    assert load_config(None, ["algorithm=gspo"]).pg.aggregation == "seq_mean"
+    mine = load_config(None, ["algorithm=ppo", "pg.kl_estimator=k3", "pg.kl_in_reward=false"]).pg
+    assert (mine.kl_estimator, mine.kl_in_reward) == ("k3", False)
+
+
+def test_critic_lr_must_be_positive():
+    with pytest.raises(ConfigError, match="ppo.critic_lr"):
+        load_config(None, ["algorithm=ppo", "ppo.critic_lr=0"])
+
+
+def test_grape_critic_is_typed_and_a_key_of_another_backend_is_rejected():
+    from rlmt.config import critic_spec
+
+    base = ["algorithm=grape", "grape.rubric=r.yaml"]
+    cfg = load_config(None, base + ["grape.critic={backend: local, model: tiny-random, max_batch: 4}"])
+    assert critic_spec(cfg) == {"backend": "local", "model": "tiny-random", "max_batch": 4}
+    http = load_config(None, base + ["grape.critic={backend: http, model: m, base_url: 'http://127.0.0.1:9/v1'}",
+                                     "grape.critic.retries=1"])
+    assert critic_spec(http) == {"backend": "http", "model": "m", "base_url": "http://127.0.0.1:9/v1", "retries": 1}
+    with pytest.raises(ConfigError, match=r"grape\.critic\.base_url: applies to backend http"):
+        load_config(None, base + ["grape.critic.base_url=http://x"])
+    with pytest.raises(ConfigError, match=r"grape\.critic\.batch_size: applies to .* logprobs"):
+        load_config(None, base + ["grape.critic.batch_size=4"])  # json mode (the default)
+    with pytest.raises(ConfigError, match=r"grape\.critic\.base_url: an http critic needs"):
+        load_config(None, base + ["grape.critic.backend=http"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'grape\.critic\.modle'"):
+        load_config(None, base + ["grape.critic.modle=x"])
+
+
+def test_reward_args_are_checked_against_the_source_before_anything_loads():
+    from rlmt.rewards import check_reward_source
+
+    check_reward_source(load_config(None, ["reward.source=regex", "reward.args={pattern: x}"]))
+    with pytest.raises(ConfigError, match=r"reward\.args\.patern: not an argument of reward source 'regex'; "
+                                          r"did you mean 'pattern'"):
+        check_reward_source(load_config(None, ["reward.source=regex", "reward.args={patern: x}"]))
+    with pytest.raises(ConfigError, match=r"reward\.source: unknown reward source 'regexp'"):
+        check_reward_source(load_config(None, ["reward.source=regexp"]))

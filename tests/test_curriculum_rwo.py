@@ -61,7 +61,9 @@ def test_demonstration_gradient_is_lambda_times_weighted_nll(tmp_path):
     from rlmt.models import load_model
     from rlmt.objectives.policy import return_weights
     from rlmt.rollout import SamplingParams, generate
-    from rlmt.train.online import Experience, UpdateContext, load_demonstrations, policy_gradient_update
+    from rlmt.train.experience import Experience, UpdateContext
+    from rlmt.train.methods import METHODS, update_step
+    from rlmt.train.update import load_demonstrations
     from rlmt.rewards import build_reward_source
 
     _, d = _files(tmp_path)
@@ -75,12 +77,13 @@ def test_demonstration_gradient_is_lambda_times_weighted_nll(tmp_path):
                      torch.Generator().manual_seed(0))
     model = copy.deepcopy(lm.model)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    ctx = UpdateContext(model, None, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), cfg, {}, demos)
+    ctx = UpdateContext(model, None, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), cfg, {}, demos,
+                        METHODS["grpo"])
     before = [p.detach().clone() for p in model.parameters()]
-    policy_gradient_update(ctx, Experience(batch, torch.ones(2), batch.response_mask, None, 2, 1.0))
+    update_step(ctx, Experience(batch, torch.ones(2), batch.response_mask, None, 2, 1.0))
 
     ref = copy.deepcopy(lm.model)
-    from rlmt.train.sft import step_indices
+    from rlmt.data import step_indices
     idx = step_indices(0, 4, 4, cfg.run.seed + 1, True)
     w = return_weights(torch.tensor([float(i % 2) for i in range(4)])[idx], 0.5)
     total_nll, n_tok = 0.0, 0

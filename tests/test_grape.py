@@ -380,7 +380,7 @@ def test_json_critic_over_http_scores_and_resists_an_echoing_critic(critic_serve
 
 
 def test_revision_messages_name_the_weakest_criteria():
-    from rlmt.grape.revise import revision_messages
+    from rlmt.train.revise import revision_messages
 
     items = {"m.a": {"score": 0.0, "reasoning": "wrong sum"}, "m.b": {"score": 0.9},
              "m.c": {"score": 0.2, "reasoning": "digit distribution mean 2/9"}, "m.d": {"score": None, "gated": True}}

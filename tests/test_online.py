@@ -12,7 +12,10 @@ from rlmt.data import PromptFormat, encode_prompt
 from rlmt.models import load_model
 from rlmt.records import read_metrics
 from rlmt.rollout import SamplingParams, generate
-from rlmt.train.online import _optimize, advantages_for, policy_objective
+from rlmt.train.estimators import advantages_for
+from rlmt.train.experience import Advantages, Experience, UpdateContext
+from rlmt.train.methods import METHODS
+from rlmt.train.update import policy_gradient_update
 from rlmt.train.runner import train
 
 
@@ -34,8 +37,9 @@ def _sgd_update(model, cfg, batch, adv, ref_lp=None):
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     before = [p.detach().clone() for p in model.parameters()]
-    metrics = _optimize(model, model, opt, sched, cfg, policy_objective(cfg.algorithm), batch, adv,
-                        batch.response_mask, ref_lp, 1.0)
+    ctx = UpdateContext(model, None, model, opt, sched, cfg, {}, None, METHODS[cfg.algorithm])
+    exp = Experience(batch, torch.zeros(len(batch.texts)), batch.response_mask, ref_lp, cfg.rollout.num_samples, 1.0)
+    metrics = policy_gradient_update(ctx, exp, Advantages(adv))
     return [p.detach() - b for p, b in zip(model.parameters(), before)], metrics
 
 

@@ -15,8 +15,9 @@ from rlmt.models import load_model
 from rlmt.objectives import gae
 from rlmt.records import read_metrics
 from rlmt.rollout import SamplingParams, generate
-from rlmt.train.online import Experience, UpdateContext
-from rlmt.train.ppo import make_value_head, ppo_update, response_logprobs_and_values
+from rlmt.train.experience import Experience, UpdateContext
+from rlmt.train.methods import METHODS, update_step
+from rlmt.train.ppo import make_value_head, response_logprobs_and_values
 from rlmt.train.runner import train
 
 G = 4
@@ -60,7 +61,7 @@ def _sgd_ppo(model, cfg, exp, lr=1.0):
     before = [p.detach().clone() for p in trainable.parameters()]
     opt = torch.optim.SGD(trainable.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    metrics = ppo_update(UpdateContext(policy, head, trainable, opt, sched, cfg, {}), exp)
+    metrics = update_step(UpdateContext(policy, head, trainable, opt, sched, cfg, {}, None, METHODS["ppo"]), exp)
     return policy, head, [p.detach() - b for p, b in zip(trainable.parameters(), before)], metrics
 
 
@@ -196,7 +197,8 @@ def test_lora_and_gradient_checkpointing_give_the_same_logprobs_and_values(lm, r
     frozen = {k: p.detach().clone() for k, p in lora.named_parameters() if not p.requires_grad}
     opt = torch.optim.SGD([p for p in trainable.parameters() if p.requires_grad], lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    ppo_update(UpdateContext(lora, lora_head, trainable, opt, sched, cfg, {}), _experience(rollout, 0.0))
+    update_step(UpdateContext(lora, lora_head, trainable, opt, sched, cfg, {}, None, METHODS["ppo"]),
+                _experience(rollout, 0.0))
     assert float(lora_head.linear.bias.detach()) != 0.0
     assert all(torch.equal(p, frozen[k]) for k, p in lora.named_parameters() if k in frozen)
 
@@ -245,3 +247,21 @@ run: {{output_dir: {run_dir}, progress: false, save_every: 1, keep_checkpoints: 
     drop = ("time/", "rollout/seconds", "rollout/tokens_per_s")
     same = [{k: v for k, v in r.items() if not k.startswith(drop)} for r in (rows[-1], resumed[-1])]
     assert same[0] == same[1]
+
+
+def test_critic_lr_is_the_value_heads_own_parameter_group(lm):
+    """ppo.critic_lr: the head's parameters form their own AdamW group at that LR, on the same schedule."""
+    from rlmt.config import OptimConfig
+    from rlmt.train.optim import build_optimizer
+
+    policy = copy.deepcopy(lm.model)
+    head = make_value_head(policy)
+    trainable = torch.nn.ModuleList([policy, head])
+    opt, sched = build_optimizer(trainable, OptimConfig(lr=1e-3, warmup_steps=2), 10, group_lrs=[(head, 0.5)])
+    policy_group, head_group = opt.param_groups
+    assert {id(p) for p in head_group["params"]} == {id(p) for p in head.parameters()}
+    assert not {id(p) for p in policy_group["params"]} & {id(p) for p in head.parameters()}
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3 / 2, 0.5 / 2])  # warmup step 1 of 2
+    opt.step()
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 0.5])

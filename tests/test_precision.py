@@ -14,7 +14,7 @@ from rlmt.rollout.logprobs import grouped_response_logprobs
 from rlmt.models import frozen_reference, load_model
 from rlmt.rollout.precision import AUTOCAST_ATTR, autocast_dtype, compute_autocast, set_autocast
 from rlmt.rollout import SamplingParams, generate
-from rlmt.train.online import advantages_for
+from rlmt.train.estimators import advantages_for
 from rlmt.train.session import prepare_model
 from test_online import _sgd_update  # the same SGD-step helper
 

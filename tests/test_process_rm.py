@@ -247,7 +247,7 @@ def test_dense_rewards_land_on_step_end_tokens_of_a_real_rollout(prm_run):
     source = build_reward_source("process_reward_model", {"path": str(run_dir / "final"), "separator": sep})
     res = score_checked(source, [{"prompt": "hi"}] * len(batch.texts), batch.texts)
     mask = batch.response_mask
-    dense = dense_rewards_for("ppo", batch.response_ids, mask, tok, res.token_rewards, mask)
+    dense = dense_rewards_for(True, batch.response_ids, mask, tok, res.token_rewards, mask)
     placed = 0
     for i, pairs in enumerate(res.token_rewards):
         n = int(mask[i].sum())
@@ -259,17 +259,18 @@ def test_dense_rewards_land_on_step_end_tokens_of_a_real_rollout(prm_run):
         assert torch.allclose(dense[i], expect, atol=1e-6)
     assert placed > 0
     with pytest.warns(UserWarning, match="ignored"):
-        assert dense_rewards_for("grpo", batch.response_ids, mask, tok, res.token_rewards, mask) is None
+        assert dense_rewards_for(False, batch.response_ids, mask, tok, res.token_rewards, mask) is None
 
 
 def test_ppo_update_uses_the_dense_rewards_in_gae(prm_run, monkeypatch):
-    """ppo_update's GAE rewards == -beta KL + c * score on the last token + dense, computed by hand."""
+    """PPO's GAE rewards == -beta KL + c * score on the last token + dense, computed by hand."""
     import copy
 
     from rlmt.data import PromptFormat, encode_prompt
     from rlmt.rollout import SamplingParams, generate
     from rlmt.train import ppo as ppo_mod
-    from rlmt.train.online import Experience, UpdateContext
+    from rlmt.train.experience import Experience, UpdateContext
+    from rlmt.train.methods import METHODS, update_step
 
     lm = load_model("tiny-random")
     G = 2
@@ -289,8 +290,8 @@ def test_ppo_update_uses_the_dense_rewards_in_gae(prm_run, monkeypatch):
     trainable = torch.nn.ModuleList([policy, head])
     opt = torch.optim.SGD(trainable.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    ppo_mod.ppo_update(UpdateContext(policy, head, trainable, opt, sched, cfg, {}),
-                       Experience(batch, rewards, mask, ref, G, 1.0, dense))
+    update_step(UpdateContext(policy, head, trainable, opt, sched, cfg, {}, None, METHODS["ppo"]),
+                Experience(batch, rewards, mask, ref, G, 1.0, dense))
     want = torch.zeros(mask.shape)
     for b in range(mask.shape[0]):
         ts = mask[b].nonzero().flatten().tolist()
@@ -302,7 +303,8 @@ def test_ppo_update_uses_the_dense_rewards_in_gae(prm_run, monkeypatch):
 
 
 def test_reinforce_with_dense_rewards_uses_returns_to_go_minus_the_baseline(monkeypatch):
-    from rlmt.train import online
+    from rlmt.train.estimators import reinforce_advantages
+    from rlmt.train.experience import Experience, UpdateContext
 
     cfg = load_config(None, ["algorithm=reinforce", "model.name=tiny-random", "rollout.num_samples=2",
                              "pg.advantage=group", "pg.beta=0", "rm.dense_outcome_coef=1.0"])
@@ -313,10 +315,8 @@ def test_reinforce_with_dense_rewards_uses_returns_to_go_minus_the_baseline(monk
     class Batch:
         logprobs = torch.zeros(4, 3)
 
-    seen = {}
-    monkeypatch.setattr(online, "_optimize", lambda *a, **k: seen.setdefault("adv", a[7]) is None or {})
-    exp = online.Experience(Batch(), rewards, mask, None, 2, 1.0, dense)
-    online.policy_gradient_update(online.UpdateContext(None, None, None, None, None, cfg, {}), exp)
+    exp = Experience(Batch(), rewards, mask, None, 2, 1.0, dense)
+    seen = {"adv": reinforce_advantages(UpdateContext(None, None, None, None, None, cfg, {}), exp).values}
     # totals G_0: 2.0, 1.0 (group 1, mean 1.5); 1.0, 1.25 (group 2, mean 1.125): b = the group mean
     # row 0: G = [2.0, 1.5, 1.5] - 1.5; row 1: [1.0, 0.0] - 1.5; row 2: [1.0] - 1.125; row 3: [1.25, 1.25, 1.0] - 1.125
     want = T([[0.5, 0.0, 0.0], [-0.5, -1.5, 0.0], [-0.125, 0.0, 0.0], [0.125, 0.125, -0.125]])

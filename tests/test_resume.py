@@ -129,19 +129,20 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
 
 
 def test_kill_after_a_rounds_kept_set_is_written_resumes_exactly(tmp_path):
-    """SIGKILL right after round 1's kept set is saved, before its first SFT step: the resumed run logs the
-    round's metrics from the saved file, so its metrics equal the uninterrupted run's (this was a race)."""
+    """SIGKILL right after round 1's kept set is written, before its SFT: the resumed run redoes round 1 from
+    the last checkpoint (the round's sampling is a pure function of (seed, round) and the weights), so its
+    metrics and final weights equal the uninterrupted run's."""
     out = tmp_path / "run"
     args = _args("rejection_sampling", tmp_path, out)
     _killed_by("""
         import os, signal, sys
-        import rlmt.train.runner as runner
-        real = runner.write_atomic
+        import rlmt.train.rejection as rejection
+        real = rejection.write_atomic
         def write_atomic(path, text):
             real(path, text)
             if str(path).endswith("round-1.jsonl"):
                 os.kill(os.getpid(), signal.SIGKILL)
-        runner.write_atomic = write_atomic
+        rejection.write_atomic = write_atomic
     """, args)
     assert (out / "rounds" / "round-1.jsonl").exists() and not (out / "final").exists()
     _resume_equals_straight("rejection_sampling", tmp_path, out, args)

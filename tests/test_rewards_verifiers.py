@@ -189,7 +189,7 @@ def test_math_answer_through_registry_and_score_checked():
     assert [d["correct"] for d in result.details] == [True, True, False]
     with pytest.raises(RewardError, match="'gold'"):
         score_checked(source, [{"prompt": "x"}], ["1"])
-    with pytest.raises(ValueError, match="bad arguments"):
+    with pytest.raises(ValueError, match=r"reward\.args\.answer_key: not an argument .* did you mean .answer_field."):
         build_reward_source("math_answer", {"answer_key": "gold"})
 
 

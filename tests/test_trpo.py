@@ -13,7 +13,9 @@ from rlmt.data import PromptFormat, encode_prompt
 from rlmt.models import load_model
 from rlmt.records import read_metrics
 from rlmt.rollout import SamplingParams, generate
-from rlmt.train.online import Experience, UpdateContext, advantages_for
+from rlmt.train.estimators import advantages_for
+from rlmt.train.experience import Experience, UpdateContext
+from rlmt.train.methods import METHODS, update_step
 from rlmt.train.runner import train
 from rlmt.train.session import apply_lora
 
@@ -48,7 +50,8 @@ def _setup(lm, rollout, rewards=REWARDS, **kw):
     cfg = load_config(None, [f"{k}={v}" for k, v in over.items()])
     model = copy.deepcopy(lm.model)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    ctx = UpdateContext(model, None, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), cfg, {})
+    ctx = UpdateContext(model, None, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), cfg, {}, None,
+                        METHODS["trpo"])
     return ctx, Experience(rollout, rewards, rollout.response_mask.clone(), None, 4, 1.0)
 
 
@@ -75,7 +78,7 @@ def test_accepted_step_keeps_kl_bound_and_improves_surrogate(lm, rollout):
     ctx, exp = _setup(lm, rollout, **{"trpo.max_kl": 0.01, "optim.batch_size": 8})  # 2 micro-batches
     with torch.no_grad():
         old = _independent_logp(ctx.policy, rollout)
-    metrics = trpo.trpo_update(ctx, exp)
+    metrics = update_step(ctx, exp)
     assert metrics["trpo/accepted"] == 1.0 and metrics["skipped_steps"] == 0.0
     with torch.no_grad():
         new = _independent_logp(ctx.policy, rollout)
@@ -131,7 +134,7 @@ def test_trust_region_size_scales_the_step(lm, rollout):
     out = {}
     for max_kl in (1e-4, 1e-2):
         ctx, exp = _setup(lm, rollout, **{"trpo.max_kl": max_kl})
-        out[max_kl] = trpo.trpo_update(ctx, exp)
+        out[max_kl] = update_step(ctx, exp)
         assert out[max_kl]["trpo/accepted"] == 1.0 and out[max_kl]["trpo/kl"] <= max_kl
     small, large = out[1e-4], out[1e-2]
     assert small["trpo/step_norm"] < large["trpo/step_norm"]
@@ -147,7 +150,7 @@ def test_lora_step_moves_only_the_adapters(lm, rollout):
     ctx, exp = _setup(lm, rollout, **{"model.lora.r": 4, "trpo.max_kl": 0.01})
     ctx.policy = apply_lora(ctx.policy, ctx.cfg.model)
     before = {k: v.clone() for k, v in ctx.policy.state_dict().items()}
-    metrics = trpo.trpo_update(ctx, exp)
+    metrics = update_step(ctx, exp)
     assert metrics["trpo/accepted"] == 1.0 and 0 < metrics["trpo/kl"] <= 0.01
     moved = [k for k, v in ctx.policy.state_dict().items() if not torch.equal(v, before[k])]
     assert moved and all("lora_" in k for k in moved)
@@ -169,7 +172,7 @@ def test_rejected_step_restores_parameters_exactly(lm, rollout, monkeypatch, cas
     if case == "nan_fisher":
         monkeypatch.setattr(trpo.TrustRegionProblem, "fisher_vector_product", lambda self, v, d: v * float("nan"))
     before = _params(ctx.policy)
-    metrics = trpo.trpo_update(ctx, exp)
+    metrics = update_step(ctx, exp)
     assert metrics["trpo/accepted"] == 0.0 and metrics["trpo/kl"] == 0.0
     assert metrics["skipped_steps"] == (1.0 if case == "nan_fisher" else 0.0)
     assert all(torch.equal(a, b) for a, b in zip(before, _params(ctx.policy)))

@@ -83,7 +83,7 @@ def cmd_eval(args) -> int:
     from rlmt.config import ConfigError
     from rlmt.data import check_prompt_lengths, load_rows
     from rlmt.rewards import build_reward_source
-    from rlmt.train.runner import write_samples
+    from rlmt.evaluate import write_samples
     from rlmt.evaluate import evaluate
     from rlmt.train.session import start_run
 

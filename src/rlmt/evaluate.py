@@ -1,14 +1,18 @@
-"""Scoring a model on prompts with a reward source: mean reward and pass@1 from K samples per prompt."""
+"""Evaluation: scoring a model on prompts with a reward source (mean reward and pass@1 from K samples per
+prompt), and the before/after evaluation of an online run (``eval-before.json``, ``eval-after.json``)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from rlmt.data import PromptFormat, Row, encode_prompt
-from rlmt.rewards import RewardSource, score_checked
+from rlmt.data import PromptFormat, Row, encode_prompt, load_rows
+from rlmt.records import write_atomic
+from rlmt.rewards import RewardSource, reward_source_for, score_checked
 from rlmt.rollout import RolloutBatch, SamplingParams, generate
 
 
@@ -82,3 +86,33 @@ def evaluate(model, tokenizer, fmt: PromptFormat, rows: Sequence[Row], source: R
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     samples = sample_and_score(model, tokenizer, fmt, rows, source, params, gen, batch_prompts, invalid_as_none)
     return summarize(samples, num_samples, pass_threshold), samples
+
+
+def evaluate_run(cfg, lm, fmt: PromptFormat, tag: str, run_dir: Path, source_name: str | None = None) -> dict[str, float]:
+    """Evaluate ``lm`` on ``data.eval`` as configured (``eval.*``), with a fresh instance of the run's reward
+    source (``source_name``: the method's own, else ``reward.source``); writes ``eval-{tag}.json`` and the
+    scored samples ``eval-{tag}.jsonl`` into ``run_dir``. Adds ``reward/{category}/mean`` where the source
+    reports categories."""
+    rows = load_rows(cfg.data.eval, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts).rows
+    source = reward_source_for(cfg, source_name)
+    if hasattr(source, "prepare_rows"):
+        rows = source.prepare_rows(rows)
+    metrics, samples = evaluate(lm.model, lm.tokenizer, fmt, rows, source, cfg.eval.num_samples,
+                                cfg.eval.temperature, cfg.eval.max_new_tokens, cfg.run.seed + 7919,
+                                cfg.rollout.batch_prompts, cfg.reward.pass_threshold, stop=cfg.rollout.stop,
+                                invalid_as_none=cfg.reward.invalid_as_none)
+    by_category: dict[str, list[float]] = {}
+    for s, d in zip(samples.scores, samples.details):
+        if s is not None and "category" in d:
+            by_category.setdefault(d["category"], []).append(s)
+    metrics.update({f"reward/{c}/mean": sum(v) / len(v) for c, v in sorted(by_category.items())})
+    write_samples(Path(run_dir) / f"eval-{tag}.jsonl", samples)
+    write_atomic(Path(run_dir) / f"eval-{tag}.json", json.dumps(metrics, indent=1))
+    return metrics
+
+
+def write_samples(path: Path, samples: ScoredSamples) -> None:
+    """One JSON line per scored response: prompt, response, reward, details."""
+    lines = [json.dumps({"prompt": r.get("prompt"), "response": t, "reward": s, "details": d}, default=str)
+             for r, t, s, d in zip(samples.rows, samples.texts, samples.scores, samples.details)]
+    write_atomic(path, "".join(line + "\n" for line in lines))

@@ -38,7 +38,7 @@ import urllib.request
 from pathlib import Path
 from typing import Sequence
 
-from rlmt.chat import ChatReply, ChatRequest, ChatStats
+from rlmt.chat.base import ChatReply, ChatRequest, ChatStats
 
 
 class BadCompletion(ValueError):

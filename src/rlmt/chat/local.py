@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 from typing import Sequence
 
-from rlmt.chat import ChatReply, ChatRequest, ChatStats
+from rlmt.chat.base import ChatReply, ChatRequest, ChatStats
 
 
 class LocalChat:

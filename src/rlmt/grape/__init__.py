@@ -7,7 +7,7 @@
 - :mod:`rlmt.grape.oversight`: per-item statistics and the rubric report.
 
 ``algorithm: grape`` is the online loop with this reward source and GRPO's group-relative, PPO-clipped
-update (with the KL term to the reference).
+update (with the KL term to the reference); its optional critique-revise step is :mod:`rlmt.train.revise`.
 """
 
 from rlmt.grape.rubric import Rubric, RubricError, RubricItem, load_rubric

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rlmt.objectives.kl import kl_k1, kl_k3
+
 
 @torch.no_grad()
 def group_relative_advantages(rewards: Tensor, group_size: int, scale: str = "std", eps: float = 1e-6,
@@ -95,17 +97,21 @@ def last_token_index(mask: Tensor) -> Tensor:
 
 @torch.no_grad()
 def kl_penalized_token_rewards(score: Tensor, logprobs_old: Tensor, logprobs_ref: Tensor, mask: Tensor,
-                               beta: float) -> Tensor:
+                               beta: float, estimator: str = "k1") -> Tensor:
     """PPO's per-token reward: the KL penalty on every response token plus the score on the last one.
 
     score: (B,); logprobs_old, logprobs_ref, mask: (B, T) -> (B, T), zero off the mask.
 
-        r_t = -beta * (log pi_old(y_t) - log pi_ref(y_t)) + [t = last response token] * score
+        r_t = -beta * k(log pi_old(y_t), log pi_ref(y_t)) + [t = last response token] * score
+
+    with k the per-token estimator: k1 = log pi_old - log pi_ref (the usual RLHF penalty, whose sum over the
+    response is the sampled sequence KL), or k3 (:func:`rlmt.objectives.kl.kl_k3`, >= 0 on every token).
 
     A row without response tokens gets no reward at all (there is no token to put its score on).
     """
     m = mask != 0
-    kl = torch.where(m, logprobs_old - logprobs_ref, torch.zeros_like(logprobs_old))
+    k = {"k1": kl_k1, "k3": kl_k3}[estimator](logprobs_old, logprobs_ref)
+    kl = torch.where(m, k, torch.zeros_like(logprobs_old))
     last = last_token_index(mask)  # (B,)
     positions = torch.arange(mask.shape[-1], device=mask.device)
     at_last = (positions[None, :] == last[:, None]) & (last[:, None] >= 0)  # (B, T)

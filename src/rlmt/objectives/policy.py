@@ -70,6 +70,54 @@ def ppo_clip_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, ma
     return loss, metrics
 
 
+def gspo_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float,
+              clip_eps_high: float | None = None, aggregation: str = "seq_mean",
+              normalizer: Normalizer | None = None) -> tuple[Tensor, dict[str, float]]:
+    """GSPO's clipped surrogate with a sequence-level importance ratio (Zheng et al. 2025, eqs. 5-7).
+
+    logprobs (with grad), old_logprobs, mask: (B, T); advantages: (B,) one per sequence (group-relative).
+    With n_i the response tokens of sequence i, the ratio is the length-normalized sequence likelihood ratio
+
+        s_i = (pi(y_i | x) / pi_old(y_i | x))^(1 / n_i) = exp( (1/n_i) sum_t (log pi_t - log pi_old_t) )
+
+        l_i = max(-A_i * s_i, -A_i * clip(s_i, 1 - eps_low, 1 + eps_high))
+
+    and ``loss = aggregate(l)`` with l_i on every token of sequence i, so "seq_mean" (the paper's
+    1/G sum_i) is ``sum_i l_i / S``, and "token_mean" weighs sequence i by n_i. Every token of a sequence
+    shares one ratio and one clip decision: the gradient is ``-A_i s_i / n_i * sum_t grad log pi_t`` while
+    unclipped, 0 when clipped. The paper's clip range is small (eps ~ 3e-4 .. 4e-4), since s_i averages
+    the token log-ratios. A sequence without response tokens contributes nothing.
+
+    Metrics: ``policy_loss``; ``clip_frac`` = share of sequences whose clipped term is the larger
+    (``clip_frac_low``/``clip_frac_high`` as in :func:`ppo_clip_loss`); ``approx_kl`` = token-level k3 of
+    KL(pi_old || pi); ``seq_ratio_mean``, ``seq_ratio_max``, ``seq_ratio_min``: of s_i over sequences.
+    """
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    on = mask != 0
+    n = on.sum(-1)  # (B,)
+    logratio = _on_mask(logprobs - old_logprobs, mask).sum(-1) / n.clamp_min(1)  # (B,)
+    s = torch.exp(logratio)
+    adv = torch.where(n > 0, advantages.to(s.dtype), torch.zeros_like(s))
+    per_seq = torch.maximum(-adv * s, -adv * torch.clamp(s, 1.0 - clip_eps, 1.0 + eps_high))  # (B,)
+    loss = aggregate_loss(per_seq[:, None].expand_as(logprobs), mask, aggregation, normalizer)
+    with torch.no_grad():
+        has = n > 0
+        low = (s < 1.0 - clip_eps) & (adv < 0) & has
+        high = (s > 1.0 + eps_high) & (adv > 0) & has
+        count = max(int(has.sum()), 1)
+        metrics = {
+            "policy_loss": float(loss.detach()),
+            "clip_frac": float((low | high).sum()) / count,
+            "clip_frac_low": float(low.sum()) / count,
+            "clip_frac_high": float(high.sum()) / count,
+            "approx_kl": float(approx_kl(logprobs, old_logprobs, mask)),
+            "seq_ratio_mean": float(s[has].mean()) if has.any() else 1.0,
+            "seq_ratio_max": float(s[has].max()) if has.any() else 1.0,
+            "seq_ratio_min": float(s[has].min()) if has.any() else 1.0,
+        }
+    return loss, metrics
+
+
 def reinforce_loss(logprobs: Tensor, advantages: Tensor, mask: Tensor, aggregation: str = "seq_sum",
                    normalizer: Normalizer | None = None) -> tuple[Tensor, dict[str, float]]:
     """REINFORCE (Williams 1992): ``loss = -(r - b) * sum_t log pi(y_t | x, y_<t)``, averaged over sequences.

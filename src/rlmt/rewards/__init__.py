@@ -1,4 +1,4 @@
-"""Reward sources: verifiers (RLVR), and later reward models, judges and rubrics.
+"""Reward sources: verifiers (RLVR), reward models, judges and GRAPE rubrics.
 
 ``build_reward_source(name, args)`` maps a config name to a source; modules are imported lazily so that a
 verifier does not pay for a judge's dependencies.
@@ -23,33 +23,66 @@ REGISTRY: dict[str, tuple[str, str]] = {
 }
 
 
-def build_reward_source(name: str, args: dict[str, Any] | None = None) -> RewardSource:
-    """Instantiate the reward source registered as ``name`` with keyword ``args``."""
+def reward_source_class(name: str, args: dict[str, Any] | None = None, key: str = "reward.args") -> type:
+    """The class registered as ``name``, after checking ``args`` against its constructor: an unknown source or
+    an argument it does not take is a ConfigError naming ``reward.source`` or ``{key}.ARG`` (no source is built,
+    no model loaded)."""
+    import difflib
+    import inspect
+
     from rlmt.config import ConfigError
 
     if name not in REGISTRY:
-        import difflib
-
         close = difflib.get_close_matches(name, REGISTRY, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"reward.source: unknown reward source {name!r}{hint} (known: {sorted(REGISTRY)})")
-    module, cls = REGISTRY[name]
+    module, cls_name = REGISTRY[name]
+    cls = getattr(importlib.import_module(module), cls_name)
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        known = [p for p in params if p != "self"]
+        for arg in args or {}:
+            if arg not in known:
+                close = difflib.get_close_matches(str(arg), known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"{key}.{arg}: not an argument of reward source {name!r}{hint} (it takes: {known})")
+    return cls
+
+
+def build_reward_source(name: str, args: dict[str, Any] | None = None) -> RewardSource:
+    """Instantiate the reward source registered as ``name`` with keyword ``args`` (checked first by
+    :func:`reward_source_class`)."""
+    from rlmt.config import ConfigError
+
+    cls = reward_source_class(name, args)
     try:
-        return getattr(importlib.import_module(module), cls)(**(args or {}))
+        return cls(**(args or {}))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"reward.args: bad arguments for reward source {name!r} {args}: {e}") from e
 
 
-def reward_source_for(cfg) -> RewardSource:
-    """The run's reward source: for ``algorithm: grape`` the rubric source built from the ``grape`` section,
-    otherwise ``reward.source`` with ``reward.args``."""
-    if cfg.algorithm == "grape":
+def reward_source_for(cfg, name: str | None = None) -> RewardSource:
+    """The run's reward source: ``name`` (the method's own source, e.g. GRAPE's ``rubric``) or else
+    ``reward.source``. The ``rubric`` source is built from the typed ``grape`` section; any other from
+    ``reward.args``."""
+    name = name or cfg.reward.source
+    if name == "rubric":
         g = cfg.grape
-        return build_reward_source("rubric", {"rubric": g.rubric, "critic": g.critic, "critic_mode": g.critic_mode,
+        from rlmt.config import critic_spec
+
+        return build_reward_source("rubric", {"rubric": g.rubric, "critic": critic_spec(cfg), "critic_mode": g.critic_mode,
                                               "gate_on_verifiable": g.gate_on_verifiable, "guard": g.guard,
                                               "nonce_key": f"rlmt-critic-{cfg.run.seed}",
                                               "low_confidence": g.low_confidence, "min_score_std": g.min_score_std})
-    return build_reward_source(cfg.reward.source, cfg.reward.args)
+    return build_reward_source(name, cfg.reward.args)
 
 
-__all__ = ["reward_source_for", "REGISTRY", "RewardError", "RewardResult", "RewardSource", "build_reward_source", "score_checked"]
+def check_reward_source(cfg, name: str | None = None) -> None:
+    """The checks of :func:`reward_source_for` that need nothing loaded: the source exists and takes
+    ``reward.args`` (the ``rubric`` source's typed ``grape`` section is checked by the config itself)."""
+    name = name or cfg.reward.source
+    if name != "rubric":
+        reward_source_class(name, cfg.reward.args)
+
+
+__all__ = ["check_reward_source", "reward_source_class", "reward_source_for", "REGISTRY", "RewardError", "RewardResult", "RewardSource", "build_reward_source", "score_checked"]

@@ -210,3 +210,33 @@ def _generate(model: torch.nn.Module, tokenizer, prompts: list[list[int]], param
         stats={"rollout/seconds": seconds, "rollout/tokens": n_tokens,
                "rollout/tokens_per_s": n_tokens / max(seconds, 1e-9), "rollout/decode_steps": decode_steps + 1},
     )
+
+
+def concat_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
+    """Several rollouts as one: prompts left-padded to the longest, responses right-padded to the longest,
+    ``prompt_index`` offset so it counts prompts across batches; ``stats`` summed (tokens/s recomputed).
+    One batch is returned as it is."""
+    if len(batches) == 1:
+        return batches[0]
+    P = max(b.prompt_len for b in batches)
+    T = max(b.response_ids.shape[1] for b in batches)
+
+    def pad(x: torch.Tensor, left: int, right: int, value) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (left, right), value=value)
+
+    parts, offset = [], 0
+    for b in batches:
+        dp, dt = P - b.prompt_len, T - b.response_ids.shape[1]
+        prompt = pad(b.input_ids[:, :b.prompt_len], dp, 0, pad_id)
+        prompt_mask = pad(b.attention_mask[:, :b.prompt_len], dp, 0, 0)
+        response = pad(b.response_ids, 0, dt, pad_id)
+        response_mask = pad(b.response_mask, 0, dt, False)
+        parts.append((torch.cat([prompt, response], 1), torch.cat([prompt_mask, response_mask.long()], 1), response,
+                      response_mask, pad(b.logprobs, 0, dt, 0.0), b.prompt_index + offset))
+        offset += int(b.prompt_index.max()) + 1 if len(b.prompt_index) else 0
+    cat = [torch.cat(xs) for xs in zip(*parts)]
+    stats = {k: sum(b.stats.get(k, 0.0) for b in batches) for k in ("rollout/seconds", "rollout/tokens",
+                                                                      "rollout/decode_steps")}
+    stats["rollout/tokens_per_s"] = stats["rollout/tokens"] / max(stats["rollout/seconds"], 1e-9)
+    return RolloutBatch(cat[0], cat[1], P, cat[2], cat[3], cat[4], cat[5], [t for b in batches for t in b.texts],
+                        torch.cat([b.finished for b in batches]), stats)

@@ -163,7 +163,7 @@ class _TargetLogprobs(torch.autograd.Function):
                 db.to(ctx.saved_tensors[2].dtype) if db is not None else None, None, None, None, None, None)
 
 
-def _scored_positions(h: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, inv_t: float,
+def scored_positions(h: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, inv_t: float,
                       chunk_tokens: int, entropy: bool = True,
                       grad_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """h (M, H) hidden states that predict ``targets`` (M,) -> (log-probs (M,), entropies (M,)), chunked:
@@ -352,7 +352,7 @@ def grouped_response_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, 
                                      **attention).last_hidden_state  # (B0, L, H)
     h = hidden.reshape(-1, hidden.shape[-1])[packed.source]  # (M, H)
     inv_t = 1.0 / temperature if temperature > 0 else 1.0
-    lp, ent = _scored_positions(h, packed.targets, model.get_output_embeddings(), inv_t, chunk_tokens,
+    lp, ent = scored_positions(h, packed.targets, model.get_output_embeddings(), inv_t, chunk_tokens,
                                 return_entropy, autocast_of(model))
     sel = response_mask.bool()
     zeros = hidden.new_zeros((N, T), dtype=torch.float32)
@@ -387,7 +387,7 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     h = hidden[:, :-1][sel]  # (M, H)
     targets = input_ids[:, 1:][sel]  # (M,)
     inv_t = 1.0 / temperature if temperature > 0 else 1.0
-    lp, ent = _scored_positions(h, targets, head, inv_t, chunk_tokens, return_entropy, autocast_of(model))
+    lp, ent = scored_positions(h, targets, head, inv_t, chunk_tokens, return_entropy, autocast_of(model))
     zeros = hidden.new_zeros((B, L - 1), dtype=torch.float32)
     if sel.any():
         out = F.pad(zeros.masked_scatter(sel, lp), (1, 0))

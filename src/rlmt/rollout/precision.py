@@ -7,7 +7,7 @@ and the forward passes rlmt runs follow it: the reference pass and the training 
 gradient checkpointing replays a layer under the autocast state of its first pass.
 
 The output projection and log-softmax that turn hidden states into log-probs stay in the weights' dtype
-(:func:`rlmt.rollout.logprobs._scored_positions` turns autocast off there), because they enter every ratio and KL
+(:func:`rlmt.rollout.logprobs.scored_positions` turns autocast off there), because they enter every ratio and KL
 directly. Measured on SmolLM2-135M against float32 log-probs (the GRPO benchmark's batch): mean |error|
 0.016 nats with the float32 head, 0.029 with a bfloat16 one. Packed attention also runs in float32
 (:mod:`rlmt.rollout.attention`: CPU flash attention's bfloat16 backward was 3x slower).

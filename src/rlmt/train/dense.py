@@ -4,7 +4,7 @@
 A dense source (the process RM) scores each reasoning step and reports where the step ends in the response
 *text*; the reward belongs on the response token whose decoded text first reaches that character. PPO adds
 the dense rewards to its KL-penalized token rewards before GAE; REINFORCE turns them into per-token returns
-to go. GRPO, GRAPE and TRPO use one advantage per sequence and ignore dense rewards (with a warning, once).
+to go. GRPO, GSPO, GRAPE and TRPO use one advantage per sequence and ignore dense rewards (with a warning).
 
 Shapes: N sequences of T response tokens, ``mask`` (N, T) on scored response tokens.
 """
@@ -21,8 +21,6 @@ from rlmt.objectives.advantages import kl_penalized_token_rewards
 from rlmt.objectives.process import step_end_positions
 from rlmt.data import token_char_ends
 
-DENSE_METHODS = ("reinforce", "ppo")
-_warned: set[str] = set()
 
 
 def place_token_rewards(response_ids: Tensor, response_mask: Tensor, tokenizer,
@@ -50,18 +48,16 @@ def place_token_rewards(response_ids: Tensor, response_mask: Tensor, tokenizer,
     return out.to(response_ids.device)
 
 
-def dense_rewards_for(algorithm: str, response_ids: Tensor, response_mask: Tensor, tokenizer,
+def dense_rewards_for(uses_dense: bool, response_ids: Tensor, response_mask: Tensor, tokenizer,
                       token_rewards: Sequence[Sequence[tuple[int, float]]] | None, mask: Tensor) -> Tensor | None:
     """The (N, T) dense rewards an online method uses, masked to scored tokens; None when the source gave
-    none or the method does not use them (GRPO, GRAPE, TRPO: warned once per method)."""
+    none or the method does not use them (``uses_dense`` false: GRPO, GSPO, GRAPE, TRPO; warned, once per
+    call site by Python's default warning filter)."""
     if token_rewards is None:
         return None
-    if algorithm not in DENSE_METHODS:
-        if algorithm not in _warned:
-            _warned.add(algorithm)
-            warnings.warn(f"{algorithm} uses one advantage per sequence: the reward source's dense (per-step) "
-                          f"rewards are ignored; only its outcome scores train (dense rewards need {DENSE_METHODS})",
-                          stacklevel=2)
+    if not uses_dense:
+        warnings.warn("this method uses one advantage per sequence: the reward source's dense (per-step) rewards "
+                      "are ignored; only its outcome scores train (dense rewards need reinforce or ppo)", stacklevel=2)
         return None
     dense = place_token_rewards(response_ids, response_mask, tokenizer, token_rewards)
     return torch.where(mask.to(dense.device) != 0, dense, torch.zeros_like(dense))
@@ -69,17 +65,17 @@ def dense_rewards_for(algorithm: str, response_ids: Tensor, response_mask: Tenso
 
 @torch.no_grad()
 def ppo_token_rewards(score: Tensor, dense: Tensor | None, logprobs_old: Tensor, logprobs_ref: Tensor,
-                      mask: Tensor, beta: float, outcome_coef: float = 1.0) -> Tensor:
+                      mask: Tensor, beta: float, outcome_coef: float = 1.0, estimator: str = "k1") -> Tensor:
     """PPO's per-token rewards with optional dense rewards d (N, T): score (N,), the rest (N, T) -> (N, T).
 
-        r_t = -beta * (log pi_old(y_t) - log pi_ref(y_t)) + [t = last] * c * score + d_t
+        r_t = -beta * k(log pi_old(y_t), log pi_ref(y_t)) + [t = last] * c * score + d_t     (k: k1 or k3)
 
     c = ``outcome_coef`` (``rm.dense_outcome_coef``) when dense rewards exist, else 1 (the plain PPO reward
     of :func:`~rlmt.objectives.advantages.kl_penalized_token_rewards`). Zero off the mask.
     """
     if dense is None:
-        return kl_penalized_token_rewards(score, logprobs_old, logprobs_ref, mask, beta)
-    r = kl_penalized_token_rewards(outcome_coef * score, logprobs_old, logprobs_ref, mask, beta)
+        return kl_penalized_token_rewards(score, logprobs_old, logprobs_ref, mask, beta, estimator)
+    r = kl_penalized_token_rewards(outcome_coef * score, logprobs_old, logprobs_ref, mask, beta, estimator)
     return r + torch.where(mask != 0, dense.to(r.dtype), torch.zeros_like(r))
 
 
@@ -100,7 +96,7 @@ def dense_reinforce_advantages(score: Tensor, dense: Tensor, mask: Tensor, basel
         r_t = d_t + [t = last] * c * score,   A_t = G_t - b = sum_{t' >= t} r_t' - b
 
     A token is credited only with the rewards that follow it. b is the sequence baseline of the configured
-    ``pg.advantage`` computed on the total return G_0 (see :func:`rlmt.train.online.policy_gradient_update`).
+    ``pg.advantage`` computed on the total return G_0 (see :func:`rlmt.train.estimators.reinforce_advantages`).
     Zero off the mask; unscored rows (NaN score) must be off the mask.
     """
     r = ppo_token_rewards(score.nan_to_num(0.0), dense, torch.zeros_like(dense), torch.zeros_like(dense), mask,

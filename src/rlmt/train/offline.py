@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from rlmt.checkpoint import load_checkpoint, save_checkpoint
 from rlmt.config import Config, to_dict
 from rlmt.data import LoadReport, PromptFormat, load_rows
+from rlmt.data.order import step_indices
 from rlmt.models import LoadedModel, save_final
 from rlmt.records import RunRecorder, write_atomic
 from rlmt.train.metrics import MetricReduction
@@ -118,32 +119,6 @@ class OfflineTask:
 def examples_per_step(cfg: Config) -> int:
     """Examples of one optimizer step: ``batch_size * grad_accum``."""
     return cfg.optim.batch_size * cfg.optim.grad_accum
-
-
-def step_indices(step: int, per_step: int, n: int, seed: int, shuffle: bool) -> list[int]:
-    """Dataset indices of optimizer step ``step``: a seeded permutation per epoch, read in order.
-
-    A pure function of (step, seed), so the data position after a resume is exactly where it was.
-    """
-    out = []
-    start = step * per_step
-    for k in range(start, start + per_step):
-        epoch, offset = divmod(k, n)
-        out.append(int(_epoch_order(n, seed, epoch, shuffle)[offset]))
-    return out
-
-
-_ORDER_CACHE: dict[tuple[int, int, int, bool], torch.Tensor] = {}
-
-
-def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
-    key = (n, seed, epoch, shuffle)
-    if key not in _ORDER_CACHE:
-        if len(_ORDER_CACHE) > 8:
-            _ORDER_CACHE.clear()
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        _ORDER_CACHE[key] = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
-    return _ORDER_CACHE[key]
 
 
 def total_steps_for(cfg: Config, n_examples: int, epochs: float | None = None) -> int:

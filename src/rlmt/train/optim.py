@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
@@ -27,23 +28,45 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> 
     raise ValueError(f"unknown schedule {schedule!r}")
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int, preallocate: bool = True):
-    """AdamW and its LR schedule over ``model``'s trainable parameters; ``preallocate=False`` leaves the
-    moments lazy (for a loop that never steps the optimizer, e.g. TRPO)."""
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int, preallocate: bool = True,
+                    group_lrs: Sequence[tuple[torch.nn.Module, float]] = ()):
+    """AdamW and its LR schedule over ``model``'s trainable parameters.
+
+    ``group_lrs``: (submodule, peak lr) pairs whose parameters form their own parameter group at that LR
+    (PPO's value head at ``ppo.critic_lr``); every group follows the same warmup and decay. ``preallocate=False``
+    leaves the moments lazy (for a loop that never steps the optimizer, e.g. TRPO).
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
+    own = {id(p) for sub, _ in group_lrs for p in sub.parameters()}
+    groups = [{"params": [p for p in params if id(p) not in own], "lr": cfg.lr}]
+    groups += [{"params": [p for p in sub.parameters() if p.requires_grad], "lr": lr} for sub, lr in group_lrs]
+    groups = [g for g in groups if g["params"]]
     # fused: one kernel per step with no full-size temporaries (foreach AdamW allocates several)
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
                             fused=fused)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.schedule))
     if preallocate:
         preallocate_adam_state(opt)
-    if cfg.step_in_backward:
-        opt.rlmt_in_backward = StepInBackward(params, opt)  # guarded_step finds it here
+    in_backward = StepInBackward(params, opt) if cfg.step_in_backward else None
+    sched = Schedule(opt, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.schedule), in_backward)
     return opt, sched
+
+
+class Schedule(torch.optim.lr_scheduler.LambdaLR):
+    """The LR schedule, and (``optim.step_in_backward``) the :class:`StepInBackward` hooks that apply each
+    parameter's update during backward, for :func:`guarded_step` to close the step. The hooks are not part
+    of the schedule's checkpointed state."""
+
+    def __init__(self, optimizer, lr_lambda, in_backward: "StepInBackward | None" = None):
+        self.in_backward = in_backward
+        super().__init__(optimizer, lr_lambda)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.pop("in_backward", None)
+        return state
 
 
 def preallocate_adam_state(opt: torch.optim.Optimizer) -> None:
@@ -127,7 +150,7 @@ def guarded_step(model: torch.nn.Module, optimizer, scheduler, max_grad_norm: fl
     Returns ``grad_norm`` (before clipping), ``lr`` (used for this step) and ``skipped`` (1.0 if skipped).
     With ``optim.step_in_backward`` the update already happened in backward (:class:`StepInBackward`).
     """
-    in_backward = getattr(optimizer, "rlmt_in_backward", None)
+    in_backward = getattr(scheduler, "in_backward", None)
     if in_backward is not None:
         return in_backward.finish(scheduler)
     params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]

@@ -28,11 +28,11 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
-from rlmt.config import Config, ConfigError, _build, _deep_merge, to_dict, validate
+from rlmt.config import Config, ConfigError, config_from_dict, deep_merge, to_dict
 from rlmt.records import write_atomic
 
 STAGE_MARKER = "STAGE_DONE"
@@ -126,11 +126,10 @@ def plan_stages(cfg: Config, where: str = "") -> list[Stage]:
             raise ConfigError(f"{where}{at}.run.output_dir: set by the pipeline (<run.output_dir>/{name})")
         body = {k: substitute_refs(v, finals, set(names[i + 1:]), f"{at}.{k}", where) for k, v in body.items()}
         data = copy.deepcopy(base)
-        _deep_merge(data, body)
+        deep_merge(data, body)
         data["run"]["output_dir"] = str(root / name)
         data["run"]["resume"] = "true"
-        stage_cfg = _build(Config, data, f"{at}.", where)
-        validate(stage_cfg, f"{where}{at}.")
+        stage_cfg = config_from_dict(data, f"{at}.", where)
         stages.append(Stage(name, stage_cfg))
         finals[name] = str(root / name / "final")
     return stages
@@ -149,10 +148,9 @@ def _write_status(root: Path, stages: list[Stage], status: dict[str, dict]) -> N
     write_atomic(root / PIPELINE_FILE, json.dumps({"stages": rows}, indent=1))
 
 
-def train_pipeline(cfg: Config) -> Path:
-    """Run the stages in order (finished ones skipped); returns the pipeline's directory."""
-    from rlmt.train.runner import train
-
+def train_pipeline(cfg: Config, train: Callable[[Config], Path]) -> Path:
+    """Run the stages in order with ``train`` (:func:`rlmt.train.runner.train`; finished stages skipped);
+    returns the pipeline's directory."""
     stages = plan_stages(cfg)  # every stage validated before any runs
     root = Path(cfg.run.output_dir)
     root.mkdir(parents=True, exist_ok=True)

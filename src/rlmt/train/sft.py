@@ -23,8 +23,6 @@ from rlmt.objectives.aggregate import loss_normalizer
 from rlmt.objectives.policy import nll_loss
 from rlmt.rollout.logprobs import token_logprobs
 from rlmt.train.offline import OfflineRun, OfflineTask, offline_update, train_offline
-# the data order, which the online loop and rejection sampling import from this module
-from rlmt.train.offline import examples_per_step, step_indices, total_steps_for  # noqa: F401
 
 
 def completion_tokens(micro_batches: list[TokenBatch]) -> float:

@@ -18,7 +18,7 @@ is not usable: its Hessian at theta_old is not the Fisher). The step (TRPO's App
 pi_old is recomputed at theta_old in the same forward that gives g (one update per rollout, so it is the
 sampler's policy; recomputing keeps r = 1 exactly at theta_old instead of carrying the sampler's float
 noise). One forward per micro-batch gives the full distribution (for KL) and the sampled tokens' log-probs
-(for L), so :func:`rlmt.train.online._response_logprobs` (sampled tokens only) is not used. The optimizer
+(for L), so :func:`rlmt.train.update.response_logprobs` (sampled tokens only) is not used. The optimizer
 and scheduler are *not* used: TRPO computes its own step, and the reported ``lr`` is 0.
 
 Cost and memory: the trainable parameters (all of them, or only the LoRA adapters of a peft model) are
@@ -42,7 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rlmt.rollout.logprobs import position_ids_from_mask
 from rlmt.objectives import approx_kl, kl_penalty_loss, masked_sum
-from rlmt.train.online import Experience, UpdateContext, advantages_for, sequence_rewards
+from rlmt.train.experience import Advantages, Experience, UpdateContext
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:
@@ -187,8 +187,9 @@ class TrustRegionProblem:
         return totals
 
 
-def trpo_update(ctx: UpdateContext, exp: Experience) -> dict[str, float]:
-    """One TRPO step on the policy's trainable parameters (see the module docstring).
+def trpo_update(ctx: UpdateContext, exp: Experience, advantages: Advantages) -> dict[str, float]:
+    """One TRPO step on the policy's trainable parameters (see the module docstring); ``advantages``: (N,)
+    one per sequence (:func:`rlmt.train.estimators.sequence_advantages`).
 
     Metrics, all at the parameters the update leaves (theta_old if rejected): ``loss`` = -L;
     ``trpo/surrogate_gain`` = L(theta) - L(theta_old); ``trpo/kl`` = the exact mean KL(pi_old || pi);
@@ -197,13 +198,12 @@ def trpo_update(ctx: UpdateContext, exp: Experience) -> dict[str, float]:
     ``approx_kl`` = k3 on the sampled tokens against the sampler's log-probs; ``kl`` = the KL-to-reference
     estimate (when pg.beta > 0); ``lr`` = 0 (no optimizer).
     """
-    tc, pg = ctx.cfg.trpo, ctx.cfg.pg
-    rewards = sequence_rewards(exp, pg)
-    adv, ctx.state["baseline"] = advantages_for(rewards, exp.group_size, pg, ctx.state.get("baseline"))
+    tc = ctx.cfg.trpo
+    adv = advantages.values
     prob = TrustRegionProblem(ctx, exp, adv)
     out = {"trpo/accepted": 0.0, "trpo/kl": 0.0, "trpo/surrogate_gain": 0.0, "trpo/step_fraction": 0.0,
            "trpo/cg_residual": 0.0, "trpo/step_norm": 0.0, "grad_norm": 0.0, "skipped_steps": 0.0, "lr": 0.0,
-           "tokens": prob.n_tokens, "advantage/abs_mean": float(adv.abs().mean())}
+           "tokens": prob.n_tokens, **advantages.metrics}
     if not prob.micro or not prob.params:
         return {**out, "loss": 0.0, "approx_kl": 0.0}
     was_training = ctx.policy.training

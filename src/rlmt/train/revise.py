@@ -20,6 +20,7 @@ import torch
 from rlmt.data import SFTExample, encode_prompt
 from rlmt.objectives.grape import grape_aggregate
 from rlmt.rollout import SamplingParams, generate
+from rlmt.train.experience import Demonstrations, UpdateContext
 
 MAX_KEPT = 256
 
@@ -82,8 +83,6 @@ def revise_lowest(policy, tokenizer, fmt, rows: list[dict], texts: list[str], sc
 
 def revision_demonstrations(state: dict, base=None):
     """Demonstrations = the run's demonstration file (``base``, may be None) + kept revisions in ``state``."""
-    from rlmt.train.online import Demonstrations
-
     revs = state.get("revisions", [])
     examples = list(base.examples) if base is not None else []
     rewards = base.rewards.tolist() if base is not None and base.rewards is not None else [0.0] * len(examples)
@@ -92,8 +91,8 @@ def revision_demonstrations(state: dict, base=None):
     return Demonstrations(examples, torch.tensor(rewards)) if examples else None
 
 
-def revise_step(ctx, base_demos, tokenizer, fmt, rows: list[dict], batch, scored, source, params: SamplingParams,
-                generator: torch.Generator) -> dict[str, float]:
+def revise_step(ctx: UpdateContext, base_demos: Demonstrations | None, tokenizer, fmt, rows: list[dict], batch,
+                scored, source, params: SamplingParams, generator: torch.Generator) -> dict[str, float]:
     """One loop step of critique-revise: revise, keep the improvements in ``ctx.state``, refresh ``ctx.demos``."""
     kept, metrics = revise_lowest(ctx.policy, tokenizer, fmt, rows, batch.texts, scored.scores, scored.details,
                                   source, params.num_samples, params, generator)

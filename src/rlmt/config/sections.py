@@ -1,21 +1,11 @@
-"""Typed run configuration: YAML + ``key=value`` overrides, validated once at the edge.
-
-Every field carries a one-line doc (``rlmt train --help-config`` prints them). Unknown keys are errors that
-name the key and the closest valid one. After :func:`load_config` the config is frozen and passed as a value.
-"""
+"""The config's sections: frozen dataclasses with a one-line doc on every field (``rlmt train --help-config``
+prints them)."""
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import math
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal, Optional
 
-import yaml
 
 
 class ConfigError(ValueError):
@@ -81,7 +71,8 @@ class DataConfig:
     chat: bool = doc(True, "format prompts with the tokenizer's chat template")
     system_prompt: Optional[str] = doc(None, "system message for chat prompts (None: the template's default)")
     max_prompt_tokens: int = doc(256, "longest allowed prompt, in tokens")
-    max_completion_tokens: int = doc(256, "SFT completions are truncated to this many tokens (counted)")
+    max_completion_tokens: int = doc(256, "completions of offline rows (SFT, preference, steps) are truncated to this many "
+                                               "tokens (counted)")
     on_invalid: Literal["error", "skip"] = doc("error", "bad rows: 'error' stops with file/line/field, 'skip' filters and counts")
     limit: int = doc(0, "use only the first N rows (0: all)")
     shuffle: bool = doc(True, "shuffle training rows each epoch (seeded)")
@@ -149,12 +140,17 @@ class PolicyGradientConfig:
     clip_eps: float = doc(0.2, "PPO/GRPO clip range: ratio in [1 - clip_eps, 1 + clip_eps_high]")
     clip_eps_high: Optional[float] = doc(None, "upper clip (None: clip_eps; larger = DAPO clip-higher)")
     beta: float = doc(0.04, "weight of KL(pi || pi_ref); 0 skips the reference model entirely")
-    kl_estimator: Literal["k3", "k1"] = doc("k3", "per-token KL estimator in the loss")
-    kl_in_reward: bool = doc(False, "fold beta * k1 KL into the reward instead of the loss")
+    kl_estimator: Optional[Literal["k3", "k1"]] = doc(
+        None, "per-token KL estimator (k1 = log pi - log pi_ref; k3 >= 0); unset: the method's convention "
+              "(k3 in the loss; k1 in PPO's per-token reward)")
+    kl_in_reward: Optional[bool] = doc(
+        None, "put beta * KL into the reward (PPO: per token; other methods: summed into the sequence reward) "
+              "instead of the loss; unset: the method's convention (PPO: true, others: false)")
     epochs: int = doc(1, "optimization epochs over each rollout batch (1: no second pass for pi_old)")
     minibatches: int = doc(1, "optimizer steps per epoch (the rollout batch is split into this many)")
-    aggregation: Literal["token_mean", "seq_mean", "seq_sum", "constant"] = doc(
-        "token_mean", "loss reduction (normalized over the whole minibatch, so accumulation-invariant)")
+    aggregation: Optional[Literal["token_mean", "seq_mean", "seq_sum", "constant"]] = doc(
+        None, "loss reduction, normalized over the whole minibatch (accumulation-invariant); unset: the method's "
+              "convention (token_mean; GSPO: seq_mean, one term per sequence)")
     curriculum: bool = doc(False, "draw prompts by running pass rate, favouring groups that still vary")
     curriculum_momentum: float = doc(0.7, "EMA momentum of each prompt's running pass rate")
     curriculum_floor: float = doc(0.02, "weight added to every prompt so solved/hopeless ones still return")
@@ -169,7 +165,8 @@ class PPOConfig:
     vf_coef: float = doc(0.1, "weight of the value loss")
     value_clip: Optional[float] = doc(0.2, "clip of the value update around the old values (None: off)")
     whiten_advantages: bool = doc(True, "normalize GAE advantages over the batch's response tokens")
-    critic_lr: Optional[float] = doc(None, "learning rate of the value head (None: optim.lr)")
+    critic_lr: Optional[float] = doc(None, "peak learning rate of the value head, its own AdamW parameter group "
+                                           "on the same schedule (None: optim.lr)")
 
 
 @dataclass(frozen=True)
@@ -201,13 +198,37 @@ class RewardModelConfig:
 
 
 @dataclass(frozen=True)
+class CriticConfig:
+    backend: Literal["local", "http"] = doc("local", "local: a model in this process; http: an OpenAI-compatible server")
+    model: str = doc("smollm2-135m-instruct", "local: the model to load (as model.name); http: the served model's name")
+    base_url: Optional[str] = doc(None, "http: the server's base URL, e.g. http://127.0.0.1:8000/v1 (required)")
+    api_key_env: Optional[str] = doc(None, "http: environment variable holding the API key (unset: OPENAI_API_KEY)")
+    concurrency: Optional[int] = doc(None, "http: requests in flight at once (unset: 4)")
+    timeout_s: Optional[float] = doc(None, "http: seconds per request (unset: 30)")
+    retries: Optional[int] = doc(None, "http: retries of a failed request (unset: 3)")
+    backoff_s: Optional[float] = doc(None, "http: first retry delay, doubled each retry (unset: 0.5)")
+    cache_path: Optional[str] = doc(None, "http: JSONL file caching replies across runs (unset: none)")
+    price_input_per_1k: Optional[float] = doc(None, "http: price per 1k prompt tokens, for the cost report")
+    price_output_per_1k: Optional[float] = doc(None, "http: price per 1k completion tokens, for the cost report")
+    max_batch: Optional[int] = doc(None, "local, json mode: requests generated together (unset: 16)")
+    batch_size: Optional[int] = doc(None, "local, logprobs mode: critiques scored per forward pass (unset: 8)")
+    device: Optional[str] = doc(None, "local: 'cpu' or 'cuda' (unset: cpu)")
+    dtype: Optional[str] = doc(None, "local, json mode: the critic's weight dtype (unset: float32)")
+    seed: Optional[int] = doc(None, "local: the critic's sampling seed (unset: 0)")
+    cache: Optional[bool] = doc(None, "local, json mode: reuse replies to identical requests (unset: true)")
+    max_tokens: Optional[int] = doc(None, "json mode: longest critique, in tokens (unset: 256)")
+    require_ref: Optional[bool] = doc(None, "json mode: a critique must quote the request's nonce ref (unset: true)")
+
+
+@dataclass(frozen=True)
 class GrapeConfig:
     rubric: str = doc("", "rubric YAML: categories, system prompts and weighted items (see examples/grape/)")
-    critic: dict = doc({}, "critic backend: {backend: local|http, model|base_url, ...} (see rlmt.chat)")
+    critic: CriticConfig = section(CriticConfig, "the critic that scores judged rubric items (rlmt.grape.critic)")
     critic_mode: Literal["json", "logprobs"] = doc(
         "json", "json: the critic writes reasoning + JSON score/confidence; logprobs (local only): score and "
                 "confidence read from the critic's distribution over the score digits")
-    gate_on_verifiable: bool = doc(True, "items with `gated_by` are skipped (missing) when their gate item scored 0")
+    gate_on_verifiable: bool = doc(True, "items with `gated_by` are skipped (missing) when their gate item "
+                                                      "failed (scored below 0.5, or was not scored)")
     guard: bool = doc(True, "a response that addresses the grader (rlmt.chat.guard) fails its judged items")
     low_confidence: float = doc(0.5, "oversight: flag items whose mean confidence stays below this")
     min_score_std: float = doc(0.02, "oversight: flag items whose score std over the run is below this")
@@ -221,7 +242,8 @@ class EvalConfig:
     temperature: float = doc(1.0, "sampling temperature for eval (0: greedy)")
     max_new_tokens: int = doc(64, "longest response, in tokens")
     max_prompts: int = doc(0, "evaluate on the first N prompts (0: all)")
-    output: str = doc("", "write per-sample results to this JSONL (default: RUN_DIR/eval-*.jsonl)")
+    output: str = doc("", "`rlmt eval`: also write every scored sample to this JSONL (training runs "
+                               "with run.eval_before_after write RUN_DIR/eval-before.jsonl and eval-after.jsonl)")
 
 
 @dataclass(frozen=True)
@@ -239,8 +261,9 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class Config:
-    algorithm: Literal["sft", "rejection_sampling", "reinforce", "grpo", "ppo", "trpo", "dpo", "reward_model",
-                       "process_reward_model", "grape", "pipeline"] = doc("sft", "training method")
+    algorithm: Literal["sft", "rejection_sampling", "reinforce", "grpo", "gspo", "ppo", "trpo", "dpo",
+                       "reward_model", "process_reward_model", "grape", "pipeline"] = doc(
+        "sft", "training method (docs/methods.md)")
     model: ModelConfig = section(ModelConfig, "the policy")
     data: DataConfig = section(DataConfig, "datasets and prompt formatting")
     optim: OptimConfig = section(OptimConfig, "optimizer, schedule and batching")
@@ -248,7 +271,8 @@ class Config:
     rollout: RolloutConfig = section(RolloutConfig, "sampling for online methods")
     reward: RewardConfig = section(RewardConfig, "the reward source")
     rejection: RejectionConfig = section(RejectionConfig, "rejection sampling")
-    pg: PolicyGradientConfig = section(PolicyGradientConfig, "policy-gradient methods (REINFORCE, GRPO, PPO, TRPO)")
+    pg: PolicyGradientConfig = section(PolicyGradientConfig, "policy-gradient methods (REINFORCE, GRPO, GSPO, PPO, TRPO, "
+                                                                   "GRAPE)")
     ppo: PPOConfig = section(PPOConfig, "PPO: value head, GAE, value loss")
     trpo: TRPOConfig = section(TRPOConfig, "TRPO: trust region, conjugate gradient, line search")
     dpo: DPOConfig = section(DPOConfig, "DPO and its variants: offline preference pairs against a frozen reference")
@@ -259,246 +283,3 @@ class Config:
     eval: EvalConfig = section(EvalConfig, "evaluation")
     runtime: RuntimeConfig = section(RuntimeConfig, "process settings applied when a run starts: threads, allocator")
     run: RunConfig = section(RunConfig, "run directory, seeding, checkpoints, logging")
-
-
-# ---------------------------------------------------------------------------------------------- parsing
-
-
-def _is_section(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _all_keys(cls: type, prefix: str = "") -> list[str]:
-    keys = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        keys.append(prefix + f.name)
-        if _is_section(hints[f.name]):
-            keys.extend(_all_keys(hints[f.name], prefix + f.name + "."))
-    return keys
-
-
-def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
-    everywhere = _all_keys(Config)
-    leaf = key.split(".")[-1]
-    # the same leaf in another section (`run.lr` -> `optim.lr`) beats a fuzzy match in this one (`run.log_every`)
-    close = ([k for k in everywhere if k.split(".")[-1] == leaf][:1]
-             or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-             or difflib.get_close_matches(key, everywhere, n=1, cutoff=0.5))
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"{where}unknown config key {key!r}{hint}")
-
-
-def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key, where)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{where}{key}: {value!r} is not one of {list(choices)}{hint}")
-        return value
-    bad = ConfigError(f"{where}{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "3e-5" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        return float(value)
-    if tp is str:
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if not isinstance(value, (str, int, float)):
-            raise bad
-        return str(value)
-    if tp is list:
-        if not isinstance(value, list):
-            raise bad
-        return value
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise bad
-        return value
-    raise bad
-
-
-def _build(cls: type, data: dict, prefix: str, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            raise _unknown_key(prefix + str(key), [prefix + n for n in names], where)
-    kwargs = {}
-    for name in names:
-        if name not in data:
-            continue
-        tp = hints[name]
-        if _is_section(tp):
-            kwargs[name] = _build(tp, data[name] if data[name] is not None else {}, prefix + name + ".", where)
-        else:
-            kwargs[name] = _coerce(data[name], tp, prefix + name, where)
-    return cls(**kwargs)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (["a","b","c"], value parsed as YAML)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected key=value")
-    key, raw = text.split("=", 1)
-    if not key:
-        raise ConfigError(f"override {text!r}: empty key")
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from e
-    return key.strip().split("."), value
-
-
-def apply_override(data: dict, path: list[str], value: Any) -> None:
-    node = data
-    for part in path[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[path[-1]] = value
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                base: dict | None = None) -> Config:
-    """Read YAML at ``path`` (optional), apply ``base`` defaults then ``overrides``, validate, freeze."""
-    data: dict = {}
-    where = ""
-    if base:
-        data = yaml.safe_load(yaml.safe_dump(base))
-    if path is not None:
-        where = f"{path}: "
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{where}invalid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{where}top level must be a mapping of config keys")
-        _deep_merge(data, loaded)
-    for text in overrides or []:
-        keys, value = parse_override(text)
-        apply_override(data, keys, value)
-    cfg = _build(Config, data, "", where)
-    validate(cfg, where)
-    return cfg
-
-
-def _deep_merge(into: dict, new: dict) -> None:
-    for k, v in new.items():
-        if isinstance(v, dict) and isinstance(into.get(k), dict):
-            _deep_merge(into[k], v)
-        else:
-            into[k] = v
-
-
-def validate(cfg: Config, where: str = "") -> None:
-    """Cross-field checks that types alone cannot express."""
-    def need(cond: bool, key: str, msg: str) -> None:
-        if not cond:
-            raise ConfigError(f"{where}{key}: {msg}")
-
-    need(cfg.optim.lr > 0, "optim.lr", "must be > 0")
-    need(cfg.optim.batch_size >= 1, "optim.batch_size", "must be >= 1")
-    need(cfg.optim.grad_accum >= 1, "optim.grad_accum", "must be >= 1")
-    need(cfg.optim.max_steps >= 0, "optim.max_steps", "must be >= 0")
-    need(len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers")
-    need(cfg.rollout.num_samples >= 1, "rollout.num_samples", "must be >= 1")
-    need(cfg.rollout.temperature >= 0, "rollout.temperature", "must be >= 0")
-    need(0 < cfg.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
-    need(cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
-    need(cfg.eval.num_samples >= 1, "eval.num_samples", "must be >= 1")
-    need(cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1")
-    need(cfg.rejection.keep_top_k >= 0, "rejection.keep_top_k", "must be >= 0")
-    need(cfg.rejection.keep_top_k > 0 or cfg.rejection.threshold is not None, "rejection.keep_top_k",
-         "0 (keep all) needs rejection.threshold")
-    need(cfg.run.resume.lower() in ("true", "false") or Path(cfg.run.resume).exists(), "run.resume",
-         f"'true', 'false' or an existing checkpoint path, got {cfg.run.resume!r}")
-    need(cfg.model.lora.r >= 0, "model.lora.r", "must be >= 0")
-    need(cfg.pg.epochs >= 1, "pg.epochs", "must be >= 1")
-    need(cfg.pg.minibatches >= 1, "pg.minibatches", "must be >= 1")
-    need(cfg.pg.beta >= 0, "pg.beta", "must be >= 0")
-    revise = cfg.algorithm == "grape" and cfg.grape.revise
-    need(cfg.pg.nll_coef == 0 or bool(cfg.data.demonstrations) or revise, "data.demonstrations",
-         "pg.nll_coef > 0 needs a demonstrations file (or grape.revise)")
-    need(not revise or cfg.pg.nll_coef > 0, "pg.nll_coef", "grape.revise needs pg.nll_coef > 0 (the weight of the "
-         "revisions' NLL)")
-    need(cfg.pg.nll_tau is None or cfg.pg.nll_tau > 0, "pg.nll_tau", "must be > 0")
-    need(cfg.trpo.max_kl > 0, "trpo.max_kl", "must be > 0")
-    need(0 < cfg.trpo.backtrack_ratio < 1, "trpo.backtrack_ratio", "must be in (0, 1)")
-    need(cfg.trpo.cg_iters >= 1, "trpo.cg_iters", "must be >= 1")
-    need(cfg.trpo.cg_damping >= 0, "trpo.cg_damping", "must be >= 0")
-    need(cfg.trpo.backtrack_steps >= 0, "trpo.backtrack_steps", "must be >= 0")
-    need(cfg.dpo.beta > 0, "dpo.beta", "must be > 0")
-    need(0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)")
-    need(0 <= cfg.ppo.lam <= 1 and 0 <= cfg.ppo.gamma <= 1, "ppo.lam", "gamma and lam must be in [0, 1]")
-    if cfg.algorithm == "grape":
-        need(bool(cfg.grape.rubric), "grape.rubric", "algorithm grape needs a rubric file")
-    need(cfg.algorithm == "pipeline" or not cfg.stages, "stages", "only algorithm pipeline runs stages")
-    if cfg.algorithm == "pipeline":
-        need(bool(cfg.stages), "stages", "algorithm pipeline needs at least one stage")
-        need(cfg.run.resume.lower() in ("true", "false"), "run.resume",
-             "a pipeline resumes each stage from its own checkpoints; use true/false, not a path")
-    if cfg.optim.step_in_backward:
-        _validate_step_in_backward(cfg, need)
-    if cfg.algorithm in ("grpo", "reinforce", "trpo", "grape") and cfg.pg.advantage in ("group", "group_no_std", "leave_one_out"):
-        need(cfg.rollout.num_samples >= 2, "rollout.num_samples", f"pg.advantage={cfg.pg.advantage} needs >= 2 samples per prompt")
-
-
-def _validate_step_in_backward(cfg: Config, need: Callable[[bool, str, str], None]) -> None:
-    """optim.step_in_backward updates each parameter inside one backward pass: no global clipping, no
-    accumulation over several backward passes, no step of its own (TRPO)."""
-    need(cfg.optim.max_grad_norm == 0, "optim.max_grad_norm",
-         "must be 0 with optim.step_in_backward (the global gradient norm is known only after backward)")
-    need(cfg.algorithm != "trpo", "optim.step_in_backward", "TRPO takes its own trust-region step")
-    need(cfg.optim.grad_accum == 1, "optim.grad_accum", "must be 1 with optim.step_in_backward")
-    if cfg.algorithm in ("grpo", "reinforce", "ppo", "grape"):
-        per_step = math.ceil(cfg.rollout.batch_prompts * cfg.rollout.num_samples / cfg.pg.minibatches)
-        need(cfg.optim.batch_size >= per_step, "optim.batch_size",
-             f"must be >= {per_step} (the sequences of one optimizer step) with optim.step_in_backward, so one "
-             "backward pass makes the step")
-        need(cfg.pg.nll_coef == 0, "pg.nll_coef", "the demonstration NLL is a second backward pass per step; "
-             "it cannot run with optim.step_in_backward")
-
-
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, doc) for every field, for ``--help-config``."""
-    rows = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if _is_section(tp):
-            rows.append((prefix + f.name, "", f.metadata.get("doc", "")))
-            rows.extend(describe(tp, prefix + f.name + "."))
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            rows.append((prefix + f.name, repr(default), f.metadata.get("doc", "")))
-    return rows

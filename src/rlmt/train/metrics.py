@@ -1,0 +1,58 @@
+"""One reduction for the metrics of an update made of micro-batches and optimizer steps.
+
+Each micro-batch reports its metrics with a weight (its tokens, pairs or labelled steps). By the key's name:
+
+- ``*_max``: the maximum over all micro-batches (a max of maxima is the max of the whole update);
+- ``*_min``: the minimum;
+- ``*loss``: each micro-batch holds its *share* of its optimizer step's loss (the micro-batch loss is divided
+  by the step's global normalizer, :func:`rlmt.objectives.aggregate.loss_normalizer`), so shares are summed
+  within a step, and the steps' losses averaged;
+- anything else: the mean over micro-batches weighted by their weights, which equals the metric computed over
+  the whole update at once for any per-token (per-pair, per-step) mean.
+
+So the reduced figures do not depend on how the update was split into micro-batches.
+"""
+
+from __future__ import annotations
+
+
+class MetricReduction:
+    """Accumulates micro-batch metrics; :meth:`end_step` after each optimizer step, :meth:`result` at the end."""
+
+    def __init__(self) -> None:
+        self.weighted: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+        self.extreme: dict[str, float] = {}
+        self.step_loss: dict[str, float] = {}
+        self.loss_sum: dict[str, float] = {}
+        self.steps = 0
+
+    def add(self, metrics: dict[str, float], weight: float = 1.0) -> None:
+        """One micro-batch's metrics, weighted by ``weight`` (> 0) in the means."""
+        for k, v in metrics.items():
+            v = float(v)
+            if k.endswith("_max"):
+                self.extreme[k] = max(self.extreme.get(k, v), v)
+            elif k.endswith("_min"):
+                self.extreme[k] = min(self.extreme.get(k, v), v)
+            elif k.endswith("loss"):
+                self.step_loss[k] = self.step_loss.get(k, 0.0) + v
+            else:
+                self.weighted[k] = self.weighted.get(k, 0.0) + v * weight
+                self.weights[k] = self.weights.get(k, 0.0) + weight
+
+    def end_step(self) -> None:
+        """Close an optimizer step: its loss shares become one step's loss."""
+        for k, v in self.step_loss.items():
+            self.loss_sum[k] = self.loss_sum.get(k, 0.0) + v
+        self.step_loss = {}
+        self.steps += 1
+
+    def result(self) -> dict[str, float]:
+        """The reduced metrics (an unclosed step counts as one)."""
+        if self.step_loss:
+            self.end_step()
+        out = {k: v / self.weights[k] for k, v in self.weighted.items() if self.weights[k] > 0}
+        out.update(self.extreme)
+        out.update({k: v / max(self.steps, 1) for k, v in self.loss_sum.items()})
+        return out
