@@ -222,11 +222,12 @@ def instrument(ph: Phases, algorithm: str) -> None:
 
     ph.wrap(session, "load_model", "model load", _grab_model)
     if algorithm == "dpo":
-        import rlmt.train.dpo as m
+        import rlmt.train.dpo as dpo
+        import rlmt.train.offline as m
 
-        ph.wrap(m, "reference_logprobs", "reference log-probs (no grad)")
-        ph.wrap(m, "pair_sequence_logprobs", "forward")
-        ph.wrap(m, "dpo_update", "train step")
+        ph.wrap(dpo, "reference_logprobs", "reference log-probs (no grad)")
+        ph.wrap(dpo, "pair_sequence_logprobs", "forward")
+        ph.wrap(m, "offline_update", "train step")
     else:
         import rlmt.train.online as m
         import rlmt.train.update as update

@@ -448,3 +448,22 @@ def test_a_trained_reward_model_can_be_an_item_through_a_sigmoid():
     data["categories"]["chat"]["items"][-1]["transform"] = "tanh"
     with pytest.raises(RubricError, match=r"chat.items\[1\].transform"):
         parse_rubric(data, "r.yaml")
+
+
+def test_rejection_sampling_keeps_the_best_by_a_rubric(tmp_path):
+    """Rejection sampling on the online loop takes any reward source: here the GRAPE rubric (the ``grape``
+    section), whose per-item metrics and report come with it."""
+    from rlmt.records import read_metrics
+    from rlmt.train.runner import train
+
+    cfg = _grape_cfg(tmp_path, tmp_path / "rs", "algorithm=rejection_sampling", "reward.source=rubric",
+                     "rejection.rounds=2", "rejection.prompts_per_round=2", "rejection.keep_top_k=1",
+                     "optim.batch_size=2", "run.save_every=1")
+    run = train(cfg)
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["kept/count"] == 2 and r["kept/prompts"] == 2 for r in rows)  # the best of each prompt's 3
+    assert all(any(k.startswith("rubric/") for k in r) for r in rows)
+    kept = [json.loads(line) for line in (run / "rounds" / "round-0.jsonl").read_text().splitlines()]
+    assert len(kept) == 2 and all(k["completion_ids"] for k in kept)
+    assert (run / "rubric_report.json").exists() and (run / "final" / "config.json").exists()

@@ -212,6 +212,9 @@ def validate(cfg: Config, where: str = "") -> None:
     need(cfg.eval.num_samples >= 1, "eval.num_samples", "must be >= 1")
     need(cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1")
     need(cfg.rejection.keep_top_k >= 0, "rejection.keep_top_k", "must be >= 0")
+    need(cfg.algorithm != "rejection_sampling" or cfg.optim.max_steps == 0, "optim.max_steps",
+         "rejection sampling runs rejection.rounds rounds, each with the SFT steps its kept set needs "
+         "(rejection.sft_epochs); leave optim.max_steps at 0")
     need(cfg.rejection.keep_top_k > 0 or cfg.rejection.threshold is not None, "rejection.keep_top_k",
          "0 (keep all) needs rejection.threshold")
     need(cfg.run.resume.lower() in ("true", "false") or Path(cfg.run.resume).exists(), "run.resume",

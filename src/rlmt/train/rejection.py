@@ -96,10 +96,10 @@ def sft_on_kept(ctx: UpdateContext, exp: Experience, adv: Advantages) -> dict[st
 
 
 def rejection_steps(cfg, n_rows: int) -> tuple[int, int, int]:
-    """(prompts per round, rounds, optimizer steps for the LR schedule: ``optim.max_steps`` or the estimate
-    from the kept-set size at ``keep_top_k`` per prompt)."""
+    """(prompts per round, rounds, optimizer steps for the LR schedule: the estimate from the kept-set size at
+    ``keep_top_k`` per prompt)."""
     per_round = cfg.rejection.prompts_per_round or n_rows
     est_kept = per_round * (cfg.rejection.keep_top_k or cfg.rollout.num_samples)
     per_step = examples_per_step(cfg)
-    est = cfg.optim.max_steps or cfg.rejection.rounds * max(1, math.ceil(cfg.rejection.sft_epochs * est_kept / per_step))
+    est = cfg.rejection.rounds * max(1, math.ceil(cfg.rejection.sft_epochs * est_kept / per_step))
     return min(per_round, n_rows), cfg.rejection.rounds, est
