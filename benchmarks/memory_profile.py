@@ -66,7 +66,7 @@ so gradients and AdamW states must coexist):
         113 MB tied-gradient transient: the 0.6x target is not reachable without cutting the runtime.
   GRPO: the same 2442 + a resident reference copy 513 = 2955 > 2814 (infeasible with a resident copy). With
         the reference paged from the checkpoint file (rlmt.models.frozen_reference /
-        release_reference_pages: its weights are clean file-backed pages, resident only during the
+        Reference.release_pages: its weights are clean file-backed pages, resident only during the
         reference forward, when no gradients exist) the floor is 2442 and the peak is the backward's.
 """
 from __future__ import annotations

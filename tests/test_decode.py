@@ -10,7 +10,6 @@ import torch
 from rlmt.rollout.decode import LlamaDecoder, ModuleDecoder, make_decoder
 from rlmt.rollout.logprobs import position_ids_from_mask
 from rlmt.models import load_model
-from rlmt.rollout.precision import set_autocast
 from rlmt.rollout import left_pad
 
 
@@ -65,9 +64,8 @@ def test_which_decoder(lm):
     other = copy.deepcopy(low)
     other.config.model_type = "gpt2"
     assert not LlamaDecoder.supports(other)
-    autocast = copy.deepcopy(lm.model)
-    set_autocast(autocast, torch.bfloat16)  # float32 weights, bfloat16 sampling: the decoder's own copy
-    d = make_decoder(autocast, 8)
+    autocast = copy.deepcopy(lm.model)  # float32 weights, bfloat16 sampling: the decoder's own copy
+    d = make_decoder(autocast, 8, torch.bfloat16)
     assert isinstance(d, LlamaDecoder) and d.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in autocast.parameters())
 
@@ -81,12 +79,11 @@ def test_own_bfloat16_weights_equal_sampling_from_a_bfloat16_model(lm, monkeypat
     from rlmt.rollout.precision import sampling_weights
 
     model = copy.deepcopy(lm.model)
-    set_autocast(model, torch.bfloat16)
     prompts = [[3, 8, 9, 10, 11, 12], [4, 5], [7, 7, 7, 7]]
     with torch.no_grad():
         got = _drive(LlamaDecoder(model, 16, torch.bfloat16), prompts)
         monkeypatch.setattr(decode, "_packing", lambda dtype: False)
-        with sampling_weights(model):
+        with sampling_weights(model, torch.bfloat16):
             ref = _drive(LlamaDecoder(model, 16), prompts)
     for a, b in zip(ref, got):
         assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b)

@@ -32,12 +32,12 @@ def rollout(lm):
                     torch.Generator().manual_seed(0))
 
 
-def _sgd_update(model, cfg, batch, adv, ref_lp=None):
+def _sgd_update(model, cfg, batch, adv, ref_lp=None, autocast=None):
     model = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     before = [p.detach().clone() for p in model.parameters()]
-    ctx = UpdateContext(model, None, model, opt, sched, cfg, {}, None, METHODS[cfg.algorithm])
+    ctx = UpdateContext(model, None, model, opt, sched, cfg, {}, None, METHODS[cfg.algorithm], autocast)
     exp = Experience(batch, torch.zeros(len(batch.texts)), batch.response_mask, ref_lp, cfg.rollout.num_samples, 1.0)
     metrics = policy_gradient_update(ctx, exp, Advantages(adv))
     return [p.detach() - b for p, b in zip(model.parameters(), before)], metrics

@@ -12,7 +12,7 @@ from rlmt.config import ConfigError, load_config
 from rlmt.data import PromptFormat, encode_prompt
 from rlmt.rollout.logprobs import grouped_response_logprobs
 from rlmt.models import frozen_reference, load_model
-from rlmt.rollout.precision import AUTOCAST_ATTR, autocast_dtype, compute_autocast, set_autocast
+from rlmt.rollout.precision import autocast_dtype, compute_autocast
 from rlmt.rollout import SamplingParams, generate
 from rlmt.train.estimators import advantages_for
 from rlmt.train.session import prepare_model
@@ -55,12 +55,15 @@ def test_config_rejects_an_unknown_autocast():
 def test_prepare_model_and_reference_carry_the_setting(tmp_path):
     cfg = load_config(None, ["model.name=tiny-random", "model.autocast=bfloat16", f"run.output_dir={tmp_path}"])
     loaded = prepare_model(cfg)
-    assert getattr(loaded.model, AUTOCAST_ATTR) is torch.bfloat16
-    assert getattr(frozen_reference(loaded).module, AUTOCAST_ATTR) is torch.bfloat16
+    assert loaded.autocast is torch.bfloat16 and frozen_reference(loaded).autocast is torch.bfloat16
+    assert not any(k.startswith("rlmt") for k in vars(loaded.model))  # the setting is not hung on the model
     assert all(p.dtype == torch.float32 for p in loaded.model.parameters())  # weights stay float32
     plain = prepare_model(load_config(None, ["model.name=tiny-random", f"run.output_dir={tmp_path}"]))
-    assert getattr(plain.model, AUTOCAST_ATTR) is None
-    assert isinstance(compute_autocast(plain.model), type(compute_autocast(copy.copy(plain.model))))
+    assert plain.autocast is None and frozen_reference(plain).autocast is None
+    with compute_autocast(plain.model, None):
+        assert not torch.is_autocast_enabled("cpu")
+    with compute_autocast(plain.model, torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu")
 
 
 def _group_args(batch, G=4):
@@ -69,11 +72,11 @@ def _group_args(batch, G=4):
 
 
 def test_body_in_bfloat16_head_in_float32(lm, rollout):
-    model = set_autocast(copy.deepcopy(lm.model), torch.bfloat16)
+    model = copy.deepcopy(lm.model)
     seen, captured = {}, {}
     model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.update(q=o.dtype))
     model.model.norm.register_forward_hook(lambda m, i, o: captured.update(h=o.detach()))
-    lp = grouped_response_logprobs(model, *_group_args(rollout))
+    lp = grouped_response_logprobs(model, *_group_args(rollout), autocast=torch.bfloat16)
     assert seen["q"] is torch.bfloat16 and lp.dtype == torch.float32
     # the head, independently: log_softmax(h W^T) in float32 from the body's (autocast) final states
     from rlmt.rollout.logprobs import pack_groups
@@ -91,8 +94,8 @@ def test_body_in_bfloat16_head_in_float32(lm, rollout):
 def test_gradient_under_autocast_is_float32_and_close(lm, rollout):
     grads = {}
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-        model = set_autocast(copy.deepcopy(lm.model), dtype)
-        (grouped_response_logprobs(model, *_group_args(rollout)) * rollout.response_mask).sum().backward()
+        model = copy.deepcopy(lm.model)
+        (grouped_response_logprobs(model, *_group_args(rollout), autocast=dtype) * rollout.response_mask).sum().backward()
         grads[name] = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert grads["bf16"].dtype == torch.float32
     cos = torch.nn.functional.cosine_similarity(grads["fp32"], grads["bf16"], dim=0)
@@ -102,11 +105,11 @@ def test_gradient_under_autocast_is_float32_and_close(lm, rollout):
 def test_checkpointing_replays_under_the_same_autocast(lm, rollout):
     out = {}
     for ckpt in (False, True):
-        model = set_autocast(copy.deepcopy(lm.model), torch.bfloat16)
+        model = copy.deepcopy(lm.model)
         if ckpt:
             model.gradient_checkpointing_enable()
         model.train()
-        lp = grouped_response_logprobs(model, *_group_args(rollout))
+        lp = grouped_response_logprobs(model, *_group_args(rollout), autocast=torch.bfloat16)
         (lp * rollout.response_mask).sum().backward()
         out[ckpt] = (lp.detach(), [p.grad.clone() for p in model.parameters()])
     assert torch.equal(out[False][0], out[True][0])
@@ -115,17 +118,18 @@ def test_checkpointing_replays_under_the_same_autocast(lm, rollout):
 
 
 def test_rollout_under_autocast(lm):
-    model = set_autocast(copy.deepcopy(lm.model), torch.bfloat16)
+    model = copy.deepcopy(lm.model)
     prompts = [encode_prompt(lm.tokenizer, PromptFormat(), "hello")]
     batch = generate(model, lm.tokenizer, prompts, SamplingParams(4, 1.0, max_new_tokens=6),
-                     torch.Generator().manual_seed(0))
+                     torch.Generator().manual_seed(0), autocast=torch.bfloat16)
     assert not torch.is_autocast_enabled("cpu")  # nothing left switched on
     assert all(p.dtype == torch.float32 for p in model.parameters())
     m = batch.response_mask
     assert torch.isfinite(batch.logprobs[m]).all() and (batch.logprobs[m] <= 0).all()
     # the sampler's log-probs are those of a bfloat16 forward: close to the training pass's, not equal
     lp = grouped_response_logprobs(model, batch.input_ids[::4, :batch.prompt_len],
-                                   batch.attention_mask[::4, :batch.prompt_len], batch.response_ids, m, 4)
+                                   batch.attention_mask[::4, :batch.prompt_len], batch.response_ids, m, 4,
+                                   autocast=torch.bfloat16)
     assert torch.allclose(lp[m], batch.logprobs[m], atol=0.1)
 
 
@@ -138,23 +142,23 @@ def test_on_policy_update_takes_the_ratio_against_itself(lm, rollout):
     adv, _ = advantages_for(torch.tensor([1.0, 0, 0, 1, 0, 1, 1, 1]), 4, load_config(None, over).pg, None)
     skewed = copy.copy(rollout)
     skewed.logprobs = rollout.logprobs + 0.5 * rollout.response_mask  # ratio exp(-0.5) against the sampler
-    mixed = set_autocast(copy.deepcopy(lm.model), torch.bfloat16)
-    exact, _ = _sgd_update(mixed, load_config(None, over), rollout, adv)
-    on, met_on = _sgd_update(mixed, load_config(None, over), skewed, adv)
+    mixed = torch.bfloat16
+    exact, _ = _sgd_update(lm.model, load_config(None, over), rollout, adv, autocast=mixed)
+    on, met_on = _sgd_update(lm.model, load_config(None, over), skewed, adv, autocast=mixed)
     assert met_on["clip_frac"] == 0.0 and met_on["ratio_mean"] == pytest.approx(1.0)
     assert met_on["rollout/logprob_gap"] == pytest.approx(0.5, abs=0.05)
     for a, b in zip(exact, on):
         assert torch.allclose(a, b, atol=1e-7)
-    for model, extra in ((lm.model, []), (mixed, ["pg.minibatches=2"])):
-        _, met_off = _sgd_update(model, load_config(None, over + extra), skewed, adv)
+    for autocast, extra in ((None, []), (mixed, ["pg.minibatches=2"])):
+        _, met_off = _sgd_update(lm.model, load_config(None, over + extra), skewed, adv, autocast=autocast)
         assert met_off["clip_frac"] > 0.2 and met_off["ratio_mean"] < 0.7  # tokens with A < 0 clip at 1 - eps
 
 def test_sampling_weights_swap_in_a_cast_copy_and_put_back_the_originals(lm):
-    model = set_autocast(copy.deepcopy(lm.model), torch.bfloat16)
+    model = copy.deepcopy(lm.model)
     model.lm_head.weight = model.model.embed_tokens.weight  # tied: one Parameter, cast once
     before = {n: (p, p.data_ptr(), p.data.clone()) for n, p in model.named_parameters()}
     with pytest.raises(RuntimeError, match="boom"):
-        with precision.sampling_weights(model):
+        with precision.sampling_weights(model, torch.bfloat16):
             assert all(p.dtype == torch.bfloat16 for p in model.parameters())
             assert model.lm_head.weight is model.model.embed_tokens.weight
             raise RuntimeError("boom")
@@ -162,7 +166,7 @@ def test_sampling_weights_swap_in_a_cast_copy_and_put_back_the_originals(lm):
         param, ptr, values = before[n]
         assert p is param and p.data_ptr() == ptr and torch.equal(p.data, values)  # the same storage, bit for bit
     plain = copy.deepcopy(lm.model)
-    with precision.sampling_weights(plain):  # no autocast: untouched
+    with precision.sampling_weights(plain, None):  # no autocast: untouched
         assert all(p.dtype == torch.float32 for p in plain.parameters())
 
 
@@ -232,17 +236,16 @@ def test_reference_pass_casts_a_file_backed_reference_once_with_the_same_bits(lm
     from transformers import AutoModelForCausalLM
 
     policy = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
-    set_autocast(policy, torch.bfloat16)
-    reference = frozen_reference(LoadedModel(policy, lm.tokenizer, "local", str(tmp_path)))
+    reference = frozen_reference(LoadedModel(policy, lm.tokenizer, "local", str(tmp_path), torch.bfloat16))
     assert reference.pages is not None  # paged from the file, the path this is for
     ref = reference.module
     with torch.no_grad():
-        expected = grouped_response_logprobs(ref, *_group_args(rollout))
+        expected = grouped_response_logprobs(ref, *_group_args(rollout), autocast=reference.autocast)
     before = {n: (p.data_ptr(), p.dtype) for n, p in ref.named_parameters()}
     linear = {id(m.weight) for m in ref.get_decoder().modules() if isinstance(m, torch.nn.Linear)}
     with torch.no_grad(), reference.passes():
         dtypes = {id(p): p.dtype for p in ref.parameters()}
-        got = grouped_response_logprobs(ref, *_group_args(rollout))
+        got = grouped_response_logprobs(ref, *_group_args(rollout), autocast=reference.autocast)
     assert len(linear) == 7 * ref.config.num_hidden_layers
     assert {i: d for i, d in dtypes.items() if d == torch.bfloat16}.keys() == linear  # norms, embedding: float32
     assert torch.equal(got, expected)

@@ -98,7 +98,7 @@ def cmd_eval(args) -> int:
     metrics, samples = evaluate(lm.model, lm.tokenizer, fmt, rows, source, cfg.eval.num_samples,
                                 cfg.eval.temperature, cfg.eval.max_new_tokens, cfg.run.seed,
                                 cfg.rollout.batch_prompts, cfg.reward.pass_threshold, stop=cfg.rollout.stop,
-                                invalid_as_none=cfg.reward.invalid_as_none)
+                                invalid_as_none=cfg.reward.invalid_as_none, autocast=lm.autocast)
     out = Path(cfg.eval.output) if cfg.eval.output else None
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +131,8 @@ def cmd_generate(args) -> int:
     out = open(args.output, "w") if args.output else sys.stdout
     for start in range(0, len(prompts), cfg.rollout.batch_prompts):
         chunk = prompts[start:start + cfg.rollout.batch_prompts]
-        batch = generate(lm.model, lm.tokenizer, [encode_prompt(lm.tokenizer, fmt, p["prompt"]) for p in chunk], params, gen)
+        batch = generate(lm.model, lm.tokenizer, [encode_prompt(lm.tokenizer, fmt, p["prompt"]) for p in chunk], params, gen,
+                         lm.autocast)
         for i, text in enumerate(batch.texts):
             row = chunk[int(batch.prompt_index[i])]
             out.write(json.dumps({"prompt": row["prompt"], "response": text}) + "\n")

@@ -32,13 +32,14 @@ class ScoredSamples:
 
 def sample_and_score(model, tokenizer, fmt: PromptFormat, rows: Sequence[Row], source: RewardSource,
                      params: SamplingParams, generator: torch.Generator, batch_prompts: int,
-                     invalid_as_none: bool = False, progress=None) -> ScoredSamples:
-    """Sample ``params.num_samples`` responses per row (batched ``batch_prompts`` prompts at a time), score them."""
+                     invalid_as_none: bool = False, progress=None, autocast=None) -> ScoredSamples:
+    """Sample ``params.num_samples`` responses per row (batched ``batch_prompts`` prompts at a time), score them;
+    ``autocast``: the model's forward dtype (``LoadedModel.autocast``)."""
     out = ScoredSamples([], [], [], [], [], [], [], {"rollout/seconds": 0.0, "rollout/tokens": 0.0})
     for start in range(0, len(rows), batch_prompts):
         chunk = rows[start:start + batch_prompts]
         ids = [encode_prompt(tokenizer, fmt, r.data["prompt"]) for r in chunk]
-        batch: RolloutBatch = generate(model, tokenizer, ids, params, generator)
+        batch: RolloutBatch = generate(model, tokenizer, ids, params, generator, autocast)
         rep_rows = [chunk[int(i)].data for i in batch.prompt_index]
         result = score_checked(source, rep_rows, batch.texts, invalid_as_none=invalid_as_none)
         lengths = batch.response_lengths.tolist()
@@ -79,12 +80,13 @@ def summarize(samples: ScoredSamples, num_samples: int, pass_threshold: float) -
 def evaluate(model, tokenizer, fmt: PromptFormat, rows: Sequence[Row], source: RewardSource, num_samples: int,
              temperature: float, max_new_tokens: int, seed: int, batch_prompts: int = 8,
              pass_threshold: float = 1.0, top_p: float = 1.0, stop: Sequence[str] = (),
-             invalid_as_none: bool = False) -> tuple[dict[str, float], ScoredSamples]:
+             invalid_as_none: bool = False, autocast=None) -> tuple[dict[str, float], ScoredSamples]:
     """Sample K responses per prompt at ``temperature`` and return (metrics, samples)."""
     params = SamplingParams(num_samples=num_samples, temperature=temperature, top_p=top_p,
                             max_new_tokens=max_new_tokens, stop=tuple(stop))
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    samples = sample_and_score(model, tokenizer, fmt, rows, source, params, gen, batch_prompts, invalid_as_none)
+    samples = sample_and_score(model, tokenizer, fmt, rows, source, params, gen, batch_prompts, invalid_as_none,
+                               autocast=autocast)
     return summarize(samples, num_samples, pass_threshold), samples
 
 
@@ -100,7 +102,7 @@ def evaluate_run(cfg, lm, fmt: PromptFormat, tag: str, run_dir: Path, source_nam
     metrics, samples = evaluate(lm.model, lm.tokenizer, fmt, rows, source, cfg.eval.num_samples,
                                 cfg.eval.temperature, cfg.eval.max_new_tokens, cfg.run.seed + 7919,
                                 cfg.rollout.batch_prompts, cfg.reward.pass_threshold, stop=cfg.rollout.stop,
-                                invalid_as_none=cfg.reward.invalid_as_none)
+                                invalid_as_none=cfg.reward.invalid_as_none, autocast=lm.autocast)
     by_category: dict[str, list[float]] = {}
     for s, d in zip(samples.scores, samples.details):
         if s is not None and "category" in d:

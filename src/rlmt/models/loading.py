@@ -41,12 +41,14 @@ class ModelError(RuntimeError):
 
 @dataclass
 class LoadedModel:
-    """A policy and its tokenizer. ``name`` is what the user asked for; ``path`` where weights came from."""
+    """A policy and its tokenizer. ``name`` is what the user asked for; ``path`` where weights came from;
+    ``autocast`` the dtype its forward passes autocast to (``model.autocast``; None: none)."""
 
     model: torch.nn.Module
     tokenizer: object
     name: str
     path: str
+    autocast: torch.dtype | None = None
 
 
 def cache_dir() -> Path:

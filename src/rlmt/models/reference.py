@@ -1,6 +1,6 @@
 """The frozen reference model of KL-regularized methods, and how its memory is kept small on the CPU.
 
-:func:`frozen_reference` makes the copy (file-backed pages where it can), :func:`reference_pass` opens around a
+:func:`frozen_reference` makes the copy (file-backed pages where it can), :meth:`Reference.passes` opens around a
 step's reference forward passes, and :class:`Reference` is what the online loop holds: the copy, or (LoRA)
 the policy itself with its adapters disabled.
 """
@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from rlmt.models.loading import LoadedModel, is_tiny
-from rlmt.rollout.precision import autocast_of, set_autocast
 
 
 def _file_mappings() -> list[tuple[int, int, str, str]]:
@@ -62,10 +61,12 @@ class FilePages:
 class Reference:
     """pi_ref of the KL terms: a frozen copy of the policy's weights when the run started, or (``copy`` None,
     LoRA) the policy itself with its adapters disabled. ``pages``: the copy's weights are clean file-backed
-    pages that can be dropped between steps (:func:`frozen_reference`)."""
+    pages that can be dropped between steps (:func:`frozen_reference`). ``autocast``: the dtype its forward
+    passes autocast to (the policy's: the two agree exactly while their weights do)."""
 
-    def __init__(self, policy: torch.nn.Module, copy: torch.nn.Module | None, pages: FilePages | None = None):
-        self.policy, self.copy, self.pages = policy, copy, pages
+    def __init__(self, policy: torch.nn.Module, copy: torch.nn.Module | None, pages: FilePages | None = None,
+                 autocast: torch.dtype | None = None):
+        self.policy, self.copy, self.pages, self.autocast = policy, copy, pages, autocast
 
     @property
     def module(self) -> torch.nn.Module:
@@ -88,7 +89,7 @@ class Reference:
             with self.policy.disable_adapter():
                 yield self.policy
             return
-        ref, dtype = self.copy, autocast_of(self.copy)
+        ref, dtype = self.copy, self.autocast
         originals: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
         try:
             if self.pages is not None and dtype is not None and self.pages.intact(ref):
@@ -138,7 +139,7 @@ def frozen_reference(lm: LoadedModel, dtype: str = "float32") -> Reference:
 
     model = lm.model
     if getattr(model, "peft_config", None):
-        return Reference(model, None)
+        return Reference(model, None, autocast=lm.autocast)
     params = list(model.parameters())
     weights = Path(lm.path) / "model.safetensors"
     if (dtype == "float32" and not is_tiny(lm.name) and weights.exists()
@@ -152,11 +153,11 @@ def frozen_reference(lm: LoadedModel, dtype: str = "float32") -> Reference:
         spans = _weight_mappings(ref, str(weights.resolve())) if same else []
         shared = any(lo <= p.data_ptr() < hi for p in params for lo, hi in spans)  # never page the policy
         if spans and not shared:
-            out = Reference(model, set_autocast(ref, autocast_of(model)), FilePages(str(weights.resolve()), spans))
+            out = Reference(model, ref, FilePages(str(weights.resolve()), spans), lm.autocast)
             out.release_pages()
             return out
         del ref
-    return Reference(model, copy.deepcopy(model).eval().requires_grad_(False))
+    return Reference(model, copy.deepcopy(model).eval().requires_grad_(False), autocast=lm.autocast)
 
 
 def _drop_pages(spans: list[tuple[int, int]]) -> int:

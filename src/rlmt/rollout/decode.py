@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 
 from rlmt.rollout.logprobs import cache_kwarg
-from rlmt.rollout.precision import autocast_of
 
 LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2"})
 
@@ -258,15 +257,16 @@ class LlamaDecoder:
         self.v = [v[rows] for v in self.v]
 
 
-def functional_dtype(model: torch.nn.Module) -> torch.dtype | None:
+def functional_dtype(model: torch.nn.Module, autocast: torch.dtype | None = None) -> torch.dtype | None:
     """The dtype :class:`LlamaDecoder` samples ``model`` in, or None when the rollout uses the module's forward:
-    bfloat16/float16 (the autocast dtype, else the weights') for a model it supports."""
-    dtype = autocast_of(model) or next(model.parameters()).dtype
+    bfloat16/float16 (``autocast``, else the weights') for a model it supports."""
+    dtype = autocast or next(model.parameters()).dtype
     return dtype if dtype in (torch.bfloat16, torch.float16) and LlamaDecoder.supports(model) else None
 
 
-def make_decoder(model: torch.nn.Module, capacity: int) -> ModuleDecoder | LlamaDecoder:
+def make_decoder(model: torch.nn.Module, capacity: int, autocast: torch.dtype | None = None,
+                 ) -> ModuleDecoder | LlamaDecoder:
     """The functional decoder, with its own copy of the weights, where :func:`functional_dtype` gives one,
     else the module's own forward."""
-    dtype = functional_dtype(model)
+    dtype = functional_dtype(model, autocast)
     return LlamaDecoder(model, capacity, dtype) if dtype is not None else ModuleDecoder(model, capacity)

@@ -112,18 +112,18 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer, prompts: list[list[int]], params: SamplingParams,
-             generator: torch.Generator | None = None) -> RolloutBatch:
-    """Sample ``params.num_samples`` responses for each prompt (token ids) in one batched pass; a model that
-    autocasts samples from a bfloat16 copy of its weights (the functional decoder's own, :mod:`rlmt.rollout.decode`,
-    or else :func:`rlmt.rollout.precision.sampling_weights`)."""
-    if functional_dtype(model) is not None:
-        return _generate(model, tokenizer, prompts, params, generator)
-    with sampling_weights(model):
-        return _generate(model, tokenizer, prompts, params, generator)
+             generator: torch.Generator | None = None, autocast: torch.dtype | None = None) -> RolloutBatch:
+    """Sample ``params.num_samples`` responses for each prompt (token ids) in one batched pass. With
+    ``autocast`` (``model.autocast``) it samples from a copy of the weights in that dtype (the functional
+    decoder's own, :mod:`rlmt.rollout.decode`, or else :func:`rlmt.rollout.precision.sampling_weights`)."""
+    if functional_dtype(model, autocast) is not None:
+        return _generate(model, tokenizer, prompts, params, generator, autocast)
+    with sampling_weights(model, autocast):
+        return _generate(model, tokenizer, prompts, params, generator, None)
 
 
 def _generate(model: torch.nn.Module, tokenizer, prompts: list[list[int]], params: SamplingParams,
-              generator: torch.Generator | None) -> RolloutBatch:
+              generator: torch.Generator | None, autocast: torch.dtype | None) -> RolloutBatch:
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -135,7 +135,7 @@ def _generate(model: torch.nn.Module, tokenizer, prompts: list[list[int]], param
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     P = prompt_ids.shape[1]
 
-    decoder = make_decoder(model, P + T)  # rlmt.rollout.decode: the model's forward, or a functional Llama decoder
+    decoder = make_decoder(model, P + T, autocast)  # rlmt.rollout.decode: the model's forward, or a functional Llama decoder
     logits = decoder.prefill(prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask))  # (B0, V)
     if G > 1:
         decoder.repeat_interleave(G)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
 from rlmt.rollout.attention import PackedLayout, row_layout, use_packed_attention
-from rlmt.rollout.precision import autocast_of, compute_autocast
+from rlmt.rollout.precision import compute_autocast
 
 
 def activation_checkpointing(model: torch.nn.Module) -> bool:
@@ -227,7 +227,8 @@ def _cache_kept_under_checkpointing(model: torch.nn.Module):
 
 
 def grouped_hidden_states(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                          response_ids: torch.Tensor, response_mask: torch.Tensor, group_size: int) -> torch.Tensor:
+                          response_ids: torch.Tensor, response_mask: torch.Tensor, group_size: int,
+                          autocast: torch.dtype | None = None) -> torch.Tensor:
     """(B0*G, T, H) final hidden states that predict each response token; position t holds the state before
     response token t (PPO's values need every position). Each prompt runs once (with gradient) and its KV
     cache is repeated for its G responses; under gradient checkpointing too (the caches are replay-safe, see
@@ -237,7 +238,7 @@ def grouped_hidden_states(model: torch.nn.Module, prompt_ids: torch.Tensor, prom
     """
     T = response_ids.shape[1]
     body = model.get_decoder()
-    with _cache_kept_under_checkpointing(model), compute_autocast(model):
+    with _cache_kept_under_checkpointing(model), compute_autocast(model, autocast):
         record = Cache(layer_class_to_replicate=_RecordLayer)
         prompt_h = body(input_ids=prompt_ids, attention_mask=prompt_mask,
                         position_ids=position_ids_from_mask(prompt_mask), use_cache=True,
@@ -324,7 +325,8 @@ def pack_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_id
 def grouped_response_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                               response_ids: torch.Tensor, response_mask: torch.Tensor, group_size: int,
                               temperature: float = 1.0, chunk_tokens: int = 64,
-                              return_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                              return_entropy: bool = False, autocast: torch.dtype | None = None,
+                              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log pi(y_t | x, y_<t) of G responses per prompt, running each prompt through the model once.
 
     Each prompt group is one packed row (:func:`pack_groups`): the prompt's tokens once, then its G
@@ -337,6 +339,8 @@ def grouped_response_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, 
     Args:
         prompt_ids, prompt_mask: (B0, P) left-padded prompts.
         response_ids, response_mask: (B0*G, T) right-padded responses; rows [p*G, (p+1)*G) answer prompt p.
+        autocast: the body's autocast dtype (``model.autocast``; None: the weights' dtype); the log-probs
+            are computed in float32 either way (:func:`scored_positions`).
     Returns:
         (B0*G, T) float32 log-probs (0 off the mask); with ``return_entropy`` also (B0*G, T) entropies.
     """
@@ -347,13 +351,13 @@ def grouped_response_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, 
         attention = {"attention_mask": torch.ones_like(packed.input_ids), "rlmt_layout": packed.layout}
     else:
         attention = {"attention_mask": packed.dense_mask()}
-    with heap_trimmed_forward(model), compute_autocast(model):
+    with heap_trimmed_forward(model), compute_autocast(model, autocast):
         hidden = model.get_decoder()(input_ids=packed.input_ids, position_ids=packed.positions, use_cache=False,
                                      **attention).last_hidden_state  # (B0, L, H)
     h = hidden.reshape(-1, hidden.shape[-1])[packed.source]  # (M, H)
     inv_t = 1.0 / temperature if temperature > 0 else 1.0
     lp, ent = scored_positions(h, packed.targets, model.get_output_embeddings(), inv_t, chunk_tokens,
-                                return_entropy, autocast_of(model))
+                                return_entropy, autocast)
     sel = response_mask.bool()
     zeros = hidden.new_zeros((N, T), dtype=torch.float32)
     out = zeros.masked_scatter(sel, lp) if sel.any() else zeros + 0.0 * hidden.sum()
@@ -363,7 +367,7 @@ def grouped_response_logprobs(model: torch.nn.Module, prompt_ids: torch.Tensor, 
 def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    target_mask: torch.Tensor, temperature: float = 1.0, chunk_tokens: int = 64,
                    return_entropy: bool = False, position_ids: torch.Tensor | None = None,
-                   ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                   autocast: torch.dtype | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log pi(x_t | x_<t) for every position t with ``target_mask[:, t]`` true.
 
     Args:
@@ -372,6 +376,7 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
             ``position_ids`` too).
         target_mask: (B, L) bool, true where ``input_ids[:, t]`` is scored; position 0 is never a target.
         temperature: logits are divided by it (match the sampler's temperature; 0 is treated as 1).
+        autocast: the body's autocast dtype, as in :func:`grouped_response_logprobs`.
     Returns:
         (B, L) float32 log-probs, 0 where ``target_mask`` is false; with ``return_entropy`` also (B, L)
         entropies (nats) of the predictive distribution at those positions.
@@ -379,7 +384,7 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     B, L = input_ids.shape
     body = model.get_decoder()
     head = model.get_output_embeddings()
-    with heap_trimmed_forward(model), compute_autocast(model):
+    with heap_trimmed_forward(model), compute_autocast(model, autocast):
         hidden = body(input_ids=input_ids, attention_mask=attention_mask,
                       position_ids=position_ids if position_ids is not None else position_ids_from_mask(attention_mask),
                       use_cache=False).last_hidden_state
@@ -387,7 +392,7 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     h = hidden[:, :-1][sel]  # (M, H)
     targets = input_ids[:, 1:][sel]  # (M,)
     inv_t = 1.0 / temperature if temperature > 0 else 1.0
-    lp, ent = scored_positions(h, targets, head, inv_t, chunk_tokens, return_entropy, autocast_of(model))
+    lp, ent = scored_positions(h, targets, head, inv_t, chunk_tokens, return_entropy, autocast)
     zeros = hidden.new_zeros((B, L - 1), dtype=torch.float32)
     if sel.any():
         out = F.pad(zeros.masked_scatter(sel, lp), (1, 0))

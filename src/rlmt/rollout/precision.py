@@ -1,7 +1,8 @@
 """Mixed precision: float32 weights, gradients and optimizer state; forward passes in bfloat16 (autocast).
 
-``model.autocast`` picks it (:func:`autocast_dtype`). The choice is kept on the model (:func:`set_autocast`)
-and the forward passes rlmt runs follow it: the reference pass and the training passes open
+``model.autocast`` picks it (:func:`autocast_dtype`). The run keeps the choice beside the model
+(``LoadedModel.autocast``, ``Reference.autocast``, ``UpdateContext.autocast``) and passes it to every
+forward pass it runs: the reference pass and the training passes open
 :func:`compute_autocast` (:mod:`rlmt.rollout.logprobs`); the rollout samples from a bfloat16 copy of the weights
 (the functional decoder's own for the Llama family, :mod:`rlmt.rollout.decode`; else :func:`sampling_weights`). Backward runs outside autocast, as it requires;
 gradient checkpointing replays a layer under the autocast state of its first pass.
@@ -23,52 +24,10 @@ import contextlib
 
 import torch
 
-AUTOCAST_ATTR = "rlmt_autocast"  # the attribute :func:`set_autocast` sets on a model
-
-
-def native_bf16(device: torch.device | str) -> bool:
-    """Whether ``device`` multiplies bfloat16 matrices in hardware: a CUDA GPU that supports bfloat16, or
-    a CPU with AMX tiles (Intel Sapphire Rapids and later)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: absent in some builds
-        return bool(probe()) if probe is not None else False
-    return False
-
-
-def autocast_dtype(setting: str, device: torch.device | str) -> torch.dtype | None:
-    """``model.autocast`` -> the dtype forward passes run in, or None (no autocast).
-
-    'none' -> None; 'bfloat16' -> torch.bfloat16 on any device; 'auto' -> torch.bfloat16 where
-    :func:`native_bf16` holds, else None.
-    """
-    if setting == "none":
-        return None
-    if setting == "bfloat16":
-        return torch.bfloat16
-    if setting == "auto":
-        return torch.bfloat16 if native_bf16(device) else None
-    raise ValueError(f"model.autocast: expected 'none', 'bfloat16' or 'auto', got {setting!r}")
-
-
-def set_autocast(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
-    """Record on ``model`` that its forward passes run under autocast to ``dtype`` (None: not at all)."""
-    object.__setattr__(model, AUTOCAST_ATTR, dtype)
-    return model
-
-
-def autocast_of(model: torch.nn.Module) -> torch.dtype | None:
-    """The dtype ``model``'s forward passes autocast to (None: none)."""
-    return getattr(model, AUTOCAST_ATTR, None)
-
-
-def compute_autocast(model: torch.nn.Module) -> contextlib.AbstractContextManager:
-    """The autocast context for one forward pass of ``model`` (a no-op unless :func:`set_autocast` chose a
-    dtype). Each weight is cast where it is used: autocast's cache would only keep a bfloat16 copy of the
-    model alive until the pass ends, since a forward pass uses each weight once."""
-    dtype = autocast_of(model)
+def compute_autocast(model: torch.nn.Module, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """The autocast context for one forward pass of ``model`` to ``dtype`` (None: a no-op). Each weight is
+    cast where it is used: autocast's cache would only keep a bfloat16 copy of the model alive until the pass
+    ends, since a forward pass uses each weight once."""
     if dtype is None:
         return contextlib.nullcontext()
     device = next(model.parameters()).device
@@ -76,19 +35,18 @@ def compute_autocast(model: torch.nn.Module) -> contextlib.AbstractContextManage
 
 
 @contextlib.contextmanager
-def sampling_weights(model: torch.nn.Module):
+def sampling_weights(model: torch.nn.Module, dtype: torch.dtype | None):
     """For a rollout through the model's own forward (models :class:`rlmt.rollout.decode.LlamaDecoder` does not
     support): while open, ``model``'s floating-point parameters hold their autocast dtype (a cast copy); on exit the original tensors are put back, bit for bit, whatever happened inside. A no-op unless
-    :func:`set_autocast` chose a dtype.
+    ``dtype`` is set.
 
     A decode step under autocast would cast every activation, run rotary in float32 and cast the whole
     float32 key cache down again at every step; sampling from a bfloat16 copy of the weights does none of
     that (measured on SmolLM2-135M, 32 rows: ~1.4x float32's tokens/s under autocast, ~1.7x with the copy).
     The copy costs one cast of the weights per rollout and, while the rollout runs, the memory autocast's
     weight cache would take. The sampler's log-probs are then those of a bfloat16 model; on-policy updates
-    take their ratio against the training pass (:func:`rlmt.train.online._optimize`).
+    take their ratio against the training pass (:mod:`rlmt.train.update`).
     """
-    dtype = autocast_of(model)
     if dtype is None:
         yield model
         return

@@ -31,7 +31,7 @@ REFERENCE_FILE = "reference_logps.pt"
 
 
 def pair_sequence_logprobs(model: torch.nn.Module, pairs: Sequence[PreferencePair], pad_id: int,
-                           device) -> torch.Tensor:
+                           device, autocast: torch.dtype | None = None) -> torch.Tensor:
     """(b, 2) [chosen, rejected] sums of log pi over each completion's tokens.
 
     The prompt runs once for both completions (:func:`grouped_response_logprobs` with G = 2, one packed row
@@ -45,26 +45,28 @@ def pair_sequence_logprobs(model: torch.nn.Module, pairs: Sequence[PreferencePai
     for i, r in enumerate(responses):
         r_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
         r_mask[i, :len(r)] = 1
-    lp = grouped_response_logprobs(model, p_ids.to(device), p_mask.to(device), r_ids.to(device), r_mask.to(device), 2)
+    lp = grouped_response_logprobs(model, p_ids.to(device), p_mask.to(device), r_ids.to(device), r_mask.to(device), 2,
+                                   autocast=autocast)
     return lp.sum(-1).view(b, 2)
 
 
 @torch.no_grad()
 def pair_logprobs(model: torch.nn.Module, pairs: Sequence[PreferencePair], batch_size: int, pad_id: int,
-                  device) -> torch.Tensor:
+                  device, autocast: torch.dtype | None = None) -> torch.Tensor:
     """(N, 2) [chosen, rejected] sequence log-probs of ``pairs`` under ``model`` in eval mode, no grad."""
     was_training = model.training
     model.eval()
     out = []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
-        out.append(pair_sequence_logprobs(model, chunk, pad_id, device).float().cpu())
+        out.append(pair_sequence_logprobs(model, chunk, pad_id, device, autocast).float().cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros((0, 2))
 
 
 def reference_logprobs(run_dir: Path, model: torch.nn.Module, splits: dict[str, list[PreferencePair]],
-                       batch_size: int, pad_id: int, device) -> tuple[dict[str, torch.Tensor], bool]:
+                       batch_size: int, pad_id: int, device, autocast: torch.dtype | None = None,
+                       ) -> tuple[dict[str, torch.Tensor], bool]:
     """{split: (N, 2)} reference log-probs, loaded from RUN_DIR/reference_logps.pt when it matches the data,
     otherwise computed with ``model`` (which must still hold the initial weights) and saved.
     Returns (log-probs, whether they were loaded)."""
@@ -73,7 +75,7 @@ def reference_logprobs(run_dir: Path, model: torch.nn.Module, splits: dict[str, 
         cached = torch.load(path, map_location="cpu")
         if set(cached) == set(splits) and all(cached[k].shape == (len(v), 2) for k, v in splits.items()):
             return cached, True
-    ref = {k: pair_logprobs(model, v, batch_size, pad_id, device) for k, v in splits.items()}
+    ref = {k: pair_logprobs(model, v, batch_size, pad_id, device, autocast) for k, v in splits.items()}
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(ref, tmp)
@@ -89,11 +91,11 @@ def preference_loss(cfg: DPOConfig) -> PreferenceLoss:
 
 def dpo_micro_loss(model: torch.nn.Module, loss_fn: PreferenceLoss, pad_id: int, device,
                    micro_batch: tuple[list[PreferencePair], Tensor], normalizer: float,
-                   ) -> tuple[Tensor, dict[str, float], float]:
+                   autocast: torch.dtype | None = None) -> tuple[Tensor, dict[str, float], float]:
     """A micro-batch of (b pairs, reference (b, 2)): ``loss_fn`` of its pairs over the step's ``normalizer``
     pairs, its metrics and its weight b."""
     pairs, ref = micro_batch
-    seq = pair_sequence_logprobs(model, pairs, pad_id, device)  # (b, 2)
+    seq = pair_sequence_logprobs(model, pairs, pad_id, device, autocast)  # (b, 2)
     ref = ref.to(device=seq.device, dtype=seq.dtype)
     loss, metrics = loss_fn(seq[:, 0], seq[:, 1], ref[:, 0], ref[:, 1], normalizer=normalizer)
     return loss, metrics, float(len(pairs))
@@ -114,7 +116,7 @@ def dpo_update(model: torch.nn.Module, micro_batches: list[tuple[list[Preference
 
 
 def preference_accuracy(model: torch.nn.Module, pairs: list[PreferencePair], ref: torch.Tensor, beta: float,
-                        batch_size: int, pad_id: int, device) -> dict[str, float]:
+                        batch_size: int, pad_id: int, device, autocast: torch.dtype | None = None) -> dict[str, float]:
     """Held-out preference figures of ``model``.
 
     ``preference_accuracy``: share of pairs whose implicit reward margin h is > 0 (ties, e.g. before training
@@ -122,7 +124,7 @@ def preference_accuracy(model: torch.nn.Module, pairs: list[PreferencePair], ref
     gives the chosen completion the higher log-probability, summed (``likelihood_accuracy``) or per token
     (``likelihood_accuracy_per_token``): the base model's own preference, meaningful before training too.
     """
-    pol = pair_logprobs(model, pairs, batch_size, pad_id, device)
+    pol = pair_logprobs(model, pairs, batch_size, pad_id, device, autocast)
     h = log_ratio_margin(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1])  # (N,)
     lengths = torch.tensor([[len(p.chosen_ids), len(p.rejected_ids)] for p in pairs], dtype=pol.dtype,
                            device=pol.device)  # (N, 2)
@@ -144,7 +146,7 @@ def tokenize_pairs(cfg: Config, tokenizer, fmt, report) -> list[PreferencePair]:
 def _with_reference(run: OfflineRun, splits: dict[str, list[PreferencePair]]) -> tuple[dict[str, list], str]:
     """Each split's pairs with their reference log-probs: [(pair, (2,) [chosen, rejected])]."""
     ref, reloaded = reference_logprobs(run.run_dir, run.modules.model, splits, run.cfg.optim.batch_size,
-                                       run.pad_id, run.device)
+                                       run.pad_id, run.device, run.lm.autocast)
     note = f"reference log-probs {'reloaded from' if reloaded else 'computed, saved to'} {run.run_dir / REFERENCE_FILE}"
     return {k: list(zip(v, ref[k])) for k, v in splits.items()}, note
 
@@ -155,13 +157,13 @@ def _collate(run: OfflineRun, examples: list[tuple[PreferencePair, Tensor]]) -> 
 
 def _loss(run: OfflineRun, micro_batch, normalizer: float):
     return dpo_micro_loss(run.modules.model, preference_loss(run.cfg.dpo), run.pad_id, run.device, micro_batch,
-                          normalizer)
+                          normalizer, run.lm.autocast)
 
 
 def _evaluate(run: OfflineRun, held: list[tuple[PreferencePair, Tensor]]) -> dict[str, float]:
     pairs, ref = [p for p, _ in held], torch.stack([r for _, r in held])
     return preference_accuracy(run.modules.model, pairs, ref, run.cfg.dpo.beta, run.cfg.optim.batch_size,
-                               run.pad_id, run.device)
+                               run.pad_id, run.device, run.lm.autocast)
 
 
 DPO = OfflineTask(

@@ -68,6 +68,7 @@ class UpdateContext:
     state: dict
     demos: Demonstrations | None = None
     method: "OnlineMethod | None" = None
+    autocast: torch.dtype | None = None  # the policy's forward dtype (model.autocast; None: the weights')
 
 
 # (ctx, exp) -> advantages; (ctx, exp, advantages) -> metrics (the update has changed the policy)

@@ -72,12 +72,12 @@ class PromptSampler:
 
 
 def rollout(policy, tokenizer, fmt, rows: list[Row], params: SamplingParams, generator: torch.Generator,
-            batch_prompts: int) -> RolloutBatch:
+            batch_prompts: int, autocast: torch.dtype | None = None) -> RolloutBatch:
     """G responses for each row, ``batch_prompts`` prompts per engine call, as one batch; the rollout's freed
     transients are handed back before the next phase (:func:`rlmt.runtime.release_free_heap`)."""
     prompts = [encode_prompt(tokenizer, fmt, r.data["prompt"]) for r in rows]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batch = concat_batches([generate(policy, tokenizer, prompts[i:i + batch_prompts], params, generator)
+    batch = concat_batches([generate(policy, tokenizer, prompts[i:i + batch_prompts], params, generator, autocast)
                             for i in range(0, len(prompts), batch_prompts)], pad)
     release_free_heap()
     return batch
@@ -87,7 +87,7 @@ def reference_logprobs(reference: Reference, batch: RolloutBatch, group_size: in
     """(N, T) log pi_ref of the sampled responses, one prompt group per pass (a small peak); the reference's
     file pages are dropped afterwards (:meth:`Reference.passes`)."""
     with torch.no_grad(), reference.passes() as ref:
-        out = torch.cat([response_logprobs(ref, batch, g[None], group_size, temperature)
+        out = torch.cat([response_logprobs(ref, batch, g[None], group_size, temperature, reference.autocast)
                          for g in torch.arange(batch.response_ids.shape[0] // group_size)])
     release_free_heap()
     return out
@@ -142,7 +142,8 @@ def train_online(cfg: Config, method: OnlineMethod) -> Path:
     device = next(policy.parameters()).device
     train_t = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
     base_demos = load_demonstrations(cfg, tok, fmt, source)
-    ctx = UpdateContext(policy, critic, trainable, opt, sched, cfg, dict(state.get("update", {})), base_demos, method)
+    ctx = UpdateContext(policy, critic, trainable, opt, sched, cfg, dict(state.get("update", {})), base_demos, method,
+                        lm.autocast)
     revise = method.revises and cfg.grape.revise  # GRAPE critique-revise (rlmt.train.revise)
     if revise:
         from rlmt.train.revise import revise_step, revision_demonstrations
@@ -154,7 +155,7 @@ def train_online(cfg: Config, method: OnlineMethod) -> Path:
         gen = torch.Generator(device=device).manual_seed(cfg.run.seed * 1_000_003 + step)
         idx = prompts.draw(step, plan.prompts_per_step)
         step_rows = [rows[i] for i in idx]
-        batch = rollout(policy, tok, fmt, step_rows, params, gen, cfg.rollout.batch_prompts)
+        batch = rollout(policy, tok, fmt, step_rows, params, gen, cfg.rollout.batch_prompts, lm.autocast)
         rep_rows = [step_rows[int(i)].data for i in batch.prompt_index]
         scored = score_checked(source, rep_rows, batch.texts, invalid_as_none=cfg.reward.invalid_as_none)
         rewards = torch.tensor([float("nan") if s is None else s for s in scored.scores], device=device)

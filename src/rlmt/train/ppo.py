@@ -33,7 +33,7 @@ from rlmt.objectives import explained_variance, gae, masked_mean, whiten
 from rlmt.rollout import RolloutBatch
 from rlmt.rollout.logprobs import (activation_checkpointing, cache_survives_checkpointing, grouped_hidden_states,
                                    position_ids_from_mask, scored_positions)
-from rlmt.rollout.precision import autocast_of
+from rlmt.rollout.precision import compute_autocast
 from rlmt.train.dense import ppo_token_rewards
 from rlmt.train.experience import Advantages, Experience, UpdateContext, group_rows
 
@@ -43,7 +43,8 @@ def make_value_head(policy: nn.Module, cfg: Config | None = None) -> ValueHead:
     return ValueHead(policy.config.hidden_size).to(next(policy.parameters()).device)
 
 
-def _hidden_before_tokens(policy: nn.Module, batch: RolloutBatch, groups: Tensor, group_size: int) -> Tensor:
+def _hidden_before_tokens(policy: nn.Module, batch: RolloutBatch, groups: Tensor, group_size: int,
+                          autocast: torch.dtype | None) -> Tensor:
     """(g*G, T, H) final hidden states that predict each response token of the given prompt groups.
 
     Each prompt runs once and its KV cache is repeated for its G responses, as in
@@ -53,28 +54,30 @@ def _hidden_before_tokens(policy: nn.Module, batch: RolloutBatch, groups: Tensor
     rows, P, G = group_rows(groups, group_size), batch.prompt_len, group_size
     if activation_checkpointing(policy) and policy.training and not cache_survives_checkpointing():
         ids, am = batch.input_ids[rows], batch.attention_mask[rows]
-        h = policy.get_decoder()(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am),
-                                 use_cache=False).last_hidden_state  # (g*G, P+T, H)
+        with compute_autocast(policy, autocast):
+            h = policy.get_decoder()(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am),
+                                     use_cache=False).last_hidden_state  # (g*G, P+T, H)
         return h[:, P - 1:-1]
     first = rows[::G]
     return grouped_hidden_states(policy, batch.input_ids[first, :P], batch.attention_mask[first, :P],
-                                 batch.response_ids[rows], batch.response_mask[rows], G)
+                                 batch.response_ids[rows], batch.response_mask[rows], G, autocast)
 
 
 def response_logprobs_and_values(policy: nn.Module, value_head: nn.Module, batch: RolloutBatch, groups: Tensor,
-                                 group_size: int, temperature: float, chunk_tokens: int = 1024
-                                 ) -> tuple[Tensor, Tensor]:
+                                 group_size: int, temperature: float, chunk_tokens: int = 1024,
+                                 autocast: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """log pi(y_t | x, y_<t) and V(x, y_<t) of the responses of ``groups`` from one policy forward.
 
     Returns two (g*G, T) float32 tensors; log-probs are 0 off the response mask, values are defined
-    everywhere (mask them). Log-probs use logits / temperature, like the sampler's.
+    everywhere (mask them). Log-probs use logits / temperature, like the sampler's. ``autocast``: the body's
+    forward dtype (``model.autocast``); the log-probs are float32 either way.
     """
-    h = _hidden_before_tokens(policy, batch, groups, group_size)  # (g*G, T, H)
+    h = _hidden_before_tokens(policy, batch, groups, group_size, autocast)  # (g*G, T, H)
     rows = group_rows(groups, group_size)
     sel = batch.response_mask[rows].bool()
     inv_t = 1.0 / temperature if temperature > 0 else 1.0
     lp, _ = scored_positions(h[sel], batch.response_ids[rows][sel], policy.get_output_embeddings(), inv_t,
-                              chunk_tokens, grad_dtype=autocast_of(policy))
+                              chunk_tokens, grad_dtype=autocast)
     zeros = h.new_zeros(sel.shape, dtype=torch.float32)
     logprobs = zeros.masked_scatter(sel, lp) if sel.any() else zeros + 0.0 * h.sum()
     return logprobs, value_head(h)
@@ -93,7 +96,8 @@ def gae_advantages(ctx: UpdateContext, exp: Experience) -> Advantages:
     per_micro = max(1, cfg.optim.batch_size // G)
     ctx.policy.train()
     with torch.no_grad():
-        old_values = torch.cat([response_logprobs_and_values(ctx.policy, ctx.critic, batch, g, G, exp.temperature)[1]
+        old_values = torch.cat([response_logprobs_and_values(ctx.policy, ctx.critic, batch, g, G, exp.temperature,
+                                                             autocast=ctx.autocast)[1]
                                 for g in torch.arange(N // G).split(per_micro)])  # (N, T)
     old_lp = batch.logprobs  # (N, T) the sampler's log pi_old
     in_reward = exp.ref_logprobs is not None and pg.kl_in_reward

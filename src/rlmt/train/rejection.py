@@ -90,7 +90,8 @@ def sft_on_kept(ctx: UpdateContext, exp: Experience, adv: Advantages) -> dict[st
     for s in range(n_steps):
         idx = step_indices(s, per_step, len(examples), cfg.run.seed + r, cfg.data.shuffle)
         mbs = make_micro_batches([examples[i] for i in idx], cfg.optim.batch_size, pad)
-        reduction.add(sft_update(ctx.policy, mbs, ctx.optimizer, ctx.scheduler, cfg.optim.max_grad_norm, device))
+        reduction.add(sft_update(ctx.policy, mbs, ctx.optimizer, ctx.scheduler, cfg.optim.max_grad_norm, device,
+                                 ctx.autocast))
         reduction.end_step()
     return {**reduction.result(), **adv.metrics, "sft/steps": float(n_steps)}
 

@@ -44,7 +44,8 @@ def revision_messages(prompt: str | list, response: str, item_details: dict, cri
 
 def revise_lowest(policy, tokenizer, fmt, rows: list[dict], texts: list[str], scores: list[float | None],
                   details: list[dict], source, group_size: int, params: SamplingParams,
-                  generator: torch.Generator) -> tuple[list[dict], dict[str, float]]:
+                  generator: torch.Generator, autocast: torch.dtype | None = None,
+                  ) -> tuple[list[dict], dict[str, float]]:
     """Revise each group's lowest-scored response; -> (kept [{prompt_ids, completion_ids, reward}], metrics).
 
     ``source`` is the run's :class:`rlmt.grape.scorer.RubricReward`; the revision is scored with
@@ -61,7 +62,7 @@ def revise_lowest(policy, tokenizer, fmt, rows: list[dict], texts: list[str], sc
     prompts = [encode_prompt(tokenizer, fmt, revision_messages(rows[i]["prompt"], texts[i], details[i]["items"],
                                                                criteria)) for i in picks]
     one = SamplingParams(1, params.temperature, params.top_p, params.max_new_tokens, params.stop)
-    out = generate(policy, tokenizer, prompts, one, generator)
+    out = generate(policy, tokenizer, prompts, one, generator, autocast)
     kept, gains = [], []
     for k, i in enumerate(picks):
         g0 = (i // group_size) * group_size
@@ -95,7 +96,8 @@ def revise_step(ctx: UpdateContext, base_demos: Demonstrations | None, tokenizer
                 scored, source, params: SamplingParams, generator: torch.Generator) -> dict[str, float]:
     """One loop step of critique-revise: revise, keep the improvements in ``ctx.state``, refresh ``ctx.demos``."""
     kept, metrics = revise_lowest(ctx.policy, tokenizer, fmt, rows, batch.texts, scored.scores, scored.details,
-                                  source, params.num_samples, params, generator)
+                                  source, params.num_samples, params, generator,
+                                  ctx.autocast)
     ctx.state["revisions"] = (ctx.state.get("revisions", []) + kept)[-MAX_KEPT:]
     ctx.demos = revision_demonstrations(ctx.state, base_demos)
     metrics["revise/pool"] = float(len(ctx.state["revisions"]))

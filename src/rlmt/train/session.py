@@ -13,7 +13,7 @@ from rlmt.checkpoint import latest_checkpoint, list_checkpoints
 from rlmt.config import Config, ModelConfig
 from rlmt.data import PromptFormat
 from rlmt.models import LoadedModel, load_model, pick_device
-from rlmt.rollout.precision import autocast_dtype, set_autocast
+from rlmt.rollout.precision import autocast_dtype
 from rlmt.runtime import apply_runtime
 
 
@@ -47,7 +47,7 @@ def prepare_model(cfg: Config) -> LoadedModel:
         lm.model.config.use_cache = False
     if cfg.model.lora.r > 0:
         lm.model = apply_lora(lm.model, cfg.model)
-    set_autocast(lm.model, autocast_dtype(cfg.model.autocast, next(lm.model.parameters()).device))
+    lm.autocast = autocast_dtype(cfg.model.autocast, next(lm.model.parameters()).device)
     return lm
 
 

@@ -31,26 +31,27 @@ def completion_tokens(micro_batches: list[TokenBatch]) -> float:
 
 
 def completion_nll(model: torch.nn.Module, device, batch: TokenBatch, normalizer: float,
-                   ) -> tuple[Tensor, dict[str, float], float]:
+                   autocast: torch.dtype | None = None) -> tuple[Tensor, dict[str, float], float]:
     """A micro-batch's share of the step's NLL: sum over its completion tokens of -log pi / ``normalizer``.
 
     batch: (B, L) rows; returns (loss, {"loss": loss}, completion tokens of the batch).
     """
     batch = batch.to(device)
     lp = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.target_mask,
-                        position_ids=batch.position_ids)  # (B, L)
+                        position_ids=batch.position_ids, autocast=autocast)  # (B, L)
     loss, _ = nll_loss(lp, batch.target_mask, aggregation="token_mean", normalizer=normalizer)
     return loss, {"loss": float(loss.detach())}, float(batch.target_mask.sum())
 
 
 def sft_update(model: torch.nn.Module, micro_batches: list[TokenBatch], optimizer, scheduler,
-               max_grad_norm: float, device) -> dict[str, float]:
+               max_grad_norm: float, device, autocast: torch.dtype | None = None) -> dict[str, float]:
     """One SFT optimizer step over ``micro_batches`` (:func:`rlmt.train.offline.offline_update`).
 
     Returns ``loss`` (the step's per-token NLL), ``tokens`` and the step's diagnostics.
     """
     return offline_update(model, micro_batches, completion_tokens(micro_batches),
-                          partial(completion_nll, model, device), optimizer, scheduler, max_grad_norm, "tokens")
+                          partial(completion_nll, model, device, autocast=autocast), optimizer, scheduler,
+                          max_grad_norm, "tokens")
 
 
 def _tokenize(cfg: Config, tokenizer, fmt, report) -> list:
@@ -68,7 +69,7 @@ SFT = OfflineTask(
     tokenize=_tokenize,
     collate=_collate,
     normalizer=completion_tokens,
-    loss=lambda run, batch, n: completion_nll(run.modules.model, run.device, batch, n),
+    loss=lambda run, batch, n: completion_nll(run.modules.model, run.device, batch, n, run.lm.autocast),
 )
 
 

@@ -34,7 +34,6 @@ from rlmt.objectives.policy import kl_penalty_loss, nll_loss, return_weights, va
 from rlmt.rewards import score_checked
 from rlmt.rollout import RolloutBatch
 from rlmt.rollout.logprobs import grouped_response_logprobs, token_logprobs
-from rlmt.rollout.precision import autocast_of
 from rlmt.runtime import release_free_heap
 from rlmt.train.experience import (Advantages, Demonstrations, Experience, PolicyObjective, UpdateContext,
                                    group_rows)
@@ -47,14 +46,16 @@ from rlmt.data import step_indices
 MicroLoss = Callable[[Tensor, Tensor], tuple[Tensor, dict[str, float]]]
 
 
-def response_logprobs(model, batch: RolloutBatch, groups: Tensor, group_size: int, temperature: float) -> Tensor:
+def response_logprobs(model, batch: RolloutBatch, groups: Tensor, group_size: int, temperature: float,
+                      autocast: torch.dtype | None = None) -> Tensor:
     """(len(groups) * G, T) log-probs of the responses of the given prompt groups: each group is one packed
     row, its prompt computed once (:func:`grouped_response_logprobs`)."""
     rows = group_rows(groups, group_size)
     first = rows[::group_size]
     P = batch.prompt_len
     return grouped_response_logprobs(model, batch.input_ids[first, :P], batch.attention_mask[first, :P],
-                                     batch.response_ids[rows], batch.response_mask[rows], group_size, temperature)
+                                     batch.response_ids[rows], batch.response_mask[rows], group_size, temperature,
+                                     autocast=autocast)
 
 
 def accumulate(ctx: UpdateContext, n_groups: int, group_size: int, mask: Tensor, micro_loss: MicroLoss,
@@ -101,16 +102,17 @@ def policy_micro_loss(ctx: UpdateContext, exp: Experience, adv: Advantages, obje
     """The micro-batch loss of the module docstring for this rollout: the objective, the KL term when it is
     in the loss, and the value loss when the method has a critic (``adv`` then carries V_old and R)."""
     pg, batch, G = ctx.cfg.pg, exp.batch, exp.group_size
-    on_policy = pg.epochs == 1 and pg.minibatches == 1 and autocast_of(ctx.policy) is not None
+    on_policy = pg.epochs == 1 and pg.minibatches == 1 and ctx.autocast is not None
     kl_in_loss = exp.ref_logprobs is not None and not pg.kl_in_reward
 
     def micro_loss(groups: Tensor, normalizer: Tensor) -> tuple[Tensor, dict[str, float]]:
         rows = group_rows(groups, G)
         m = exp.mask[rows]
         if ctx.critic is not None:
-            lp, values = response_logprobs_and_values(ctx.policy, ctx.critic, batch, groups, G, exp.temperature)
+            lp, values = response_logprobs_and_values(ctx.policy, ctx.critic, batch, groups, G, exp.temperature,
+                                                      autocast=ctx.autocast)
         else:
-            lp, values = response_logprobs(ctx.policy, batch, groups, G, exp.temperature), None
+            lp, values = response_logprobs(ctx.policy, batch, groups, G, exp.temperature, ctx.autocast), None
         sampler = batch.logprobs[rows]
         old = lp.detach() if on_policy else sampler
         loss, met = objective(lp, old, adv.values[rows], m, pg, normalizer)
@@ -180,7 +182,7 @@ def demonstration_nll(ctx: UpdateContext) -> dict[str, float]:
     mb = make_micro_batches([demos.examples[i] for i in idx], cfg.optim.batch_size, pad)[0]
     device = next(ctx.policy.parameters()).device
     mb = mb.to(device)
-    lp = token_logprobs(ctx.policy, mb.input_ids, mb.attention_mask, mb.target_mask)
+    lp = token_logprobs(ctx.policy, mb.input_ids, mb.attention_mask, mb.target_mask, autocast=ctx.autocast)
     weights = None if demos.rewards is None else return_weights(demos.rewards[idx], cfg.pg.nll_tau).to(device)
     loss, metrics = nll_loss(lp, mb.target_mask, weights=weights, aggregation="token_mean")
     (cfg.pg.nll_coef * loss).backward()
