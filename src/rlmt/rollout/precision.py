@@ -24,6 +24,34 @@ import contextlib
 
 import torch
 
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware: a CUDA GPU that supports bfloat16, or
+    a CPU with AMX tiles (Intel Sapphire Rapids and later)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: absent in some builds
+        return bool(probe()) if probe is not None else False
+    return False
+
+
+def autocast_dtype(setting: str, device: torch.device | str) -> torch.dtype | None:
+    """``model.autocast`` -> the dtype forward passes run in, or None (no autocast).
+
+    'none' -> None; 'bfloat16' -> torch.bfloat16 on any device; 'auto' -> torch.bfloat16 where
+    :func:`native_bf16` holds, else None.
+    """
+    if setting == "none":
+        return None
+    if setting == "bfloat16":
+        return torch.bfloat16
+    if setting == "auto":
+        return torch.bfloat16 if native_bf16(device) else None
+    raise ValueError(f"model.autocast: expected 'none', 'bfloat16' or 'auto', got {setting!r}")
+
+
 def compute_autocast(model: torch.nn.Module, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """The autocast context for one forward pass of ``model`` to ``dtype`` (None: a no-op). Each weight is
     cast where it is used: autocast's cache would only keep a bfloat16 copy of the model alive until the pass
