@@ -296,3 +296,12 @@ def test_eval_bad_prompt_row_exits_2(tmp_path):
     code, _, err = run_cli(["eval", *TINY, f"data.eval={prompts}"])
     assert code == 2
     assert err.startswith(f"error: {prompts}:2: field 'prompt': missing")
+
+
+def test_python_dash_m_rlmt_is_the_command_line():
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "rlmt", "train", "--help-config"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0 and "pg.kl_estimator" in p.stdout and "grape.critic.base_url" in p.stdout
