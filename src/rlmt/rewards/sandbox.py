@@ -1,28 +1,37 @@
-"""Run untrusted (model-written) Python in a throwaway, resource-limited child process.
+"""Run untrusted (model-written) Python in a throwaway, isolated, resource-limited child process.
 
 ``run_sandboxed(code, stdin, limits)`` starts a fresh interpreter in isolated mode (``-I -S``: no user site,
-no site-packages, no ``PYTHON*`` variables) with a clean environment, in its own session, with a fresh
-temporary working directory, and returns what it printed. The layers, from strongest to weakest:
+no site-packages, no ``PYTHON*`` variables) with a clean environment, in its own session, and returns what
+it printed. The child (:mod:`rlmt.rewards.sandbox_init`) builds these layers before the code runs:
 
-* **Unprivileged user.** When we run as root (where ``RLIMIT_NPROC`` is not enforced) the child drops to a
-  fresh uid of its own, so the kernel enforces ``RLIMIT_NPROC`` (no fork, no threads beyond the limit), the
-  child cannot signal or ptrace our processes, read ``/proc/<parent>/environ`` or write outside its
-  directory. Its processes are found by that uid afterwards and killed. This needs an interpreter whose
-  standard library other users may read, so the venv's may be swapped for ``/usr/bin/python3``.
-* **Network namespace.** ``unshare(CLONE_NEWNET)`` (``CLONE_NEWUSER`` added when not root) gives the child
-  a network with only a downed loopback device: no connection anywhere, even through ``ctypes``.
+* **Namespaces** (user, mount, PID, network, IPC, UTS; unprivileged, so the same as root and not). The
+  program runs as uid 1000 of its own user namespace with no capabilities and ``no_new_privs``; it sees a
+  read-only root holding only the interpreter, the system libraries (``/usr``, ``/lib*``) and a few devices,
+  with every site-packages directory emptied; it can write only a size-limited tmpfs at ``/tmp`` (its cwd),
+  which vanishes with it; there is no ``/proc``, no ``/home``, no project, no data. In its PID namespace it
+  cannot see or signal any process outside; when it ends, the kernel kills everything it started. Its
+  network namespace has only a downed loopback: no connection anywhere, even through ``ctypes``.
+* **A separate uid** as well when we run as root: the child first drops to a fresh uid of its own, so
+  nothing it does outside the namespace is done as root (this needs an interpreter other users may read:
+  the venv's may be swapped for ``/usr/bin/python3``).
 * **Resource limits.** Address space, CPU seconds, file size, process count, no core dumps; the parent
   enforces wall time and per-stream output caps, reading with a bounded reader and killing on overflow.
 * **Python-level blocks** (bypassable, defence in depth): ``os.fork``/``exec*``/``spawn*``/``system``/
   ``kill``, ``subprocess.Popen`` and friends and socket creation are replaced, and ``multiprocessing`` and
   ``pty`` made unimportable, before user code runs.
 
-After every run the whole process group (and every process of the sandbox uid) is killed with SIGKILL, so
-nothing the child started survives it.
+**Fail closed.** When a layer cannot be built (user namespaces disabled by ``sysctl``, refused by a seccomp
+profile such as Docker's default, or by AppArmor), :func:`run_sandboxed` raises :class:`SandboxUnavailable`
+naming the layer and nothing runs. ``isolation="best_effort"`` is the explicit opt-in to run anyway with the
+layers that could be built (listed in ``SandboxResult.missing_layers``).
+
+After every run the whole process group (and, as root, every process of the sandbox uid) is killed with
+SIGKILL and the scratch directory removed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -58,9 +67,11 @@ class SandboxLimits:
     max_processes: int = 1  # tasks of the sandbox uid incl. the child and its threads; 1 = no fork/thread
     output_bytes: int = 64 * 1024  # cap on stdout and on stderr each; the child is killed when exceeded
     file_size_bytes: int = 8 * 1024 * 1024  # largest file the child may write (RLIMIT_FSIZE)
+    scratch_bytes: int = 32 * 1024 * 1024  # size of the child's writable /tmp (a tmpfs, in memory)
 
     def __post_init__(self) -> None:
-        for name in ("wall_seconds", "cpu_seconds", "memory_mb", "max_processes", "output_bytes", "file_size_bytes"):
+        for name in ("wall_seconds", "cpu_seconds", "memory_mb", "max_processes", "output_bytes", "file_size_bytes",
+                     "scratch_bytes"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"SandboxLimits.{name} must be > 0, got {getattr(self, name)!r}")
 
@@ -76,75 +87,38 @@ class SandboxResult:
     timed_out: bool
     killed_reason: str | None
     wall_seconds: float
+    missing_layers: tuple[str, ...] = ()  # isolation layers skipped (only with isolation="best_effort")
 
 
-# Runs in the child, as root when we are root: drop into a network namespace, set limits, drop to the
-# sandbox uid, block process and socket creation in Python, then run main.py as __main__.
-_BOOTSTRAP = r"""
-import json, os, resource, sys
-cfg = json.loads(sys.argv[2])
-with open("main.py", encoding="utf-8") as f:
-    src = f.read()
-os.unlink("main.py")
-try:
-    import ctypes
-    flags = 0x40000000 if os.geteuid() == 0 else 0x50000000  # CLONE_NEWNET (| CLONE_NEWUSER)
-    ctypes.CDLL(None, use_errno=True).unshare(flags)
-except Exception:
-    pass
-for name, soft, hard in cfg["rlimits"]:
-    try:
-        resource.setrlimit(getattr(resource, name), (soft, hard))
-    except (ValueError, OSError):
-        if name != "RLIMIT_NOFILE":
-            raise
-if cfg["uid"] is not None:
-    os.setgroups([])
-    os.setgid(cfg["uid"])
-    os.setuid(cfg["uid"])
-
-def _blocked(*args, **kwargs):
-    raise PermissionError("blocked by the rlmt sandbox")
-
-if cfg["block_processes"]:
-    import posix
-    for mod in (os, posix):
-        for name in ("fork", "forkpty", "system", "popen", "posix_spawn", "posix_spawnp", "kill", "killpg",
-                     "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe",
-                     "spawnv", "spawnve", "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnvp", "spawnvpe"):
-            if hasattr(mod, name):
-                setattr(mod, name, _blocked)
-    import _posixsubprocess, subprocess  # kept importable (asyncio needs its constants), but inert
-    _posixsubprocess.fork_exec = _blocked
-    for name in ("Popen", "run", "call", "check_call", "check_output", "getoutput", "getstatusoutput"):
-        setattr(subprocess, name, _blocked)
-    for name in ("multiprocessing", "pty", "concurrent.futures.process"):
-        sys.modules[name] = None
-import _socket, socket
-class _BlockedSocket(socket.socket):
-    def __init__(self, *args, **kwargs):
-        raise PermissionError("network access is blocked by the rlmt sandbox")
-socket.socket = socket.SocketType = _socket.socket = _socket.SocketType = _BlockedSocket
-for name in ("socketpair", "fromfd", "create_connection", "create_server"):
-    for mod in (socket, _socket):
-        if hasattr(mod, name):
-            setattr(mod, name, _blocked)
-import types
-main = types.ModuleType("__main__")
-main.__file__ = "main.py"
-sys.modules["__main__"] = main
-sys.argv = ["main.py"]
-exec(compile(src, "main.py", "exec"), main.__dict__)
-"""
+ISOLATION = ("strict", "best_effort")
+_INIT_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_init.py")
+_SYSTEM = ("/usr", "/bin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/ld.so.cache")
 
 
-def run_sandboxed(code: str, stdin: str = "", limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
-    """Run ``code`` as ``__main__`` in a sandboxed interpreter with ``stdin``; see the module docstring."""
-    python, drop_privileges = _interpreter()
-    uid = _UID_BASE + (os.getpid() % 4_000_000) * 512 + next(_UID_COUNTER) % 512 if drop_privileges else None
+class SandboxUnavailable(RuntimeError):
+    """An isolation layer could not be built, so nothing ran (see ``isolation`` of :func:`run_sandboxed`)."""
+
+    def __init__(self, layer: str, detail: str):
+        super().__init__(f"the code sandbox cannot isolate the program: {layer} unavailable ({detail}); "
+                         "see the README's security section (or opt in with isolation=best_effort)")
+        self.layer, self.detail = layer, detail
+
+
+def run_sandboxed(code: str, stdin: str = "", limits: SandboxLimits = SandboxLimits(),
+                  isolation: str = "strict") -> SandboxResult:
+    """Run ``code`` as ``__main__`` in a sandboxed interpreter with ``stdin``; see the module docstring.
+
+    ``isolation="strict"`` raises :class:`SandboxUnavailable` if any layer cannot be built;
+    ``"best_effort"`` runs with the layers that could be built."""
+    if isolation not in ISOLATION:
+        raise ValueError(f"isolation must be one of {ISOLATION}, got {isolation!r}")
+    interp = _interpreter()
+    uid = _UID_BASE + (os.getpid() % 4_000_000) * 512 + next(_UID_COUNTER) % 512 if interp.drop_uid else None
+    status_r, status_w = os.pipe()
     cfg = {
-        "uid": uid,
-        "block_processes": limits.max_processes <= 1,
+        "uid": uid, "status_fd": status_w, "best_effort": isolation == "best_effort",
+        "block_processes": limits.max_processes <= 1, "scratch_bytes": limits.scratch_bytes,
+        "expose": [p for p in (*_SYSTEM, *interp.trees) if os.path.lexists(p)], "hide": list(interp.site_dirs),
         "rlimits": [
             ("RLIMIT_AS", limits.memory_mb << 20, limits.memory_mb << 20),
             ("RLIMIT_CPU", math.ceil(limits.cpu_seconds), math.ceil(limits.cpu_seconds) + 1),
@@ -154,22 +128,37 @@ def run_sandboxed(code: str, stdin: str = "", limits: SandboxLimits = SandboxLim
             ("RLIMIT_NOFILE", 256, 256),
         ],
     }
+    with open(_INIT_SOURCE, encoding="utf-8") as f:
+        init_source = f.read()
     workdir = tempfile.mkdtemp(prefix="rlmt-sandbox-")
     try:
         with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8") as f:
             f.write(code)
         if uid is not None:
             os.chown(workdir, uid, uid)
+            os.chown(os.path.join(workdir, "main.py"), uid, uid)
         start = time.monotonic()
-        proc = subprocess.Popen(
-            [python, "-I", "-S", "-c", _BOOTSTRAP, f"{MARKER}={os.getpid()}", json.dumps(cfg)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=workdir, env=dict(_CLEAN_ENV), start_new_session=True, close_fds=True,
-        )
         try:
+            proc = subprocess.Popen(
+                [interp.python, "-I", "-S", "-c", init_source, f"{MARKER}={os.getpid()}", json.dumps(cfg)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(status_w,),
+                cwd=workdir, env=dict(_CLEAN_ENV), start_new_session=True, close_fds=True,
+            )
+        finally:
+            os.close(status_w)
+        try:
+            status = _read_status(status_r, start + limits.wall_seconds)
+            if status.get("failed"):
+                raise SandboxUnavailable(status["failed"], status.get("detail", ""))
+            if not status.get("ready"):
+                _kill_sandbox(proc.pid, uid)
+                proc.wait()
+                raise SandboxUnavailable("start-up", status.get("detail") or proc.stderr.read(2000).decode(
+                    "utf-8", "replace").strip()[-300:] or f"exit status {proc.returncode}")
             out, err, reason = _communicate(proc, stdin.encode("utf-8"), start + limits.wall_seconds,
                                             limits.output_bytes)
         finally:
+            os.close(status_r)
             _kill_sandbox(proc.pid, uid)
             for pipe in (proc.stdin, proc.stdout, proc.stderr):
                 if pipe is not None and not pipe.closed:
@@ -183,7 +172,28 @@ def run_sandboxed(code: str, stdin: str = "", limits: SandboxLimits = SandboxLim
         shutil.rmtree(workdir, ignore_errors=True)
     stdout, stderr = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
     return SandboxResult(proc.returncode, stdout, stderr, reason == "timeout",
-                         reason or _exit_reason(proc.returncode, stderr), wall)
+                         reason or _exit_reason(proc.returncode, stderr), wall,
+                         tuple(status.get("missing", ())))
+
+
+def _read_status(fd: int, deadline: float) -> dict:
+    """The child's one status message (JSON), read until it closes the pipe or the deadline passes."""
+    data = bytearray()
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while len(data) < 4096:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0 or not sel.select(timeout):
+                return {"detail": "the sandbox did not start before the wall-time limit"}
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+    try:
+        status = json.loads(bytes(data))
+    except ValueError:
+        return {"detail": "no status from the sandbox"}
+    return status if isinstance(status, dict) else {"detail": "bad status from the sandbox"}
 
 
 def _communicate(proc: subprocess.Popen, data: bytes, deadline: float, cap: int) -> tuple[bytes, bytes, str | None]:
@@ -295,29 +305,56 @@ def _exit_reason(returncode: int, stderr: str) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Interpreter:
+    python: str  # executable (real path)
+    drop_uid: bool  # root, and the interpreter is readable by other users: the child drops to its own uid
+    trees: tuple[str, ...]  # the installation's directories to expose read-only (beyond /usr and /lib*)
+    site_dirs: tuple[str, ...]  # site-packages directories to hide under an empty tmpfs
+
+
+_PROBE = """
+import json, os, sys, sysconfig
+paths = sysconfig.get_paths()
+version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+site = {paths["purelib"], paths["platlib"]}
+for base in ("/usr/lib", "/usr/local/lib", sys.base_prefix + "/lib", sys.base_exec_prefix + "/lib"):
+    site |= {f"{base}/python3/dist-packages", f"{base}/{version}/site-packages", f"{base}/{version}/dist-packages"}
+print(json.dumps({"prefix": sys.base_prefix, "exec_prefix": sys.base_exec_prefix,
+                  "stdlib": os.path.dirname(os.__file__), "site": sorted(site)}))
+"""
+
+
 @functools.lru_cache(maxsize=1)
-def _interpreter() -> tuple[str, bool]:
-    """The Python to run sandboxed code with, and whether the child can drop to an unprivileged uid.
+def _interpreter() -> _Interpreter:
+    """The Python to run sandboxed code with, what of its installation the child needs, and whether it can
+    drop to a separate uid.
 
     Dropping is possible only as root and only with an interpreter whose executable and standard library
     any user may read (a pyenv/venv interpreter under a private ``/root`` is not one), so when ours is not,
-    the system ``/usr/bin/python3`` is tried before giving the uid drop up."""
+    the system ``/usr/bin/python3`` is tried; as root with neither, the uid layer is missing."""
     ours = os.path.realpath(sys.executable)
-    if os.geteuid() != 0:
-        return ours, False
-    for candidate in (ours, "/usr/bin/python3"):
+    candidates = (ours, "/usr/bin/python3") if os.geteuid() == 0 else (ours,)
+    probed = []
+    for candidate in candidates:
         if not os.path.exists(candidate):
             continue
         try:
-            stdlib = subprocess.run(
-                [candidate, "-I", "-S", "-c", "import os; print(os.path.dirname(os.__file__))"],
-                capture_output=True, text=True, timeout=30, env=dict(_CLEAN_ENV), check=True,
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
+            info = json.loads(subprocess.run(
+                [candidate, "-I", "-S", "-c", _PROBE], capture_output=True, text=True, timeout=30,
+                env=dict(_CLEAN_ENV), check=True).stdout)
+        except (OSError, ValueError, subprocess.SubprocessError):
             continue
-        if _others_can_read(candidate) and _others_can_read(stdlib):
-            return os.path.realpath(candidate), True
-    return ours, False
+        trees = tuple(sorted({os.path.realpath(info[k]) for k in ("prefix", "exec_prefix")}
+                             | {os.path.dirname(os.path.realpath(candidate))}))
+        trees = tuple(t for t in trees if not any(t == s or t.startswith(s + "/") for s in _SYSTEM))
+        found = _Interpreter(os.path.realpath(candidate), os.geteuid() == 0, trees, tuple(info["site"]))
+        if os.geteuid() != 0 or (_others_can_read(candidate) and _others_can_read(info["stdlib"])):
+            return found
+        probed.append(found)
+    if not probed:
+        raise SandboxUnavailable("interpreter", f"{ours} -I -S does not start")
+    return dataclasses.replace(probed[0], drop_uid=False)
 
 
 def _others_can_read(path: str) -> bool:
