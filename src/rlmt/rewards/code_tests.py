@@ -78,8 +78,11 @@ def _exited_cleanly(res: SandboxResult) -> bool:
 
 
 def _test_detail(passed: bool, res: SandboxResult) -> dict[str, Any]:
-    return {"passed": passed, "returncode": res.returncode, "killed_reason": res.killed_reason,
-            "wall_seconds": round(res.wall_seconds, 3), "stderr_tail": res.stderr[-_STDERR_TAIL:]}
+    detail = {"passed": passed, "returncode": res.returncode, "killed_reason": res.killed_reason,
+              "wall_seconds": round(res.wall_seconds, 3), "stderr_tail": res.stderr[-_STDERR_TAIL:]}
+    if res.missing_layers:  # only with isolation: best_effort
+        detail["missing_layers"] = list(res.missing_layers)
+    return detail
 
 
 class CodeTestsReward:
@@ -138,6 +141,9 @@ class CodeTestsReward:
             except SandboxUnavailable as e:
                 warnings.warn(f"code_tests: {e}; responses are left unscored", RuntimeWarning, stacklevel=2)
                 return None, {"error": f"sandbox unavailable: {e.layer}", "detail": e.detail}
+            if detail.get("missing_layers"):
+                warnings.warn(f"code_tests: isolation best_effort: running without {detail['missing_layers']}",
+                              RuntimeWarning, stacklevel=2)
             details.append(detail)
             if not detail["passed"] and not self.partial_credit:
                 break  # all-or-nothing: the score is already 0
