@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from rlmt.data.rows import LoadReport, Row
+from rlmt.data.rows import DataError, LoadReport, Row
 from rlmt.data.tokenize import (PromptFormat, SFTExample, encode_completion, prompt_ids_within_limit,
                                 token_char_ends)
 from rlmt.objectives.process import step_end_positions
@@ -99,15 +99,23 @@ class PreferencePair:
 def tokenize_preference(rows: Sequence[Row], tokenizer, fmt: PromptFormat, max_prompt_tokens: int,
                         max_completion_tokens: int, on_invalid: str = "error",
                         report: LoadReport | None = None) -> list[PreferencePair]:
-    """Tokenize preference rows; over-long prompts are an error (or skipped), long completions truncated."""
+    """Tokenize preference rows; over-long prompts are an error (or skipped), long completions truncated; a pair
+    whose completions are the same tokens after truncation is an error (or skipped, counted)."""
     out = []
     for row in rows:
         p_ids = prompt_ids_within_limit(row, row.data["prompt"], tokenizer, fmt, max_prompt_tokens, on_invalid, report)
         if p_ids is None:
             continue
-        completions = [encode_completion(tokenizer, row.data[k], max_completion_tokens, report, k)
-                       for k in ("chosen", "rejected")]
-        out.append(PreferencePair(p_ids, *completions))
+        chosen, rejected = [encode_completion(tokenizer, row.data[k], max_completion_tokens, report, k)
+                            for k in ("chosen", "rejected")]
+        if chosen == rejected:  # different texts that agree on their first max_completion_tokens tokens
+            if on_invalid != "skip":
+                raise DataError(row.file, row.line, "rejected", "identical to 'chosen' after truncation to "
+                                f"data.max_completion_tokens={max_completion_tokens} (a zero-gradient pair)")
+            if report is not None:
+                report.skip("chosen and rejected identical after truncation to data.max_completion_tokens")
+            continue
+        out.append(PreferencePair(p_ids, chosen, rejected))
     return out
 
 
