@@ -151,7 +151,9 @@ def offline_update(trainable: nn.Module, micro_batches: list, normalizer: float,
 def _load(cfg: Config, task: OfflineTask, lm: LoadedModel, fmt: PromptFormat, path: str, limit: int,
           ) -> tuple[list, LoadReport]:
     report = load_rows(path, task.data_kind, cfg.data.on_invalid, limit)
-    return task.tokenize(cfg, lm.tokenizer, fmt, report), report
+    examples = task.tokenize(cfg, lm.tokenizer, fmt, report)
+    report.require(len(examples))  # a skip at tokenizing can leave none
+    return examples, report
 
 
 def _evaluate(run: OfflineRun, task: OfflineTask, held: list, tag: str, rec: RunRecorder) -> None:
