@@ -144,6 +144,9 @@ def run_sandboxed(code: str, stdin: str = "", limits: SandboxLimits = SandboxLim
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(status_w,),
                 cwd=workdir, env=dict(_CLEAN_ENV), start_new_session=True, close_fds=True,
             )
+        except BaseException:
+            os.close(status_r)
+            raise
         finally:
             os.close(status_w)
         try:
