@@ -3,7 +3,9 @@ LoRA), the run directory and the resume point, and writing ``final/``."""
 
 from __future__ import annotations
 
+import os
 import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +55,26 @@ def prepare_model(cfg: Config) -> LoadedModel:
 
 def prompt_format(cfg: Config) -> PromptFormat:
     return PromptFormat(chat=cfg.data.chat, system_prompt=cfg.data.system_prompt)
+
+
+def check_output_dir(cfg: Config) -> Path:
+    """Create ``run.output_dir`` and prove a file can be written in it, before anything loads: a
+    :class:`RunError` naming the key and the reason otherwise (never a traceback from the recorder later)."""
+    path = Path(cfg.run.output_dir)
+    where = f"run.output_dir={cfg.run.output_dir}"
+    if path.exists() and not path.is_dir():
+        raise RunError(f"{where}: exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"{where}: cannot create the directory ({e.strerror or e})") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".rlmt-write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise RunError(f"{where}: cannot write in the directory ({e.strerror or e})") from None
+    return path
 
 
 def start_run(cfg: Config) -> tuple[Path, LoadedModel, PromptFormat]:
