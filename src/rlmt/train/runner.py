@@ -12,12 +12,14 @@ from typing import Callable
 
 
 from rlmt.config import Config, with_method_defaults
+from rlmt.train.session import check_output_dir
 from rlmt.train.sft import train_sft
 
 
 def train(cfg: Config) -> Path:
     """Run ``cfg.algorithm`` and return the run directory."""
     cfg = with_method_defaults(cfg)
+    check_output_dir(cfg)  # before any data or model loads
     return ALGORITHMS[cfg.algorithm](cfg)
 
 
