@@ -73,6 +73,17 @@ try:
     out["check"] = "same"
 except ConfigMismatch as e:
     out["check"] = str(e)
+from rlmt.train.metrics import MetricReduction
+red = MetricReduction()
+micro = [({"loss": 0.25, "kl": 1.0, "ratio_max": 1.5, "ratio_min": 0.9}, 3.0),
+         ({"loss": 0.5, "kl": 2.0, "ratio_max": 1.2, "ratio_min": 0.7, "only_one_rank": 4.0}, 1.0),
+         ({"loss": 0.125, "kl": 4.0, "ratio_max": 2.5, "ratio_min": 0.8}, 2.0),
+         ({"loss": 0.0625, "kl": 8.0, "ratio_max": 1.1, "ratio_min": 0.95}, 2.0)]
+for step in range(2):  # rank r holds micro-batches r and r + 2 of each step (a different split per rank)
+    for m, w in micro[world.rank::2]:
+        red.add({k: v * (step + 1) for k, v in m.items() if k != "only_one_rank" or world.rank == 1}, w)
+    red.end_step()
+out["metrics"] = red.result_across(world)
 close_world(world)
 print(json.dumps(out))
 '''
@@ -107,6 +118,27 @@ def test_two_gloo_ranks_reduce_broadcast_and_agree_on_the_config():
         assert o["sum"] == [3.0, 30.0] and o["max"] == 1.0
         assert o["bcast"] == {"from": 0} and o["gather"] == [0, 2]
         assert o["check"] == "same"
+
+
+def test_metrics_reduced_across_ranks_equal_the_one_process_reduction():
+    from rlmt.train.metrics import MetricReduction
+    single = MetricReduction()
+    micro = [({"loss": 0.25, "kl": 1.0, "ratio_max": 1.5, "ratio_min": 0.9}, 3.0),
+             ({"loss": 0.5, "kl": 2.0, "ratio_max": 1.2, "ratio_min": 0.7, "only_one_rank": 4.0}, 1.0),
+             ({"loss": 0.125, "kl": 4.0, "ratio_max": 2.5, "ratio_min": 0.8}, 2.0),
+             ({"loss": 0.0625, "kl": 8.0, "ratio_max": 1.1, "ratio_min": 0.95}, 2.0)]
+    for step in range(2):
+        for m, w in micro:
+            single.add({k: v * (step + 1) for k, v in m.items()}, w)
+        single.end_step()
+    expected = single.result()
+    # by hand: kl weighted by 3, 1, 2, 2 -> (3 + 2 + 8 + 16) / 8 = 29/8 at step 1, doubled at step 2
+    assert expected["kl"] == pytest.approx(29 / 8 * 1.5) and expected["loss"] == pytest.approx(0.9375 * 1.5)
+    assert expected["ratio_max"] == 5.0 and expected["ratio_min"] == 0.7
+    for out in _two_ranks("same"):
+        assert out["metrics"].keys() == expected.keys()
+        for k, v in expected.items():
+            assert out["metrics"][k] == pytest.approx(v, rel=1e-12), k
 
 
 def test_a_rank_with_a_different_config_stops_every_rank():

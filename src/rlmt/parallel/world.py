@@ -41,8 +41,15 @@ class World:
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         """The element-wise sum of ``values`` over ranks (in place, also returned)."""
+        return self.all_reduce(values, "sum")
+
+    def all_reduce(self, values: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Element-wise ``op`` ("sum", "max" or "min") of ``values`` over ranks (in place, also returned)."""
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        if op not in ops:
+            raise ValueError(f"op must be one of {sorted(ops)}, got {op!r}")
         if self.size > 1:
-            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+            dist.all_reduce(values, op=ops[op])
         return values
 
     def _scalar(self, value: float, op: Any) -> float:

@@ -10,10 +10,17 @@ Each micro-batch reports its metrics with a weight (its tokens, pairs or labelle
 - anything else: the mean over micro-batches weighted by their weights, which equals the metric computed over
   the whole update at once for any per-token (per-pair, per-step) mean.
 
-So the reduced figures do not depend on how the update was split into micro-batches.
+So the reduced figures do not depend on how the update was split into micro-batches, nor (with
+:meth:`MetricReduction.result_across`) across how many ranks: weighted sums and weights are summed over ranks,
+extremes maxed or mined, and the loss shares summed (each rank's share is of the *global* normalizer), while
+the step count is the same on every rank.
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+import torch
 
 
 class MetricReduction:
@@ -55,4 +62,34 @@ class MetricReduction:
         out = {k: v / self.weights[k] for k, v in self.weighted.items() if self.weights[k] > 0}
         out.update(self.extreme)
         out.update({k: v / max(self.steps, 1) for k, v in self.loss_sum.items()})
+        return out
+
+    def result_across(self, world: Any) -> dict[str, float]:
+        """:meth:`result` over every rank of ``world`` (a :class:`rlmt.parallel.World`); the same on all ranks.
+
+        A key reported on some ranks only is reduced over the ranks that have it."""
+        if world.size == 1:
+            return self.result()
+        if self.step_loss:
+            self.end_step()
+        names = world.all_gather_object((sorted(self.weighted), sorted(k for k in self.extreme if k.endswith("_max")),
+                                         sorted(k for k in self.extreme if k.endswith("_min")), sorted(self.loss_sum)))
+        weighted, maxed, mined, losses = (sorted(set().union(*(n[i] for n in names))) for i in range(4))
+        dev = torch.device(world.device)
+        sums = torch.tensor([self.weighted.get(k, 0.0) for k in weighted] + [self.weights.get(k, 0.0) for k in weighted]
+                            + [self.loss_sum.get(k, 0.0) for k in losses], dtype=torch.float64, device=dev)
+        world.all_reduce(sums, "sum")
+        inf = float("inf")
+        highs = torch.tensor([self.extreme.get(k, -inf) for k in maxed], dtype=torch.float64, device=dev)
+        lows = torch.tensor([self.extreme.get(k, inf) for k in mined], dtype=torch.float64, device=dev)
+        if maxed:
+            world.all_reduce(highs, "max")
+        if mined:
+            world.all_reduce(lows, "min")
+        s = sums.tolist()
+        n = len(weighted)
+        out = {k: s[i] / s[n + i] for i, k in enumerate(weighted) if s[n + i] > 0}
+        out.update(zip(maxed, highs.tolist()))
+        out.update(zip(mined, lows.tolist()))
+        out.update({k: s[2 * n + i] / max(self.steps, 1) for i, k in enumerate(losses)})
         return out
