@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from rlmt.rewards.base import RewardError, RewardResult, RewardSource, score_checked
+from rlmt.rewards.base import RewardError, RewardResult, RewardSource, declared_fields, score_checked
 
 # config name -> (module, class). Each class takes its config ``args`` as keyword arguments.
 REGISTRY: dict[str, tuple[str, str]] = {
@@ -85,4 +85,25 @@ def check_reward_source(cfg, name: str | None = None) -> None:
         reward_source_class(name, cfg.reward.args)
 
 
-__all__ = ["check_reward_source", "reward_source_class", "reward_source_for", "REGISTRY", "RewardError", "RewardResult", "RewardSource", "build_reward_source", "score_checked"]
+def reward_fields(cfg, name: str | None = None) -> dict:
+    """The row fields the run's reward source (``name``, else ``reward.source``) reads, each with its check
+    (:func:`declared_fields`), from its class alone: no source is built, no model loaded. The ``rubric``
+    source reads the rubric's own fields, checked when the rubric prepares its rows."""
+    name = name or cfg.reward.source
+    return {} if name == "rubric" else declared_fields(reward_source_class(name, cfg.reward.args), cfg.reward.args)
+
+
+def check_reward_fields(cfg, rows, report, name: str | None = None, on_invalid: str | None = None) -> list:
+    """``rows`` (of ``report``) whose fields the reward source reads pass its checks: a bad row is a
+    :class:`rlmt.data.DataError` naming file, line and field, or with ``data.on_invalid=skip`` dropped and
+    counted (none left is an error too)."""
+    from rlmt.data import check_fields
+
+    name = name or cfg.reward.source
+    kept = check_fields(rows, reward_fields(cfg, name), f"reward source {name!r}", on_invalid or cfg.data.on_invalid,
+                        report)
+    report.require(len(kept))
+    return kept
+
+
+__all__ = ["check_reward_fields", "check_reward_source", "declared_fields", "reward_fields", "reward_source_class", "reward_source_for", "REGISTRY", "RewardError", "RewardResult", "RewardSource", "build_reward_source", "score_checked"]

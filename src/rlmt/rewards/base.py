@@ -10,7 +10,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
+
+if TYPE_CHECKING:  # a type only: importing the verifiers stays free of torch
+    from rlmt.data.rows import FieldCheck
+
+
+def declared_fields(source_cls: type, args: dict[str, Any] | None = None) -> dict[str, FieldCheck]:
+    """The row fields ``source_cls`` declares it reads with ``args`` (its ``required_fields`` classmethod),
+    each with its check; {} for a class that declares none. Nothing is built."""
+    hook = getattr(source_cls, "required_fields", None)
+    return dict(hook(dict(args or {}))) if hook is not None else {}
 
 
 class RewardError(RuntimeError):
@@ -36,7 +46,10 @@ class RewardSource(Protocol):
     """Anything with a ``name`` and a ``score(rows, responses) -> RewardResult`` method.
 
     A source may also define ``finish(run_dir: Path) -> None``: the online loop calls it once after training
-    (GRAPE writes its rubric report there).
+    (GRAPE writes its rubric report there); and, on its class, ``required_fields(args: dict) -> {field: check}``
+    (a classmethod taking its config ``args``): the row fields it reads, each with a check of the value that
+    returns None or the problem in words (:data:`rlmt.data.FieldCheck`). The run checks them with the data,
+    naming file, line and field, before any model loads (:func:`declared_fields`).
     """
 
     name: str

@@ -165,6 +165,19 @@ def _gold_number(gold: Any) -> Fraction | None:
     return parse_number(str(gold))
 
 
+def gold_answer_problem(gold: Any) -> str | None:
+    """Why ``gold`` cannot be a gold answer, or None: it must be an integer, a finite float or a non-empty
+    string (a formula such as ``x^2`` is compared as text). A boolean, a list or an object would otherwise be
+    compared by its printed form and score a silent 0 (or, for ``[4]``, match 4)."""
+    if isinstance(gold, bool) or not isinstance(gold, (int, float, str, Fraction)):
+        return f"must be a number or a string, got {'a boolean' if isinstance(gold, bool) else type(gold).__name__}"
+    if isinstance(gold, float) and not math.isfinite(gold):
+        return f"must be a finite number, got {gold}"
+    if isinstance(gold, str) and not gold.strip():
+        return "must not be empty"
+    return None
+
+
 def _normalize_text(s: str) -> str:
     """Lowercased answer text without LaTeX spacing, ``$``, whitespace and a trailing period."""
     s = _clean_latex(s).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
@@ -199,10 +212,17 @@ class MathAnswerReward:
     """Reward ``correct`` when a response's final answer equals ``row[answer_field]``, else ``incorrect``.
 
     A response without an answer is a valid, wrong response (scored ``incorrect``, ``extracted`` None);
-    a row without the gold field is a data error and raises ValueError.
+    a row without the gold field, or with a gold answer of the wrong type (:func:`gold_answer_problem`), is a
+    data error: :meth:`required_fields` lets the run check it with the data, before the model loads, and
+    :meth:`score` raises ValueError for a row that was not checked.
     """
 
     name = "math_answer"
+
+    @classmethod
+    def required_fields(cls, args: dict[str, Any]) -> dict[str, Any]:
+        """The gold field (``answer_field``) and its check."""
+        return {args.get("answer_field", "answer"): gold_answer_problem}
 
     def __init__(self, answer_field: str = "answer", mode: str = "auto", rel_tol: float = 0.0,
                  correct: float = 1.0, incorrect: float = 0.0) -> None:
@@ -225,6 +245,9 @@ class MathAnswerReward:
                 keys = sorted(map(str, row))
                 raise ValueError(f"math_answer: row {i} has no {self.answer_field!r} field (keys: {keys})")
             gold = row[self.answer_field]
+            problem = gold_answer_problem(gold)
+            if problem:
+                raise ValueError(f"math_answer: row {i}: field {self.answer_field!r} {problem}")
             extracted = extract_answer(response or "", self.mode)
             ok = answers_match(extracted, gold, self.rel_tol)
             scores.append(self.correct if ok else self.incorrect)
