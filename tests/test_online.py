@@ -144,11 +144,11 @@ run: {{output_dir: {tmp_path / 'run'}, progress: false, save_every: 2}}
 
 
 def test_bad_reward_source_is_a_clear_error(tmp_path):
-    from rlmt.rewards import RewardError
+    from rlmt.data import DataError
 
     cfg = load_config(None, ["algorithm=grpo", "model.name=tiny-random", f"data.train={_prompt_file(tmp_path)}",
                              "reward.source=math_answer", "reward.args={answer_field: missing_field}",
                              f"run.output_dir={tmp_path / 'run'}", "optim.max_steps=1", "rollout.num_samples=2",
                              "rollout.max_new_tokens=4", "run.progress=false"])
-    with pytest.raises(RewardError, match="math_answer"):
-        train(cfg)
+    with pytest.raises(DataError, match="field 'missing_field': missing \\(reward source 'math_answer' reads it\\)"):
+        train(cfg)  # checked with the data, before the model loads

@@ -31,7 +31,7 @@ from rlmt.data import Row, check_prompt_lengths, encode_prompt, load_rows
 from rlmt.evaluate import evaluate_run
 from rlmt.models import Reference, frozen_reference, save_final
 from rlmt.records import RunRecorder
-from rlmt.rewards import check_reward_source, reward_source_for, score_checked
+from rlmt.rewards import check_reward_fields, check_reward_source, reward_source_for, score_checked
 from rlmt.rollout import RolloutBatch, SamplingParams, concat_batches, generate
 from rlmt.runtime import release_free_heap
 from rlmt.train.dense import dense_rewards_for
@@ -113,13 +113,19 @@ def rollout_metrics(batch: RolloutBatch, rewards: torch.Tensor, G: int, pass_thr
 
 def train_online(cfg: Config, method: OnlineMethod) -> Path:
     """Run ``method`` as configured; returns the run directory."""
-    check_reward_source(cfg, method.reward_source)  # before the model loads
+    # before the model loads: the reward source and its args, the data and the fields the source reads
+    check_reward_source(cfg, method.reward_source)
+    report = load_rows(cfg.data.train, "prompt", cfg.data.on_invalid, cfg.data.limit)
+    rows = check_reward_fields(cfg, report.rows, report, method.reward_source)
+    if cfg.run.eval_before_after and cfg.data.eval:  # evaluation scores every row it reads
+        held = load_rows(cfg.data.eval, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts)
+        check_reward_fields(cfg, held.rows, held, method.reward_source, on_invalid="error")
     run_dir, lm, fmt = start_run(cfg)
     policy, tok = lm.model, lm.tokenizer
-    report = load_rows(cfg.data.train, "prompt", cfg.data.on_invalid, cfg.data.limit)
     source = reward_source_for(cfg, method.reward_source)
-    rows = source.prepare_rows(report.rows) if hasattr(source, "prepare_rows") else report.rows
+    rows = source.prepare_rows(rows) if hasattr(source, "prepare_rows") else rows
     rows = check_prompt_lengths(rows, tok, fmt, cfg.data.max_prompt_tokens, cfg.data.on_invalid, report)
+    report.require(len(rows))
     pg, G = cfg.pg, cfg.rollout.num_samples
     plan = (method.plan or policy_gradient_plan)(cfg, len(rows))
     critic = method.critic(policy) if method.critic else None
@@ -133,6 +139,8 @@ def train_online(cfg: Config, method: OnlineMethod) -> Path:
     state = load_checkpoint(ckpt, policy, opt, sched, extras) if ckpt else {"step": 0, "update": {}}
     rec = RunRecorder(run_dir, to_dict(cfg), state["step"] if ckpt else None, cfg.run.tensorboard,
                       cfg.run.log_every, plan.steps, cfg.run.progress)
+    if report.skipped:
+        rec.note(f"data: {len(rows)} prompts; filtered/adjusted: {report.skipped}")
     evaluating = cfg.run.eval_before_after and cfg.data.eval
     if evaluating and not ckpt:
         before = evaluate_run(cfg, lm, fmt, "before", run_dir, method.reward_source)
