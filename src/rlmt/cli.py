@@ -82,7 +82,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from rlmt.config import ConfigError
     from rlmt.data import check_prompt_lengths, load_rows
-    from rlmt.rewards import build_reward_source
+    from rlmt.rewards import build_reward_source, check_reward_fields, check_reward_source
     from rlmt.evaluate import write_samples
     from rlmt.evaluate import evaluate
     from rlmt.train.session import start_run
@@ -91,9 +91,12 @@ def cmd_eval(args) -> int:
     path = cfg.data.eval or cfg.data.train
     if not path:
         raise ConfigError("data.eval: set data.eval (or data.train) to a prompt file")
-    _, lm, fmt = start_run(cfg)
+    check_reward_source(cfg)
     report = load_rows(path, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts)
-    rows = check_prompt_lengths(report.rows, lm.tokenizer, fmt, cfg.data.max_prompt_tokens, cfg.data.on_invalid, report)
+    rows = check_reward_fields(cfg, report.rows, report)  # before the model loads
+    _, lm, fmt = start_run(cfg)
+    rows = check_prompt_lengths(rows, lm.tokenizer, fmt, cfg.data.max_prompt_tokens, cfg.data.on_invalid, report)
+    report.require(len(rows))
     source = build_reward_source(cfg.reward.source, cfg.reward.args)
     metrics, samples = evaluate(lm.model, lm.tokenizer, fmt, rows, source, cfg.eval.num_samples,
                                 cfg.eval.temperature, cfg.eval.max_new_tokens, cfg.run.seed,
