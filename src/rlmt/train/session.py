@@ -58,22 +58,31 @@ def prompt_format(cfg: Config) -> PromptFormat:
 
 
 def check_output_dir(cfg: Config) -> Path:
-    """Create ``run.output_dir`` and prove a file can be written in it, before anything loads: a
-    :class:`RunError` naming the key and the reason otherwise (never a traceback from the recorder later)."""
+    """Prove that ``run.output_dir`` can be created and written before anything loads: a :class:`RunError`
+    naming the key and the reason otherwise (never a traceback from the recorder later). The directories this
+    check creates are removed again, so a run stopped by a later error (bad data) leaves nothing behind."""
     path = Path(cfg.run.output_dir)
     where = f"run.output_dir={cfg.run.output_dir}"
     if path.exists() and not path.is_dir():
         raise RunError(f"{where}: exists and is not a directory")
+    created = [p for p in [path, *path.parents] if not p.exists()]
     try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunError(f"{where}: cannot create the directory ({e.strerror or e})") from None
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".rlmt-write-test-", dir=path)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise RunError(f"{where}: cannot write in the directory ({e.strerror or e})") from None
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"{where}: cannot create the directory ({e.strerror or e})") from None
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".rlmt-write-test-", dir=path)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise RunError(f"{where}: cannot write in the directory ({e.strerror or e})") from None
+    finally:
+        for p in created:  # deepest first
+            try:
+                p.rmdir()
+            except OSError:
+                pass
     return path
 
 
