@@ -212,3 +212,16 @@ def test_extract_code_and_normalize_output():
     assert extract_code("```python\nprint(4)") == "print(4)"  # truncated generation
     assert extract_code("print(5)") == "print(5)"
     assert normalize_output("a  \r\nb\t\n\n") == "a\nb"
+
+
+def test_the_tests_field_is_checked_with_the_data():
+    from rlmt.rewards import declared_fields
+    from rlmt.rewards.code_tests import tests_problem
+    assert list(declared_fields(CodeTestsReward, {"tests_field": "checks"})) == ["checks"]
+    assert tests_problem("assert f(1) == 2") is None and tests_problem([{"input": "1", "output": 2}, "assert 1"]) is None
+    assert tests_problem("  ") == "must not be empty"
+    assert tests_problem([]) == "must be a string of asserts or a non-empty list of tests, got list"
+    assert tests_problem({"input": "1"}) == "must be a string of asserts or a non-empty list of tests, got dict"
+    assert tests_problem([{"input": "1"}]) == "test 0 has no 'output'"
+    assert tests_problem(["assert 1", 3]) == "test 1 must be a string of asserts or {input, output}, got int"
+    assert tests_problem([{"input": ["1"], "output": "1"}]) == "test 0: 'input' must be text, got list"

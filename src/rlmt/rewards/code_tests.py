@@ -85,6 +85,26 @@ def _test_detail(passed: bool, res: SandboxResult) -> dict[str, Any]:
     return detail
 
 
+def tests_problem(tests: Any) -> str | None:
+    """Why a row's ``tests`` value cannot be run, or None (checked with the data, before the model loads)."""
+    if isinstance(tests, str):
+        return None if tests.strip() else "must not be empty"
+    if not isinstance(tests, list) or not tests:
+        return f"must be a string of asserts or a non-empty list of tests, got {type(tests).__name__}"
+    for i, test in enumerate(tests):
+        if isinstance(test, str):
+            continue
+        if not isinstance(test, dict):
+            return f"test {i} must be a string of asserts or {{input, output}}, got {type(test).__name__}"
+        if "output" not in test:
+            return f"test {i} has no 'output'"
+        for key in ("input", "output"):
+            value = test.get(key, "")
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                return f"test {i}: '{key}' must be text, got {type(value).__name__}"
+    return None
+
+
 class CodeTestsReward:
     """Reward = share of the row's tests that the response's code passes in the sandbox (see module doc).
 
@@ -100,6 +120,11 @@ class CodeTestsReward:
     """
 
     name = "code_tests"
+
+    @classmethod
+    def required_fields(cls, args: dict[str, Any]) -> dict[str, Any]:
+        """The tests field (``tests_field``) and its check."""
+        return {args.get("tests_field", "tests"): tests_problem}
 
     def __init__(self, tests_field: str = "tests", extract_code: bool = True, partial_credit: bool = False,
                  max_workers: int = 2, isolation: str = "strict", **limits: Any) -> None:
