@@ -437,3 +437,23 @@ def test_reward_args_are_checked_against_the_source_before_anything_loads():
         check_reward_source(load_config(None, ["reward.source=regex", "reward.args={patern: x}"]))
     with pytest.raises(ConfigError, match=r"reward\.source: unknown reward source 'regexp'"):
         check_reward_source(load_config(None, ["reward.source=regexp"]))
+
+
+def test_unset_keys_that_stand_for_another_value_are_recorded_as_that_value():
+    """config.yaml records what is in effect: an unset upper clip is the lower one, PPO's unset critic LR is
+    optim.lr; a set value wins; a key with no effect (no critic) stays unset."""
+    grpo = load_config(None, ["algorithm=grpo", "pg.clip_eps=0.3"])
+    assert grpo.pg.clip_eps_high == 0.3
+    assert load_config(None, ["algorithm=grpo", "pg.clip_eps_high=0.28"]).pg.clip_eps_high == 0.28
+    assert load_config(None, ["algorithm=ppo", "optim.lr=2e-4"]).ppo.critic_lr == 2e-4
+    assert load_config(None, ["algorithm=ppo", "ppo.critic_lr=0.5"]).ppo.critic_lr == 0.5
+    assert load_config(None, ["algorithm=grpo"]).ppo.critic_lr is None
+    cfg = load_config(None, ["algorithm=ppo"])
+    assert with_method_defaults(cfg) == cfg
+
+
+def test_allow_config_change_is_a_typed_documented_key():
+    assert load_config(None, ["run.allow_config_change=true"]).run.allow_config_change is True
+    with pytest.raises(ConfigError, match="run.allow_config_change"):
+        load_config(None, ["run.allow_config_change=maybe"])
+    assert any(key == "run.allow_config_change" and doc for key, _, doc in describe())

@@ -178,11 +178,19 @@ _PG_DEFAULTS = {"kl_estimator": "k3", "kl_in_reward": False, "aggregation": "tok
 
 
 def with_method_defaults(cfg: Config) -> Config:
-    """``cfg`` with the unset (None) ``pg`` keys filled by its algorithm's convention (:data:`METHOD_DEFAULTS`),
-    so the config a run records is the one it ran. Idempotent."""
+    """``cfg`` with the unset (None) keys that stand for another value filled with that value, so the config a
+    run records (``config.yaml``, a checkpoint's ``run.json``) is the one it ran: the ``pg`` keys by its
+    algorithm's convention (:data:`METHOD_DEFAULTS`), ``pg.clip_eps_high`` by ``pg.clip_eps``, and for PPO
+    ``ppo.critic_lr`` by ``optim.lr``. Idempotent."""
     defaults = METHOD_DEFAULTS.get(cfg.algorithm, _PG_DEFAULTS)
     fill = {k: v for k, v in defaults.items() if getattr(cfg.pg, k) is None}
-    return dataclasses.replace(cfg, pg=dataclasses.replace(cfg.pg, **fill)) if fill else cfg
+    if cfg.pg.clip_eps_high is None:
+        fill["clip_eps_high"] = cfg.pg.clip_eps
+    if fill:
+        cfg = dataclasses.replace(cfg, pg=dataclasses.replace(cfg.pg, **fill))
+    if cfg.algorithm == "ppo" and cfg.ppo.critic_lr is None:
+        cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, critic_lr=cfg.optim.lr))
+    return cfg
 
 
 def deep_merge(into: dict, new: dict) -> None:

@@ -252,7 +252,13 @@ class RunConfig:
     seed: int = doc(0, "seed for data order, sampling and initialisation")
     save_every: int = doc(0, "checkpoint every N optimizer steps (0: only at the end)")
     keep_checkpoints: int = doc(2, "keep this many most recent checkpoints")
-    resume: str = doc("false", "'false', 'true' (latest checkpoint in output_dir) or a checkpoint path")
+    resume: str = doc("false", "'false', 'true' (the newest complete checkpoint in output_dir; a newer corrupt one "
+                               "is set aside with a warning) or a checkpoint path")
+    allow_config_change: bool = doc(
+        False, "resume although training-relevant keys differ from the checkpoint's config (lr, batch size, schedule, "
+               "steps, data, ...; rlmt.config.changes lists the keys that may always change): the changes are "
+               "printed and take effect; false refuses such a resume. A longer run (optim.max_steps or optim.epochs "
+               "grown) under a constant schedule is always allowed")
     log_every: int = doc(1, "print a metrics line every N steps")
     tensorboard: bool = doc(False, "also log metrics to TensorBoard (needs the tensorboard package)")
     progress: bool = doc(True, "show a progress bar with ETA")

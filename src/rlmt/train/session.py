@@ -1,18 +1,30 @@
 """What every training run shares: seeding, the process settings (``cfg.runtime``), the model (with optional
-LoRA), the run directory and the resume point, and writing ``final/``."""
+LoRA), the run directory and the resume point.
+
+Resuming (:func:`resume_checkpoint`) takes the newest checkpoint whose manifest verifies
+(:func:`rlmt.checkpoint.verify_checkpoint`); newer ones that do not are set aside (renamed
+``step-N.corrupt``) with one warning naming what was wrong, and none complete is an error rather than a
+fresh start over the old records. The checkpoint's recorded run (:func:`run_record`: the config and the
+sha256 of the data files) is compared with this run's: a training-relevant change
+(:func:`rlmt.config.training_changes`, or a data file whose contents changed under the same path) is refused
+with the list of changes unless ``run.allow_config_change`` is true."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
+import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from rlmt.checkpoint import latest_checkpoint, list_checkpoints
-from rlmt.config import Config, ModelConfig
+from rlmt.checkpoint import latest_checkpoint, list_checkpoints, set_aside, verify_checkpoint
+from rlmt.config import Config, ModelConfig, to_dict, training_changes
 from rlmt.data import PromptFormat
 from rlmt.models import LoadedModel, load_model, pick_device
 from rlmt.rollout.precision import autocast_dtype
@@ -97,11 +109,61 @@ def start_run(cfg: Config) -> tuple[Path, LoadedModel, PromptFormat]:
     return Path(cfg.run.output_dir), prepare_model(cfg), prompt_format(cfg)
 
 
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_record(cfg: Config) -> dict[str, Any]:
+    """What a checkpoint records of its run for the resume check: the config, and the sha256 of each data file
+    the run trains on (``data.train``, ``data.demonstrations``), so an edit in place is seen too."""
+    files = {f"data.{k}": getattr(cfg.data, k) for k in ("train", "demonstrations")}
+    return {"config": to_dict(cfg),
+            "data_sha256": {k: _file_sha256(v) for k, v in files.items() if v and Path(v).is_file()}}
+
+
+def _warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def resume_changes(cfg: Config, checkpoint: Path) -> list[str]:
+    """The training-relevant differences between ``cfg`` and the run recorded in ``checkpoint/run.json``,
+    one line each (``key: old -> new``); empty when they agree (or the checkpoint records none: warned)."""
+    recorded = Path(checkpoint) / "run.json"
+    if not recorded.exists():
+        _warn(f"{checkpoint} records no config: the resumed config is not checked against it")
+        return []
+    old = json.loads(recorded.read_text())
+    new = run_record(cfg)
+    lines = training_changes(old["config"], new["config"])
+    for key, sha in new["data_sha256"].items():
+        before = old.get("data_sha256", {}).get(key)
+        section, name = key.split(".")
+        path = new["config"][section][name]
+        if before is not None and before != sha and old["config"].get(section, {}).get(name) == path:
+            lines.append(f"{key}: the contents of {path} changed (sha256 {before[:12]}... -> {sha[:12]}...)")
+    return lines
+
+
+def _check_config(cfg: Config, checkpoint: Path) -> None:
+    lines = resume_changes(cfg, checkpoint)
+    if not lines:
+        return
+    listed = "".join(f"\n  {line}" for line in lines)
+    if not cfg.run.allow_config_change:
+        raise RunError(f"run.resume: the config differs from {checkpoint}'s in training-relevant keys:{listed}\n"
+                       "restore them, or pass run.allow_config_change=true to resume with the changes in effect")
+    _warn(f"resuming {checkpoint} with a changed config (run.allow_config_change=true):{listed}")
+
+
 def resume_checkpoint(cfg: Config) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run.
+    """The checkpoint to resume from, or None for a fresh run (see the module docstring).
 
     ``run.resume=false`` on a directory that already holds checkpoints is an error rather than a silent
-    overwrite; ``true`` with no checkpoint yet starts fresh.
+    overwrite; ``true`` with no checkpoint yet starts fresh; an explicit path must verify.
     """
     run_dir = Path(cfg.run.output_dir)
     flag = cfg.run.resume.lower()
@@ -111,10 +173,20 @@ def resume_checkpoint(cfg: Config) -> Path | None:
                            "or choose another run.output_dir")
         return None
     if flag == "true":
-        return latest_checkpoint(run_dir)
-    path = Path(cfg.run.resume)
-    if not (path / "state.json").exists():
-        raise RunError(f"run.resume={cfg.run.resume}: not a complete checkpoint (no state.json)")
+        path, bad = latest_checkpoint(run_dir)
+        if bad and path is None:
+            raise RunError(f"run.resume=true: no complete checkpoint in {run_dir / 'checkpoints'}: "
+                           + "; ".join(f"{p.name}: {why}" for p, why in bad))
+        if bad:
+            moved = [(p.name, why, set_aside(p).name) for p, why in bad]
+            _warn(f"resuming from {path.name}, the newest complete checkpoint: "
+                  + "; ".join(f"{name} is incomplete or corrupt ({why}), set aside as {to}" for name, why, to in moved))
+        if path is None:
+            return None
+    else:
+        path = Path(cfg.run.resume)
+        problem = verify_checkpoint(path)
+        if problem:
+            raise RunError(f"run.resume={cfg.run.resume}: not a complete checkpoint ({problem})")
+    _check_config(cfg, path)
     return path
-
-
