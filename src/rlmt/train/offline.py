@@ -46,7 +46,7 @@ from rlmt.models import LoadedModel, save_final
 from rlmt.records import RunRecorder, write_atomic
 from rlmt.train.metrics import MetricReduction
 from rlmt.train.optim import build_optimizer, guarded_step
-from rlmt.train.session import resume_checkpoint, start_run
+from rlmt.train.session import resume_checkpoint, run_record, start_run
 
 MicroBatchLoss = Callable[[Any, float], tuple[Tensor, dict[str, float], float]]
 """(micro-batch, N_step) -> (its loss share sum_{u in micro-batch} c_u / N_step with grad, its metrics, its
@@ -164,6 +164,7 @@ def _evaluate(run: OfflineRun, task: OfflineTask, held: list, tag: str, rec: Run
 
 def train_offline(cfg: Config, task: OfflineTask) -> Path:
     """Run ``task`` on ``cfg`` and return the run directory."""
+    ckpt, record = resume_checkpoint(cfg), run_record(cfg)  # verified, its config compared, before the model loads
     run_dir, lm, fmt = start_run(cfg)
     modules = task.modules(lm, fmt)
     run = OfflineRun(cfg, lm, fmt, run_dir, modules, next(lm.model.parameters()).device)
@@ -173,7 +174,6 @@ def train_offline(cfg: Config, task: OfflineTask) -> Path:
         splits["eval"] = _load(cfg, task, lm, fmt, cfg.data.eval, cfg.eval.max_prompts)[0]
     total = total_steps_for(cfg, len(examples))
     opt, sched = build_optimizer(modules.trainable, cfg.optim, total)
-    ckpt = resume_checkpoint(cfg)
     splits, prepare_note = task.prepare(run, splits) if task.prepare else (splits, None)  # initial weights
     examples, held = splits["train"], splits.get("eval", [])
     start = load_checkpoint(ckpt, modules.model, opt, sched, modules.extras)["step"] if ckpt else 0
@@ -196,9 +196,9 @@ def train_offline(cfg: Config, task: OfflineTask) -> Path:
         rec.log(step + 1, {**metrics, "epoch": (step + 1) * per_step / len(examples)})
         if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < total:
             save_checkpoint(run_dir, step + 1, modules.model, opt, sched, {"examples_seen": (step + 1) * per_step},
-                            cfg.run.keep_checkpoints, modules.extras)
+                            cfg.run.keep_checkpoints, modules.extras, record)
     save_checkpoint(run_dir, total, modules.model, opt, sched, {"examples_seen": total * per_step},
-                    cfg.run.keep_checkpoints, modules.extras)
+                    cfg.run.keep_checkpoints, modules.extras, record)
 
     task.save_final(run, examples, rec.note)
     if held:

@@ -39,7 +39,7 @@ from rlmt.train.experience import Experience, UpdateContext
 from rlmt.train.experience import OnlineMethod
 from rlmt.train.methods import policy_gradient_plan, update_step
 from rlmt.train.optim import build_optimizer
-from rlmt.train.session import resume_checkpoint, start_run
+from rlmt.train.session import resume_checkpoint, run_record, start_run
 from rlmt.data import step_indices
 from rlmt.train.update import load_demonstrations, response_logprobs
 
@@ -120,6 +120,7 @@ def train_online(cfg: Config, method: OnlineMethod) -> Path:
     if cfg.run.eval_before_after and cfg.data.eval:  # evaluation scores every row it reads
         held = load_rows(cfg.data.eval, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts)
         check_reward_fields(cfg, held.rows, held, method.reward_source, on_invalid="error")
+    ckpt, record = resume_checkpoint(cfg), run_record(cfg)  # verified, its config compared
     run_dir, lm, fmt = start_run(cfg)
     policy, tok = lm.model, lm.tokenizer
     source = reward_source_for(cfg, method.reward_source)
@@ -135,7 +136,6 @@ def train_online(cfg: Config, method: OnlineMethod) -> Path:
                                  group_lrs=critic_lr)
     extras = {"critic": critic} if critic is not None else None
     reference = frozen_reference(lm, cfg.model.dtype) if method.kl_regularized and pg.beta > 0 else None
-    ckpt = resume_checkpoint(cfg)
     state = load_checkpoint(ckpt, policy, opt, sched, extras) if ckpt else {"step": 0, "update": {}}
     rec = RunRecorder(run_dir, to_dict(cfg), state["step"] if ckpt else None, cfg.run.tensorboard,
                       cfg.run.log_every, plan.steps, cfg.run.progress)
@@ -184,9 +184,10 @@ def train_online(cfg: Config, method: OnlineMethod) -> Path:
         if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < plan.steps:
             save_checkpoint(run_dir, step + 1, policy, opt, sched,
                             {"update": ctx.state, "pass_rates": prompts.pass_rates.tolist()},
-                            cfg.run.keep_checkpoints, extras)
+                            cfg.run.keep_checkpoints, extras, record)
     save_checkpoint(run_dir, plan.steps, policy, opt, sched,
-                    {"update": ctx.state, "pass_rates": prompts.pass_rates.tolist()}, cfg.run.keep_checkpoints, extras)
+                    {"update": ctx.state, "pass_rates": prompts.pass_rates.tolist()}, cfg.run.keep_checkpoints, extras,
+                    record)
     save_final(policy, tok, run_dir)
     if hasattr(source, "finish"):
         source.finish(run_dir)
