@@ -32,6 +32,7 @@ import hashlib
 import hmac
 import json
 import math
+import re
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -90,10 +91,12 @@ UNIFORM_DIGIT_VAR = 11 / 108  # variance of k/9 for k uniform on 0..9: (10^2 - 1
 SYSTEM = "You are a careful, strict grader. You grade one response against one criterion."
 
 
-def critic_messages(task: CritiqueTask, nonce: str, mode: str = "json") -> list[dict]:
-    """The critic's chat: instructions, the untrusted blocks, then the instructions again."""
-    question, _, _ = wrap_untrusted(task.question, "QUESTION", nonce)
-    response, _, _ = wrap_untrusted(task.response, "RESPONSE", nonce)
+def critic_messages(task: CritiqueTask, nonce: str, mode: str = "json",
+                    special_tokens: Sequence[str] = ()) -> list[dict]:
+    """The critic's chat: instructions, the untrusted blocks, then the instructions again. ``special_tokens``
+    (a local critic's tokenizer's) are broken up inside the blocks, so text cannot become a template token."""
+    question, _, _ = wrap_untrusted(task.question, "QUESTION", nonce, special_tokens)
+    response, _, _ = wrap_untrusted(task.response, "RESPONSE", nonce, special_tokens)
     lo, hi = task.scale
     if mode == "json":
         answer = (f"Write one short paragraph of reasoning, then a final line with exactly this JSON and nothing "
@@ -214,10 +217,12 @@ class LogprobCritic:
         if any(len(i) != 1 for i in ids):
             raise ValueError(f"critic {self.name}: logprobs mode needs single-token digits, got {ids}")
         self.digit_ids = torch.tensor([i[0] for i in ids])
+        added = {str(t) for t in self.tokenizer.all_special_tokens} | set(self.tokenizer.get_added_vocab())
+        self.special_tokens = sorted(t for t in added if re.fullmatch(r"[<\[].+[>\]]", t))  # markup-like only
         self._lock = threading.Lock()
 
     def prompt_ids(self, task: CritiqueTask, nonce: str) -> list[int]:
-        msgs = critic_messages(task, nonce, "logprobs")
+        msgs = critic_messages(task, nonce, "logprobs", self.special_tokens)
         text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) + "Score: "
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 

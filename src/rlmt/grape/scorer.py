@@ -2,18 +2,33 @@
 
 For a batch of responses (rows carry ``prompt`` and ``category``):
 
-1. verifiable items run first, through the registered reward sources (confidence = the item's, default 1);
-   a score outside [0, 1] (after the item's ``transform``) or a source's ``None`` is missing;
-2. a judged item whose ``gated_by`` item failed (score < 0.5) is skipped when ``gate_on_verifiable`` is set:
-   missing, counted as gated, and no critic call is spent on it; with ``guard`` on, a response that
-   addresses the grader (:mod:`rlmt.chat.guard`) fails its judged items (score 0, confidence 1, no call);
-3. the remaining judged items go to the critic in one batch (cached);
-4. :func:`rlmt.objectives.grape.grape_aggregate` combines them per group of responses to the same prompt:
-   R_i = sum_j w_j phi_j s_ij / sum_j w_j phi_j with phi_j the group's mean confidence of item j.
+1. verifiable items run first, through the registered reward sources (confidence = the item's, default 1),
+   on the response as written; a score outside [0, 1] (after the item's ``transform``) or a source's ``None``
+   is missing;
+2. with ``guard`` on, each response is screened (:func:`rlmt.chat.guard.screen`): spans aimed at the grader
+   are cut and the critic sees what is left; a response with no content left (``:``, "Let me think step by
+   step.") fails its judged items (score 0, confidence 1, no call);
+3. a judged item whose ``gated_by`` item failed (score < 0.5) is skipped when ``gate_on_verifiable`` is set
+   (no critic call is spent on it); the remaining judged items go to the critic in one batch (cached);
+4. :func:`missing_counts_as_zero`, then :func:`rlmt.objectives.grape.grape_aggregate` per group of responses
+   to the same prompt: R_i = sum_j w_j phi_j s_ij / sum_j w_j phi_j, phi_j the group's mean confidence of item j.
 
-A response with no usable item is unscored (None), never 0. Each call returns per-item statistics as
-``rubric/<category.item>/{confidence,score_mean,score_std,missing}`` metrics and keeps run-long statistics
-(:class:`rlmt.grape.oversight.Oversight`) that ``finish(run_dir)`` writes as the rubric report.
+**Missing items count against the response.** An item that applies to a response but has no score (the
+critique did not parse, the call failed, the gate failed, the verifier gave None) counts as s_ij = 0 at the
+item's full group weight w_j phi_j, where phi_j stays the mean confidence of the responses that do have it
+(1 when none in the group has it). Dropping the item instead (the earlier rule) let a response gain by making
+the critic fail: with a mixed rubric, an attack whose judged items did not parse kept only its verifiable 1.0
+against 0.78 for its clean twin. With the item at 0, R_i is non-decreasing in every s_ij at fixed weights, so
+a response can never score above what it would have scored had the critic answered. An outage that takes an
+item out for a whole group lowers every member by the same factor (the denominator is shared), which leaves
+GRPO's normalised advantages unchanged. A response is unscored (None, never 0) only when nothing at all was
+scored in its group, or when its only items carry zero weight. Details keep the missing item as missing
+(``score`` None, with its ``error``) and mark ``counted_as: 0.0``; oversight counts it as missing.
+
+Each call returns per-item statistics as ``rubric/<category.item>/{confidence,score_mean,score_std,missing}``
+metrics and keeps run-long statistics (:class:`rlmt.grape.oversight.Oversight`) that ``finish(run_dir)``
+writes as the rubric report; ``guard/flagged`` and ``guard/content_free`` count screened responses, and
+``reward/missing_as_zero`` the missing entries counted as 0.
 """
 
 from __future__ import annotations
@@ -27,7 +42,7 @@ import torch
 
 from rlmt.data import Row
 from rlmt.grape.critic import CachedCritic, CritiqueTask, build_critic
-from rlmt.chat.guard import injection_findings
+from rlmt.chat.guard import Screened, screen
 from rlmt.grape.oversight import Oversight
 from rlmt.grape.rubric import Rubric, RubricItem, load_rubric
 from rlmt.objectives.grape import grape_aggregate
@@ -50,6 +65,26 @@ def _transform(value: float | None, how: str) -> float | None:
     if how == "clip":
         return min(1.0, max(0.0, value))
     return value if 0.0 <= value <= 1.0 else None
+
+
+def missing_counts_as_zero(S: torch.Tensor, C: torch.Tensor, applicable: torch.Tensor,
+                           ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill the missing entries that apply: scores, confidences (N, J) with NaN = missing, applicable (N, J)
+    bool, group ids (N,) -> (S, C) copies where each missing applicable (i, j) has s = 0 and c = the mean
+    confidence of the present (i', j) in i's group (1 if none), so that phi_j is unchanged and the item keeps
+    its full weight. Groups with no present entry at all are left as they are (unscored)."""
+    S, C = S.clone(), C.clone()
+    present = torch.isfinite(S) & torch.isfinite(C)
+    for g in torch.unique(ids).tolist():
+        rows = ids == g
+        if not present[rows].any():
+            continue
+        for j in range(S.shape[1]):
+            have = rows & present[:, j]
+            fill = float(C[have, j].mean()) if have.any() else 1.0
+            hole = rows & applicable[:, j] & ~present[:, j]
+            S[hole, j], C[hole, j] = 0.0, fill
+    return S, C
 
 
 class RubricReward:
@@ -124,31 +159,33 @@ class RubricReward:
                 else:
                     S[i, j], C[i, j] = s, item.confidence
                 details[i]["items"][item.key] = d
-        findings = [injection_findings(r) if self.guard else [] for r in responses]
-        for i, f in enumerate(findings):
-            if f:
-                details[i]["guard"] = f
+        screened = [screen(r, question_text(rows[i].get("question") or rows[i]["prompt"])) if self.guard
+                    else Screened(r, (), False) for i, r in enumerate(responses)]
+        for i, sc in enumerate(screened):
+            if sc.kinds:
+                details[i]["guard"] = sc.kinds
+            if sc.text != responses[i]:
+                details[i]["screened"] = sc.text
         tasks, where = [], []
-        for j, item in enumerate(self.items):  # 2. gates, guard, 3. judged items
+        for j, item in enumerate(self.items):  # 2. guard, 3. gates and judged items
             if item.flow != "judged":
                 continue
             for i in range(N):
                 if cats[i] != item.category:
+                    continue
+                if screened[i].content_free:
+                    S[i, j], C[i, j] = 0.0, 1.0
+                    details[i]["items"][item.key] = {"score": 0.0, "confidence": 1.0,
+                                                     "reasoning": "guard: nothing to grade (content-free response)"}
                     continue
                 if self.gate and item.gated_by:
                     g = S[i, self.col[f"{item.category}.{item.gated_by}"]]
                     if not (g >= 0.5):  # failed or missing gate
                         details[i]["items"][item.key] = {"score": None, "confidence": None, "gated": True}
                         continue
-                if findings[i]:
-                    S[i, j], C[i, j] = 0.0, 1.0
-                    details[i]["items"][item.key] = {"score": 0.0, "confidence": 1.0,
-                                                     "reasoning": f"guard: the response addresses the grader "
-                                                                  f"({', '.join(findings[i])})"}
-                    continue
                 tasks.append(CritiqueTask(item.key, item.criterion, question_text(rows[i].get("question") or
                                                                                   rows[i]["prompt"]),
-                                          responses[i], item.scale))
+                                          screened[i].text, item.scale))
                 where.append((i, j))
         critiques = self.critic.critique(tasks) if tasks else []
         for (i, j), c in zip(where, critiques):
@@ -165,11 +202,14 @@ class RubricReward:
         keys = [json.dumps([r.get("category"), r.get("question") or r.get("prompt")], sort_keys=True, default=str)
                 for r in rows]
         ids = torch.tensor([sorted(set(keys)).index(k) for k in keys])
-        R, _ = grape_aggregate(S, C, self.weights, ids)
+        applicable = torch.tensor([[it.category == d["category"] for it in self.items] for d in details])
+        S_full, C_full = missing_counts_as_zero(S, C, applicable, ids)
+        for i, j in (torch.isfinite(S_full) & ~torch.isfinite(S)).nonzero().tolist():
+            details[i]["items"].setdefault(self.items[j].key, {"score": None, "confidence": None})["counted_as"] = 0.0
+        R, _ = grape_aggregate(S_full, C_full, self.weights, ids)
         scores = [None if not math.isfinite(float(r)) else float(r) for r in R]
         for i, s in enumerate(scores):
             details[i]["reward"] = s
-        applicable = torch.tensor([[it.category == d["category"] for it in self.items] for d in details])
         gated = torch.tensor([[bool(d["items"].get(it.key, {}).get("gated")) for it in self.items] for d in details])
         metrics = self.oversight.update(S, C, applicable, gated, rows, responses, details)
         for cat in sorted({d["category"] for d in details}):
@@ -180,6 +220,8 @@ class RubricReward:
             metrics.update(self.critic.stats.as_metrics())
         if self.guard:
             metrics["guard/flagged"] = float(sum(bool(d.get("guard")) for d in details))
+            metrics["guard/content_free"] = float(sum("content_free" in d.get("guard", []) for d in details))
+        metrics["reward/missing_as_zero"] = float((torch.isfinite(S_full) & ~torch.isfinite(S)).sum())
         return RewardResult(scores, details, metrics=metrics)
 
     def finish(self, run_dir: Path) -> None:
