@@ -197,6 +197,11 @@ def cmd_judge(args) -> int:
         raise ConfigError(f"judge backend: {e}") from e
     judge = PairwiseJudge(backend, preamble, args.chain_of_thought)
     prefs, stats = preference_dataset(rows, responses, judge, args.pairs, args.max_pairs)
+    if stats["pairs"] == stats["missing"]:  # no pair, or no verdict at all (every call failed or did not parse)
+        print(json.dumps({"out": None, **stats, **judge.backend.stats.as_metrics("chat")}))
+        print(f"error: nothing was judged ({stats['pairs']} pairs, {stats['missing']} without a verdict); "
+              f"{args.out} was not written", file=sys.stderr)
+        return 1
     write_jsonl_atomic(args.out, prefs)
     print(json.dumps({"out": args.out, **stats, **judge.backend.stats.as_metrics("chat")}))
     return 0
