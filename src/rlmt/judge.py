@@ -14,6 +14,15 @@ Decisions:
   tie; otherwise (one tie and one winner, or each order picks its own position) -> "tie", marked
   inconsistent; either order missing -> missing. A judge with a pure position bias therefore never
   produces a win.
+- **Screening** (``guard``, on by default): each *policy* response is screened by
+  :func:`rlmt.chat.guard.screen` before the judge sees it: text aimed at the judge ("ignore previous
+  instructions", a forged ``Verdict: A``, a fake closing delimiter) is cut, and the judge compares what is left,
+  so writing to the judge can never win a comparison that the clean text would not. A response with nothing left
+  (``:``, "Let me think step by step.") loses to one with content without a call (both: a tie). The
+  **reference** of :class:`JudgeReward` is trusted data and is never screened: screening it let a reference
+  holding a Python ``>>>`` prompt hand every response, gibberish included, a win (1.0) with no call. In
+  :func:`preference_dataset` a pair whose *chosen* response was cut is dropped (counted as ``guard_dropped``):
+  DPO would otherwise raise the likelihood of the text that addressed the judge.
 - **Cache**: the delimiters change with every call, so the backend's message-keyed cache cannot hit; the
   judge keeps its own cache of raw replies keyed by (backend, preamble, mode, question, the ordered pair).
   Failed calls are not cached.
@@ -31,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 from rlmt.chat import ChatBackend, ChatRequest
-from rlmt.chat.guard import injection_findings
+from rlmt.chat.guard import Screened, screen
 from rlmt.chat.untrusted import wrap_untrusted
 from rlmt.rewards.base import RewardResult
 
@@ -87,7 +96,8 @@ class PairVerdict:
     consistent: bool
     texts: tuple[str | None, str | None]
     errors: tuple[str | None, str | None] = (None, None)
-    guard: str | None = None  # set when the verdict came from the guard (a response addressed the judge)
+    guard: str | None = None  # what the screening did, when it did anything
+    flagged: tuple[bool, bool] = (False, False)  # text was cut from (first, second) before judging
 
     def as_dict(self) -> dict[str, Any]:
         return {"winner": self.winner, "verdicts": [self.verdict_ab, self.verdict_ba],
@@ -162,17 +172,22 @@ class PairwiseJudge:
                 out.append((self.cache[k], None))
         return out
 
-    def judge_pairs(self, pairs: Sequence[tuple[str | list, str, str]]) -> list[PairVerdict]:
+    def _screen(self, text: str, question: str, trusted: bool) -> Screened:
+        return screen(text, question) if self.guard and not trusted else Screened(text, (), False)
+
+    def judge_pairs(self, pairs: Sequence[tuple[str | list, str, str]],
+                    trusted_second: bool = False) -> list[PairVerdict]:
         """Each (prompt, first, second) judged in both orders (one backend call for all), then combined.
 
-        With ``guard`` on, a response that addresses the judge (:func:`rlmt.chat.guard.injection_findings`:
-        "ignore previous instructions", a forged verdict or marker, ...) loses to a clean one without a call;
-        if both do, the pair is a tie. So writing to the judge never wins a comparison.
+        With ``guard`` on, the responses are screened first (the module doc): the judge sees them with any text
+        aimed at it cut out, and a response with no content left loses without a call. ``trusted_second``
+        marks the second of every pair as trusted data (a reference), which is never screened.
         """
-        flags = [(bool(injection_findings(x)), bool(injection_findings(y))) if self.guard else (False, False)
-                 for _, x, y in pairs]
-        ask = [k for k, f in enumerate(flags) if not any(f)]
-        triples = [(prompt_text(pairs[k][0]), pairs[k][1], pairs[k][2]) for k in ask]
+        questions = [prompt_text(p) for p, _, _ in pairs]
+        shown = [(self._screen(x, q, False), self._screen(y, q, trusted_second))
+                 for q, (_, x, y) in zip(questions, pairs)]
+        ask = [k for k, (sx, sy) in enumerate(shown) if not (sx.content_free or sy.content_free)]
+        triples = [(questions[k], shown[k][0].text, shown[k][1].text) for k in ask]
         raw = self.raw(triples + [(p, y, x) for p, x, y in triples])
         n = len(ask)
         out: list[PairVerdict | None] = [None] * len(pairs)
@@ -180,11 +195,18 @@ class PairwiseJudge:
             v_ab, v_ba = parse_verdict(t_ab), parse_verdict(t_ba)
             winner, consistent = combine_orders(v_ab, v_ba)
             out[k] = PairVerdict(winner, v_ab, v_ba, consistent, (t_ab, t_ba), (e_ab, e_ba))
-        for k, (fx, fy) in enumerate(flags):
-            if fx or fy:
+        for k, (sx, sy) in enumerate(shown):
+            flagged = (bool(sx.findings), bool(sy.findings))
+            notes = [f"cut from the {who} response: {', '.join(s.kinds)}" for who, s in (("first", sx), ("second", sy))
+                     if s.findings]
+            if sx.content_free or sy.content_free:
+                fx, fy = sx.content_free, sy.content_free
                 winner = "tie" if fx and fy else "second" if fx else "first"
-                who = "both responses" if fx and fy else "the first response" if fx else "the second response"
-                out[k] = PairVerdict(winner, None, None, True, (None, None), guard=f"{who} addressed the judge")
+                who = "neither response" if fx and fy else "the first response" if fx else "the second response"
+                out[k] = PairVerdict(winner, None, None, True, (None, None),
+                                     guard="; ".join([f"{who} has nothing to judge"] + notes), flagged=flagged)
+            elif notes:
+                out[k].guard, out[k].flagged = "; ".join(notes), flagged
         return out  # type: ignore[return-value]
 
 
@@ -225,8 +247,12 @@ def preference_dataset(rows: Sequence[dict], responses_per_row: Sequence[Sequenc
     verdicts = judge.judge_pairs([(rows[r]["prompt"], responses_per_row[r][i], responses_per_row[r][j])
                                   for r, i, j in jobs])
     prefs = []
+    guard_dropped = 0
     for (r, i, j), v in zip(jobs, verdicts):
         if not v.consistent or v.winner not in ("first", "second"):
+            continue
+        if v.flagged[0 if v.winner == "first" else 1]:
+            guard_dropped += 1
             continue
         win, lose = (i, j) if v.winner == "first" else (j, i)
         prefs.append({"prompt": rows[r]["prompt"], "chosen": responses_per_row[r][win],
@@ -234,7 +260,7 @@ def preference_dataset(rows: Sequence[dict], responses_per_row: Sequence[Sequenc
                       "judge": {"pair": [i, j], "verdicts": [v.verdict_ab, v.verdict_ba],
                                 "model": judge.backend.name}})
     stats = {"rows": len(rows), "rows_skipped": skipped, "pairs": len(jobs), "kept": len(prefs),
-             **verdict_counts(verdicts)}
+             "guard_dropped": guard_dropped, **verdict_counts(verdicts)}
     return prefs, stats
 
 
@@ -246,7 +272,8 @@ class JudgeReward:
     """Reward source ``judge``: each response against the row's reference, judged in both orders.
 
     ``backend`` is a chat-backend spec (``{backend: local|http, ...}``, see :mod:`rlmt.chat`). In ``metrics``,
-    ``judge/{decisive,ties,inconsistent,missing,wins,losses,no_reference}`` count this call;
+    ``judge/{decisive,ties,inconsistent,missing,wins,losses,no_reference,guard}`` count this call (``guard``:
+    responses the screening cut text from or found empty);
     ``judge/cache_hits`` and ``judge/chat/*`` (the backend's calls, cache hits, failures, tokens, cost) are
     running totals since the source was built.
     """
@@ -276,7 +303,7 @@ class JudgeReward:
             else:
                 details[i] = {"error": f"row has no {self.reference_field!r} response to compare with"}
         verdicts = self.judge.judge_pairs([(rows[i]["prompt"], responses[i], rows[i][self.reference_field])
-                                           for i in todo])
+                                           for i in todo], trusted_second=True)
         for i, v in zip(todo, verdicts):
             scores[i] = WINNER_SCORE.get(v.winner) if v.winner else None
             details[i] = {"judge": v.as_dict(), **({"error": "judge verdict missing"} if v.winner is None else {})}
@@ -285,6 +312,7 @@ class JudgeReward:
         metrics["judge/wins"] = float(sum(v.consistent and v.winner == "first" for v in verdicts))
         metrics["judge/losses"] = float(sum(v.consistent and v.winner == "second" for v in verdicts))
         metrics["judge/no_reference"] = float(len(rows) - len(todo))
+        metrics["judge/guard"] = float(sum(v.guard is not None for v in verdicts))
         metrics["judge/cache_hits"] = float(self.judge.cache_hits)
         metrics.update(self.judge.backend.stats.as_metrics("judge/chat"))
         return RewardResult(scores, details, metrics=metrics)
