@@ -144,19 +144,36 @@ class StepInBackward:
         return out
 
 
-def guarded_step(model: torch.nn.Module, optimizer, scheduler, max_grad_norm: float) -> dict[str, float]:
-    """Clip and apply the accumulated gradients, unless they are not finite (then skip and report it).
+NONFINITE = "nonfinite_logprobs"
+"""The metric a micro-batch loss reports: its tokens (or sequences) whose log-prob is NaN or +-inf."""
 
-    Returns ``grad_norm`` (before clipping), ``lr`` (used for this step) and ``skipped`` (1.0 if skipped).
-    With ``optim.step_in_backward`` the update already happened in backward (:class:`StepInBackward`).
+
+def nonfinite_count(logprobs: torch.Tensor, mask: torch.Tensor) -> float:
+    """Entries of ``logprobs`` under ``mask`` (same shape) that are NaN or +-inf. A -inf log-prob has a finite
+    gradient through ``log_softmax``, and under a clipped ratio (``exp(-inf) = 0``) a finite loss too, so
+    neither the loss nor the gradient norm shows it: the loops count it and the step guard skips the step."""
+    return float((~torch.isfinite(logprobs.detach()) & mask.bool()).sum())
+
+
+def guarded_step(model: torch.nn.Module, optimizer, scheduler, max_grad_norm: float,
+                 finite: bool = True) -> dict[str, float]:
+    """Clip and apply the accumulated gradients, unless they are not finite or ``finite`` is False (the
+    step's loss, or a log-prob it used, was not: :func:`nonfinite_count`); a skipped step applies nothing
+    (no weight, no AdamW moment or step count moves) and the schedule still advances.
+
+    Returns ``grad_norm`` (before clipping), ``lr`` (used for this step) and ``skipped_steps`` (1.0 if
+    skipped). With ``optim.step_in_backward`` the update already happened in backward
+    (:class:`StepInBackward`); the loops do not run the backward of a non-finite micro-batch, so then too
+    nothing was applied.
     """
     in_backward = getattr(scheduler, "in_backward", None)
     if in_backward is not None:
-        return in_backward.finish(scheduler)
+        out = in_backward.finish(scheduler)
+        return {**out, "skipped_steps": 1.0} if not finite else out
     params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     lr = optimizer.param_groups[0]["lr"]
-    skipped = not torch.isfinite(norm)
+    skipped = not finite or not torch.isfinite(norm)
     if skipped:  # keep the schedule on step count without applying the bad update
         for p in params:
             p.grad = None
