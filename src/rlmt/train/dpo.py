@@ -26,6 +26,7 @@ from rlmt.objectives.preference import LOSSES, PreferenceLoss, log_ratio_margin
 from rlmt.rollout import left_pad
 from rlmt.rollout.logprobs import grouped_response_logprobs
 from rlmt.train.offline import OfflineRun, OfflineTask, chunks, offline_update, train_offline
+from rlmt.train.optim import NONFINITE, nonfinite_count
 
 REFERENCE_FILE = "reference_logps.pt"
 
@@ -98,7 +99,8 @@ def dpo_micro_loss(model: torch.nn.Module, loss_fn: PreferenceLoss, pad_id: int,
     seq = pair_sequence_logprobs(model, pairs, pad_id, device, autocast)  # (b, 2)
     ref = ref.to(device=seq.device, dtype=seq.dtype)
     loss, metrics = loss_fn(seq[:, 0], seq[:, 1], ref[:, 0], ref[:, 1], normalizer=normalizer)
-    return loss, metrics, float(len(pairs))
+    # a -inf rejected log-prob gives a zero, finite loss: count the completions (the step guard skips the step)
+    return loss, {**metrics, NONFINITE: nonfinite_count(seq, torch.ones_like(seq))}, float(len(pairs))
 
 
 def pair_count(micro_batches: list[tuple[list[PreferencePair], Tensor]]) -> float:

@@ -45,7 +45,8 @@ from rlmt.data.order import step_indices
 from rlmt.models import LoadedModel, save_final
 from rlmt.records import RunRecorder, write_atomic
 from rlmt.train.metrics import MetricReduction
-from rlmt.train.optim import build_optimizer, guarded_step
+from rlmt.objectives.policy import is_finite_loss
+from rlmt.train.optim import NONFINITE, build_optimizer, guarded_step
 from rlmt.train.session import resume_checkpoint, run_record, start_run
 
 MicroBatchLoss = Callable[[Any, float], tuple[Tensor, dict[str, float], float]]
@@ -135,17 +136,23 @@ def total_steps_for(cfg: Config, n_examples: int, epochs: float | None = None) -
 def offline_update(trainable: nn.Module, micro_batches: list, normalizer: float, loss: MicroBatchLoss,
                    optimizer, scheduler, max_grad_norm: float, count: str) -> dict[str, float]:
     """One optimizer step: backward each micro-batch's share of the step's loss, then clip and apply (or skip
-    if the gradient is not finite). Returns the reduced micro-batch metrics, ``count``: N_step, ``grad_norm``,
-    ``lr``, ``skipped_steps`` and ``time/step_s``."""
+    if the gradient, the loss or a log-prob the task counted is not finite). Returns the reduced micro-batch
+    metrics, ``count``: N_step, ``grad_norm``, ``lr``, ``skipped_steps``, ``nonfinite_logprobs`` (when the task
+    counts them) and ``time/step_s``."""
     t0 = time.perf_counter()
     trainable.train()
     reduction = MetricReduction()
+    finite, nonfinite = True, {}  # a non-finite log-prob or loss loses the step: no backward, the guard skips it
     for mb in micro_batches:
         value, metrics, weight = loss(mb, normalizer)
-        value.backward()
+        if NONFINITE in metrics:
+            nonfinite[NONFINITE] = nonfinite.get(NONFINITE, 0.0) + metrics.pop(NONFINITE)
+        finite = finite and not nonfinite.get(NONFINITE) and is_finite_loss(value)
+        if finite:
+            value.backward()
         reduction.add(metrics, weight)
-    applied = guarded_step(trainable, optimizer, scheduler, max_grad_norm)
-    return {**reduction.result(), count: float(normalizer), **applied, "time/step_s": time.perf_counter() - t0}
+    applied = guarded_step(trainable, optimizer, scheduler, max_grad_norm, finite)
+    return {**reduction.result(), count: float(normalizer), **applied, **nonfinite, "time/step_s": time.perf_counter() - t0}
 
 
 def _load(cfg: Config, task: OfflineTask, lm: LoadedModel, fmt: PromptFormat, path: str, limit: int,

@@ -23,6 +23,7 @@ from rlmt.objectives.aggregate import loss_normalizer
 from rlmt.objectives.policy import nll_loss
 from rlmt.rollout.logprobs import token_logprobs
 from rlmt.train.offline import OfflineRun, OfflineTask, offline_update, train_offline
+from rlmt.train.optim import NONFINITE, nonfinite_count
 
 
 def completion_tokens(micro_batches: list[TokenBatch]) -> float:
@@ -34,13 +35,14 @@ def completion_nll(model: torch.nn.Module, device, batch: TokenBatch, normalizer
                    autocast: torch.dtype | None = None) -> tuple[Tensor, dict[str, float], float]:
     """A micro-batch's share of the step's NLL: sum over its completion tokens of -log pi / ``normalizer``.
 
-    batch: (B, L) rows; returns (loss, {"loss": loss}, completion tokens of the batch).
+    batch: (B, L) rows; returns (loss, {"loss", "nonfinite_logprobs"}, completion tokens of the batch).
     """
     batch = batch.to(device)
     lp = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.target_mask,
                         position_ids=batch.position_ids, autocast=autocast)  # (B, L)
     loss, _ = nll_loss(lp, batch.target_mask, aggregation="token_mean", normalizer=normalizer)
-    return loss, {"loss": float(loss.detach())}, float(batch.target_mask.sum())
+    return (loss, {"loss": float(loss.detach()), NONFINITE: nonfinite_count(lp, batch.target_mask)},
+            float(batch.target_mask.sum()))
 
 
 def sft_update(model: torch.nn.Module, micro_batches: list[TokenBatch], optimizer, scheduler,

@@ -22,6 +22,7 @@ log-probs. The sampler/trainer gap is reported either way as ``rollout/logprob_g
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -30,7 +31,7 @@ from torch import Tensor
 from rlmt.config import Config
 from rlmt.data import load_rows, make_micro_batches, split_sft_row, tokenize_sft
 from rlmt.objectives.aggregate import loss_normalizer, masked_mean
-from rlmt.objectives.policy import kl_penalty_loss, nll_loss, return_weights, value_loss
+from rlmt.objectives.policy import is_finite_loss, kl_penalty_loss, nll_loss, return_weights, value_loss
 from rlmt.rewards import score_checked
 from rlmt.rollout import RolloutBatch
 from rlmt.rollout.logprobs import grouped_response_logprobs, token_logprobs
@@ -38,7 +39,7 @@ from rlmt.runtime import release_free_heap
 from rlmt.train.experience import (Advantages, Demonstrations, Experience, PolicyObjective, UpdateContext,
                                    group_rows)
 from rlmt.train.metrics import MetricReduction
-from rlmt.train.optim import guarded_step
+from rlmt.train.optim import NONFINITE, guarded_step, nonfinite_count
 from rlmt.train.ppo import response_logprobs_and_values
 from rlmt.data import step_indices
 
@@ -73,29 +74,36 @@ def accumulate(ctx: UpdateContext, n_groups: int, group_size: int, mask: Tensor,
     ctx.state["updates"] = int(ctx.state.get("updates", 0)) + 1
     shuffle = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + ctx.state["updates"])
     reduction = MetricReduction()
-    tokens, skipped, step = 0.0, 0.0, {"grad_norm": 0.0, "lr": 0.0}
+    tokens, skipped, nonfinite, step = 0.0, 0.0, 0.0, {"grad_norm": 0.0, "lr": 0.0}
     ctx.trainable.train()
     for epoch in range(pg.epochs):
         order = torch.arange(n_groups) if epoch == 0 else torch.randperm(n_groups, generator=shuffle)
         for mb_groups in order.chunk(pg.minibatches):
             normalizer = loss_normalizer(mask[group_rows(mb_groups, group_size)], pg.aggregation,
                                          max_len=cfg.rollout.max_new_tokens)
+            finite = True  # a non-finite log-prob or loss loses the whole step: no backward, the guard skips it
             for micro_groups in mb_groups.split(per_micro):
                 w = float(mask[group_rows(micro_groups, group_size)].sum())
                 if w == 0:
                     continue
                 loss, met = micro_loss(micro_groups, normalizer)
-                loss.backward()
+                bad = met.pop(NONFINITE, 0.0)
+                nonfinite += bad
+                finite = finite and bad == 0 and is_finite_loss(loss)
+                if finite:
+                    loss.backward()
                 tokens += w
                 reduction.add(met, w)
-            if before_step is not None:
-                reduction.add(before_step(), 1.0)
-            step = guarded_step(ctx.trainable, ctx.optimizer, ctx.scheduler, cfg.optim.max_grad_norm)
+            if before_step is not None and finite:
+                extra = before_step()
+                finite = all(math.isfinite(v) for k, v in extra.items() if k.endswith("loss"))
+                reduction.add(extra, 1.0)
+            step = guarded_step(ctx.trainable, ctx.optimizer, ctx.scheduler, cfg.optim.max_grad_norm, finite)
             reduction.end_step()
             skipped += step["skipped_steps"]
     release_free_heap()  # the update's freed activations, before the next rollout stacks on them
-    return {**reduction.result(), "skipped_steps": skipped, "grad_norm": step["grad_norm"], "lr": step["lr"],
-            "tokens": tokens / max(1, pg.epochs)}
+    return {**reduction.result(), "skipped_steps": skipped, NONFINITE: nonfinite, "grad_norm": step["grad_norm"],
+            "lr": step["lr"], "tokens": tokens / max(1, pg.epochs)}
 
 
 def policy_micro_loss(ctx: UpdateContext, exp: Experience, adv: Advantages, objective: PolicyObjective) -> MicroLoss:
@@ -116,7 +124,8 @@ def policy_micro_loss(ctx: UpdateContext, exp: Experience, adv: Advantages, obje
         sampler = batch.logprobs[rows]
         old = lp.detach() if on_policy else sampler
         loss, met = objective(lp, old, adv.values[rows], m, pg, normalizer)
-        met = {**met, "rollout/logprob_gap": float(masked_mean((lp.detach() - sampler).abs(), m))}
+        met = {**met, "rollout/logprob_gap": float(masked_mean((lp.detach() - sampler).abs(), m)),
+               NONFINITE: nonfinite_count(lp, m) + nonfinite_count(old, m)}
         if kl_in_loss:
             kl_loss, kl_met = kl_penalty_loss(lp, exp.ref_logprobs[rows], m, pg.beta, pg.kl_estimator,
                                               pg.aggregation, normalizer)
