@@ -26,6 +26,7 @@ ALLOWED = {
     "judge": {"chat", "data", "models", "rollout", "rewards"},
     "evaluate": {"data", "records", "rewards", "rollout"},
     "report": {"records"},
+    "serve": {"models", "data", "rollout"},
     "parallel": set(),
 }
 

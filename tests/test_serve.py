@@ -1,5 +1,5 @@
-"""`rlmt serve`: request parsing, the OpenAI response shape, 400/404 errors, and batching of concurrent requests,
-on a server in this process over LocalChat(tiny-random); LocalChat itself (order, cache, failures)."""
+"""`rlmt serve`: request parsing and limits, the OpenAI response shape, 400/404 errors, and concurrent requests
+sharing decode steps, on a server in this process over tiny-random; LocalChat itself (order, cache, failures)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from rlmt.chat import ChatReply, ChatRequest
+from rlmt.chat import ChatRequest
 from rlmt.chat.local import LocalChat
-from rlmt.serve import BadRequest, completion_body, make_server, parse_chat_request
+from rlmt.serve import (
+    BadRequest,
+    CompletionRequest,
+    chars_per_token_bound,
+    check_prompt_chars,
+    completion_body,
+    fit_max_tokens,
+    make_server,
+    parse_chat_request,
+)
 
 
 def msgs(text: str) -> list[dict]:
@@ -27,24 +36,12 @@ def tiny():
     return load_model("tiny-random")
 
 
-class CountingChat:
-    """LocalChat wrapper that records the size of every batch the server hands it."""
-
-    def __init__(self, chat):
-        self.chat, self.batches, self.name, self.stats = chat, [], chat.name, chat.stats
-
-    def complete_with_finish(self, requests):
-        self.batches.append(len(requests))
-        return self.chat.complete_with_finish(requests)
-
-
 @pytest.fixture(scope="module")
 def server(tiny):
-    chat = CountingChat(LocalChat.from_loaded(tiny, max_batch=8, cache=False))
-    srv = make_server(chat, "127.0.0.1", 0, "tiny-random", max_batch=8)
+    srv = make_server(tiny, "127.0.0.1", 0, "tiny-random", max_batch=8)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/v1", chat
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1", srv
     srv.shutdown()
     srv.server_close()
 
@@ -65,17 +62,21 @@ def post(url: str, body) -> tuple[int, dict]:
 
 def test_parse_chat_request_accepts_openai_bodies():
     r = parse_chat_request(json.dumps({"model": "x", "messages": msgs("hi"), "max_tokens": 5, "temperature": 0}).encode())
-    assert r == ChatRequest(({"role": "user", "content": "hi"},), 5, 0.0)
-    assert parse_chat_request(json.dumps({"messages": msgs("hi")}).encode(), 7).max_tokens == 7
+    assert r == CompletionRequest(({"role": "user", "content": "hi"},), 5, 0.0)
+    assert parse_chat_request(json.dumps({"messages": msgs("hi")}).encode()).max_tokens is None
+    assert parse_chat_request(json.dumps({"messages": msgs("hi"), "max_completion_tokens": 7}).encode()).max_tokens == 7
 
 
 @pytest.mark.parametrize("body,param", [
     (b"{not json", None),
     (b"[]", None),
+    (b"[" * 100_000 + b"]" * 100_000, None),  # deeper than Python's parser recurses: RecursionError, not a 400, before
+    (b'{"messages": [{"role": "user", "content": "x"}], "extra": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", None),
     (json.dumps({"messages": []}).encode(), "messages"),
     (json.dumps({"messages": [{"role": "user"}]}).encode(), "messages"),
     (json.dumps({"messages": [{"role": "tool", "content": "x"}]}).encode(), "messages"),
     (json.dumps({"messages": msgs("x"), "max_tokens": 0}).encode(), "max_tokens"),
+    (json.dumps({"messages": msgs("x"), "max_tokens": 4097}).encode(), "max_tokens"),
     (json.dumps({"messages": msgs("x"), "max_tokens": "9"}).encode(), "max_tokens"),
     (json.dumps({"messages": msgs("x"), "temperature": 5}).encode(), "temperature"),
     (json.dumps({"messages": msgs("x"), "stream": True}).encode(), "stream"),
@@ -87,8 +88,32 @@ def test_parse_chat_request_rejects(body, param):
     assert e.value.param == param
 
 
+def test_prompt_limits_characters_then_tokens(tiny):
+    """Characters bound tokens from above (no token covers more than the longest vocabulary entry), so a prompt
+    with more characters than the context can hold is refused before it is tokenized; the token check then
+    refuses prompt + max_tokens beyond the context and clips an absent max_tokens to the room left."""
+    per_token = chars_per_token_bound(tiny.tokenizer)
+    assert per_token == len("<|endoftext|>")  # the tiny tokenizer: bytes, and this longest special token
+    req = parse_chat_request(json.dumps({"messages": msgs("x" * (1024 * per_token + 1))}).encode())
+    with pytest.raises(BadRequest) as e:
+        check_prompt_chars(req, 1024, per_token)
+    assert e.value.code == "context_length_exceeded" and e.value.param == "messages"
+    check_prompt_chars(parse_chat_request(json.dumps({"messages": msgs("x" * 1024 * per_token)}).encode()), 1024,
+                       per_token)
+    given = CompletionRequest(tuple(msgs("x")), 100, 1.0)
+    assert fit_max_tokens(given, 924, 1024) == 100
+    with pytest.raises(BadRequest) as e:
+        fit_max_tokens(given, 925, 1024)
+    assert e.value.code == "context_length_exceeded"
+    absent = CompletionRequest(tuple(msgs("x")), None, 1.0)
+    assert fit_max_tokens(absent, 10, 1024, default_max_tokens=256) == 256
+    assert fit_max_tokens(absent, 1000, 1024, default_max_tokens=256) == 24
+    with pytest.raises(BadRequest):
+        fit_max_tokens(absent, 1024, 1024)
+
+
 def test_completion_body_shape():
-    body = completion_body(ChatReply("hi", None, 4, 2), finished=False, model="m")
+    body = completion_body("hi", "length", 4, 2, model="m")
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
     assert body["choices"][0]["finish_reason"] == "length"
@@ -113,7 +138,8 @@ def test_models_health_and_404(server):
     with urllib.request.urlopen(url + "/models", timeout=10) as r:
         assert json.loads(r.read())["data"][0]["id"] == "tiny-random"
     with urllib.request.urlopen(url.rsplit("/v1", 1)[0] + "/health", timeout=10) as r:
-        assert json.loads(r.read())["status"] == "ok"
+        health = json.loads(r.read())
+    assert health["status"] == "ok" and {"chat_requests", "running", "waiting", "steps"} <= set(health)
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(url + "/nothing", timeout=10)
     assert e.value.code == 404 and "error" in json.loads(e.value.read())
@@ -127,13 +153,22 @@ def test_bad_request_is_400_with_openai_error(server):
     assert post(url, b"garbage")[0] == 400
 
 
-def test_concurrent_requests_share_batches(server):
-    url, chat = server
-    chat.batches.clear()
+def test_concurrent_requests_share_decode_steps(server):
+    """8 clients at once, 20 tokens each: one after another they would take 8 x 19 decode steps (the first
+    token comes from the prefill); batched, the steps are shared."""
+    url, srv = server
+    before = srv.scheduler.stats.steps
+    barrier = threading.Barrier(8)
+
+    def one(i):
+        barrier.wait()
+        return post(url, {"messages": msgs(f"q{i}"), "max_tokens": 20, "temperature": 1.0})
+
     with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda i: post(url, {"messages": msgs(f"q{i}"), "max_tokens": 3}), range(8)))
+        results = list(pool.map(one, range(8)))
     assert all(code == 200 for code, _ in results)
-    assert sum(chat.batches) == 8 and max(chat.batches) <= 8 and len(chat.batches) < 8
+    assert sum(body["usage"]["completion_tokens"] for _, body in results) > 8  # not all ended at the first token
+    assert srv.scheduler.stats.steps - before < 8 * 19 / 2
 
 
 # ---------------------------------------------------------------------------------------------- LocalChat

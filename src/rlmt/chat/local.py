@@ -6,8 +6,8 @@ Decisions:
   :meth:`LocalChat.from_loaded`); its chat template turns messages into the prompt.
 - Requests are grouped by (temperature, max_tokens), since one :func:`rlmt.rollout.generate` call samples
   with one setting, and run in batches of ``max_batch`` prompts. Temperature 0 is greedy.
-- A lock serialises generation: ``rlmt serve`` calls the backend from several threads and a model is not
-  re-entrant. Batching across threads is the server's job (it collects concurrent requests into one call).
+- A lock serialises generation: callers may use the backend from several threads and a model is not
+  re-entrant. Batching across threads is the caller's job (``rlmt serve`` has its own scheduler, not this).
 - The optional in-memory cache (on by default) is keyed by :meth:`ChatRequest.key`; identical requests in
   one call are generated once. A cached sample at temperature > 0 is the same sample again, so a server
   that must draw fresh samples turns the cache off.
