@@ -10,8 +10,9 @@ A directory named ``step-N`` is complete when its manifest verifies (:func:`veri
 listed, none shorter, longer or different. That catches what the atomic rename cannot: a file cut or altered
 after the write (a full disk on a non-atomic filesystem, a partial copy, a bad block). A checkpoint without a
 manifest (cut off before it, or written before checkpoints carried one) is not complete; one known to be
-good can be adopted with :func:`write_manifest`. Verifying reads every byte once (sha256 at ~0.9 GB/s: about
-1.7 s for SmolLM2-135M's weights and AdamW moments), at save and at resume.
+good can be adopted with :func:`write_manifest`. The manifest reads every byte back once, and verifying once
+more at resume: measured 1.8 s each for a 1.5 GiB checkpoint the size of SmolLM2-135M's float32 weights and
+AdamW moments, beside 5.7-9.4 s for ``torch.save`` + fsync of the same files (2-core CPU machine).
 
 Loading restores the optimizer's moments and step counts and the schedule's position, but the
 hyperparameters (learning rate, betas, eps, weight decay and the schedule's peak) are the ones the optimizer
