@@ -217,3 +217,22 @@ def test_training_changes_by_hand():
     assert training_changes(base, longer) == []  # max_steps 0: the length is optim.epochs, grown
     shorter = to_dict(load_config(None, ["algorithm=grpo", "reward.args={pattern: a}", "optim.epochs=0.5"]))
     assert training_changes(base, shorter) == ["optim.epochs: 1.0 -> 0.5"]
+
+
+def test_step_in_backward_resumes_on_the_schedule(tmp_path):
+    """With optim.step_in_backward the updates run in backward hooks; after a resume they must use the loaded
+    optimizer's parameter groups (where the schedule writes the learning rate), not the groups the optimizer
+    was built with: 3 steps + resume to 6 under warmup equals 6 straight."""
+    data = _data(tmp_path / "sft.jsonl")
+    extra = ["optim.step_in_backward=true", "optim.max_grad_norm=0", "optim.warmup_steps=4",
+             "optim.schedule=linear"]
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    assert main(_args(data, straight, "optim.max_steps=6", *extra)) == 0
+    assert main(_args(data, out, "optim.max_steps=6", "run.keep_checkpoints=6", *extra)) == 0
+    shutil.rmtree(out / "final")
+    for step in (4, 5, 6):  # as if killed after step 3
+        shutil.rmtree(out / "checkpoints" / f"step-{step}")
+    assert main(_args(data, out, "optim.max_steps=6", "run.resume=true", *extra)) == 0
+    assert _comparable(read_metrics(out)) == _comparable(read_metrics(straight))
+    a, b = _weights(straight), _weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -113,7 +113,8 @@ class StepInBackward:
 
     def __init__(self, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
-        self.group_of = {p: g for g in optimizer.param_groups for p in g["params"]}
+        # by index: loading a checkpoint replaces the group dicts, and the schedule writes the lr into the new ones
+        self.group_of = {p: i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
         self.sq_norm, self.skipped = 0.0, 0
         for p in params:
             p.register_post_accumulate_grad_hook(self._step)
@@ -127,7 +128,7 @@ class StepInBackward:
         else:
             self.sq_norm += sq
             opt, groups = self.optimizer, self.optimizer.param_groups
-            opt.param_groups = [{**self.group_of[p], "params": [p]}]
+            opt.param_groups = [{**groups[self.group_of[p]], "params": [p]}]
             try:
                 opt.step()
             finally:
