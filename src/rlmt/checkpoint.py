@@ -103,7 +103,8 @@ def read_model_weights(model: torch.nn.Module, path: Path) -> None:
         raise RuntimeError(f"checkpoint {path} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 4 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
@@ -119,7 +120,7 @@ def write_manifest(directory: Path) -> Path:
     """Write ``directory/manifest.json``: {"files": {relative path: {"bytes", "sha256"}}} of every other file,
     through a temporary file renamed into place and flushed (so a manifest is whole or absent)."""
     directory = Path(directory)
-    files = {f.relative_to(directory).as_posix(): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+    files = {f.relative_to(directory).as_posix(): {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
              for f in _files(directory)}
     tmp = directory / f".{MANIFEST}.tmp"
     with open(tmp, "w") as fh:
@@ -149,7 +150,7 @@ def verify_checkpoint(path: Path) -> str | None:
         size = f.stat().st_size
         if size != want.get("bytes"):
             return f"{name} is {size} bytes, the manifest says {want.get('bytes')}"
-        if _sha256(f) != want.get("sha256"):
+        if file_sha256(f) != want.get("sha256"):
             return f"{name} does not match its sha256 in the manifest"
     return None
 

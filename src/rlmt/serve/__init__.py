@@ -24,16 +24,16 @@ Decisions:
 """
 
 from rlmt.serve.protocol import (
-                                 MAX_BODY_BYTES,
-                                 MAX_TOKENS_CAP,
-                                 BadRequest,
-                                 CompletionRequest,
-                                 chars_per_token_bound,
-                                 check_prompt_chars,
-                                 completion_body,
-                                 error_body,
-                                 fit_max_tokens,
-                                 parse_chat_request,
+    MAX_BODY_BYTES,
+    MAX_TOKENS_CAP,
+    BadRequest,
+    CompletionRequest,
+    chars_per_token_bound,
+    check_prompt_chars,
+    completion_body,
+    error_body,
+    fit_max_tokens,
+    parse_chat_request,
 )
 from rlmt.serve.scheduler import Job, Overloaded, Scheduler
 from rlmt.serve.server import RlmtServer, ServeLimits, make_server, model_context, serve

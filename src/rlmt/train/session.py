@@ -11,7 +11,6 @@ with the list of changes unless ``run.allow_config_change`` is true."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlmt.checkpoint import latest_checkpoint, list_checkpoints, set_aside, verify_checkpoint
+from rlmt.checkpoint import file_sha256, latest_checkpoint, list_checkpoints, set_aside, verify_checkpoint
 from rlmt.config import Config, ModelConfig, to_dict, training_changes
 from rlmt.data import PromptFormat
 from rlmt.models import LoadedModel, load_model, pick_device
@@ -109,20 +108,12 @@ def start_run(cfg: Config) -> tuple[Path, LoadedModel, PromptFormat]:
     return Path(cfg.run.output_dir), prepare_model(cfg), prompt_format(cfg)
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def run_record(cfg: Config) -> dict[str, Any]:
     """What a checkpoint records of its run for the resume check: the config, and the sha256 of each data file
     the run trains on (``data.train``, ``data.demonstrations``), so an edit in place is seen too."""
     files = {f"data.{k}": getattr(cfg.data, k) for k in ("train", "demonstrations")}
     return {"config": to_dict(cfg),
-            "data_sha256": {k: _file_sha256(v) for k, v in files.items() if v and Path(v).is_file()}}
+            "data_sha256": {k: file_sha256(v) for k, v in files.items() if v and Path(v).is_file()}}
 
 
 def _warn(text: str) -> None:
