@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-guard", action="store_true", help="score with the guard off (the critic alone)")
     p.add_argument("--batch-size", type=int, default=16, help="embedded critic: critiques per forward")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--every", type=int, default=1, help="keep every k-th attack and benign case (a quicker sample)")
+    p.add_argument("--every", type=int, default=1,
+                   help="keep every k-th attack and benign case: a quicker sample (k coprime with the 10 bases: 3, 7)")
     p.add_argument("--json", help="write the full result (with every failing case) here")
     p.add_argument("--show", type=int, default=10, help="print this many failing cases of each kind")
     args = p.parse_args(argv)
