@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -69,13 +70,34 @@ def _print_runtime_note() -> None:
         print(f"note: {state.note}", file=sys.stderr)
 
 
+def launch_command(args) -> list[str]:
+    """``rlmt train --nproc-per-node N ...`` -> the torchrun command that starts the N processes, each running
+    ``python -m rlmt train`` with the same config and overrides. One node: torchrun's ``--standalone``
+    (a local rendezvous on a free port); several: ``--nnodes``, ``--node-rank`` and ``--rdzv-endpoint``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}"]
+    if args.nnodes and args.nnodes != "1":
+        if not args.rdzv_endpoint:
+            raise SystemExit("error: --nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+        cmd += [f"--nnodes={args.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}",
+                f"--rdzv-id={args.rdzv_id}"]
+        if args.node_rank is not None:
+            cmd.append(f"--node-rank={args.node_rank}")
+    else:
+        cmd.append("--standalone")
+    return cmd + ["-m", "rlmt", "train"] + ([args.config] if args.config else []) + list(args.overrides)
+
+
 def cmd_train(args) -> int:
+    if args.nproc_per_node and "WORLD_SIZE" not in os.environ:  # the launcher, not yet one of the ranks
+        _load(args)  # a config error is one line here, not one per rank
+        return subprocess.call(launch_command(args))
     cfg = _load(args)  # config errors are reported before the heavy imports
     from rlmt.train.runner import train
 
     run_dir = train(cfg)
-    _print_runtime_note()
-    print(f"run written to {run_dir}")
+    if os.environ.get("RANK", "0") == "0":
+        _print_runtime_note()
+        print(f"run written to {run_dir}")
     return 0
 
 
@@ -236,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     with_config(t, optional=True)
     t.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
+    t.add_argument("--nproc-per-node", type=int, default=0, metavar="N",
+                   help="start N processes on this node through torchrun (gloo on CPU, nccl on GPUs: one GPU each)")
+    t.add_argument("--nnodes", default="1", help="torchrun: number of nodes (several: give --rdzv-endpoint too)")
+    t.add_argument("--node-rank", type=int, default=None, help="torchrun: this node's rank (0 .. nnodes - 1)")
+    t.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT", help="torchrun: the rendezvous address, "
+                   "the same on every node (e.g. node 0's address and a free port)")
+    t.add_argument("--rdzv-id", default="rlmt", help="torchrun: the job id, the same on every node")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="mean reward and pass@1 of a model on data.eval with the reward source",
@@ -331,11 +360,13 @@ def main(argv: list[str] | None = None) -> int:
     from rlmt.data import DataError
     from rlmt.models import ModelError
     from rlmt.rewards import RewardError
+    from rlmt.parallel.consistency import ConfigMismatch
+    from rlmt.parallel.shard import ShardError
     from rlmt.train.session import RunError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelError, RunError) as e:
+    except (ConfigError, DataError, ModelError, RunError, ShardError, ConfigMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RewardError as e:

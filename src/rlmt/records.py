@@ -96,6 +96,19 @@ class RunRecorder:
             self._bar.close()
 
 
+class QuietRecorder:
+    """The recorder of a rank other than 0 on several processes: rank 0 writes the one record of the run."""
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The rows of ``RUN_DIR/metrics.jsonl`` (a file path works too); lines cut by a kill are skipped."""
     path = Path(run_dir)

@@ -26,7 +26,7 @@ RESUME_SAFE: tuple[str, ...] = (
     "run.output_dir", "run.save_every", "run.keep_checkpoints", "run.resume", "run.allow_config_change",
     "run.log_every", "run.tensorboard", "run.progress", "run.eval_before_after",
     "eval", "data.eval",
-    "runtime", "model.device", "model.gradient_checkpointing",
+    "runtime", "dist", "model.device", "model.gradient_checkpointing",
     "grape.critic.base_url", "grape.critic.api_key_env", "grape.critic.concurrency", "grape.critic.timeout_s",
     "grape.critic.retries", "grape.critic.backoff_s", "grape.critic.cache_path", "grape.critic.price_input_per_1k",
     "grape.critic.price_output_per_1k", "grape.critic.device",

@@ -266,6 +266,13 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class DistConfig:
+    backend: Optional[Literal["gloo", "nccl"]] = doc(
+        None, "torch.distributed backend when started by torchrun (None: nccl on CUDA, gloo on CPU)")
+    timeout_s: float = doc(600.0, "collective timeout: a rank that died or hangs ends the job with an error after this")
+
+
+@dataclass(frozen=True)
 class Config:
     algorithm: Literal["sft", "rejection_sampling", "reinforce", "grpo", "gspo", "ppo", "trpo", "dpo",
                        "reward_model", "process_reward_model", "grape", "pipeline"] = doc(
@@ -288,4 +295,5 @@ class Config:
                            "'${NAME}' in a value is stage NAME's final/ directory")
     eval: EvalConfig = section(EvalConfig, "evaluation")
     runtime: RuntimeConfig = section(RuntimeConfig, "process settings applied when a run starts: threads, allocator")
+    dist: DistConfig = section(DistConfig, "several processes (torchrun, rlmt train --nproc-per-node N): backend, timeout")
     run: RunConfig = section(RunConfig, "run directory, seeding, checkpoints, logging")

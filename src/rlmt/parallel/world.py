@@ -14,10 +14,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,30 @@ class World:
         box = [obj if self.rank == src else None]
         dist.broadcast_object_list(box, src=src, device=torch.device(self.device) if self.backend == "nccl" else None)
         return box[0]
+
+    def agree(self, ok: bool) -> bool:
+        """True on every rank when ``ok`` is true on every rank."""
+        return self.all_reduce_min(float(ok)) > 0 if self.size > 1 else bool(ok)
+
+    def on_main(self, fn: Callable[[], T]) -> T:
+        """``fn()`` run by rank 0 alone, its result (or its exception) given to every rank.
+
+        For what must happen once (renaming a corrupt checkpoint, probing the output directory) and whose
+        outcome every rank needs; an exception on rank 0 is raised on every rank, so no rank waits for a
+        collective the others never reach."""
+        if self.size == 1:
+            return fn()
+        result: Any = None
+        error: BaseException | None = None
+        if self.is_main:
+            try:
+                result = fn()
+            except BaseException as e:  # noqa: BLE001 - re-raised on every rank
+                error = e
+        result, error = self.broadcast_object((result, error))
+        if error is not None:
+            raise error
+        return result
 
     def all_gather_object(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, in rank order."""

@@ -8,6 +8,8 @@ given tokens (packed prompt groups, chunked output layer), packed attention and 
 - :mod:`rlmt.rollout.precision`: bfloat16 autocast for forward passes, float32 weights and log-probs.
 """
 
-from rlmt.rollout.engine import RolloutBatch, SamplingParams, concat_batches, generate, left_pad, sample_tokens
+from rlmt.rollout.engine import (RolloutBatch, SamplingParams, concat_batches, generate, keyed_uniforms, left_pad,
+                                sample_keys, sample_tokens)
 
-__all__ = ["RolloutBatch", "SamplingParams", "concat_batches", "generate", "left_pad", "sample_tokens"]
+__all__ = ["RolloutBatch", "SamplingParams", "concat_batches", "generate", "keyed_uniforms", "left_pad", "sample_keys",
+           "sample_tokens"]

@@ -18,7 +18,9 @@ samples from bfloat16 weights (``model.autocast``), a functional decoder for Lla
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -74,12 +76,34 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
+def sample_keys(seed: int, step: int, prompts: Sequence[int], num_samples: int) -> list[tuple[int, ...]]:
+    """The key of each of the ``len(prompts) * num_samples`` samples of a rollout, prompt-major:
+    (seed, step, prompt index, sample index). ``prompts`` are the prompts' positions in the *global* step
+    (over all ranks), so a sample's key, and with it its randomness, does not depend on the rank, the number
+    of ranks or how the prompts were batched."""
+    return [(seed, step, int(p), g) for p in prompts for g in range(num_samples)]
+
+
+def keyed_uniforms(keys: Sequence[tuple[int, ...]], length: int) -> torch.Tensor:
+    """(len(keys), length) float64 uniforms in [0, 1): row i from a generator seeded by a 63-bit hash of
+    ``keys[i]`` alone. The sampler draws token t of sample i with ``u[i, t]``."""
+    out = torch.empty((len(keys), length), dtype=torch.float64)
+    gen = torch.Generator()
+    for i, key in enumerate(keys):
+        digest = hashlib.blake2b(repr(tuple(int(k) for k in key)).encode(), digest_size=8).digest()
+        gen.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+        out[i] = torch.rand(length, dtype=torch.float64, generator=gen)
+    return out
+
+
 def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
-                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  generator: torch.Generator | None, uniforms: torch.Tensor | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (n, V) -> (tokens (n,), log softmax(logits / T) at the tokens (n,)); T = 0 is greedy.
 
     Sampling is by inverse CDF: token i is drawn when u ~ U[0, 1) falls in [cdf[i-1], cdf[i]), with the
-    cumulative sum taken in float64 so tokens of tiny probability keep their exact share.
+    cumulative sum taken in float64 so tokens of tiny probability keep their exact share. ``uniforms`` (n,)
+    float64 gives each row's u; otherwise they are drawn from ``generator``.
     """
     logits = logits.float()
     if temperature == 0:
@@ -91,7 +115,9 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
         probs, order = probs.sort(-1, descending=True)
         probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)  # smallest prefix with mass >= top_p
     cdf = probs.cumsum(-1, dtype=torch.float64)  # (n, V)
-    u = torch.rand(len(cdf), 1, dtype=torch.float64, generator=generator, device=cdf.device) * cdf[:, -1:]
+    if uniforms is None:
+        uniforms = torch.rand(len(cdf), dtype=torch.float64, generator=generator, device=cdf.device)
+    u = uniforms.to(cdf.device, torch.float64)[:, None] * cdf[:, -1:]
     tokens = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)  # (n, 1); skips zero-mass tokens
     if order is not None:
         tokens = order.gather(-1, tokens)
@@ -112,18 +138,26 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer, prompts: list[list[int]], params: SamplingParams,
-             generator: torch.Generator | None = None, autocast: torch.dtype | None = None) -> RolloutBatch:
+             generator: torch.Generator | None = None, autocast: torch.dtype | None = None,
+             keys: Sequence[tuple[int, ...]] | None = None) -> RolloutBatch:
     """Sample ``params.num_samples`` responses for each prompt (token ids) in one batched pass. With
     ``autocast`` (``model.autocast``) it samples from a copy of the weights in that dtype (the functional
-    decoder's own, :mod:`rlmt.rollout.decode`, or else :func:`rlmt.rollout.precision.sampling_weights`)."""
+    decoder's own, :mod:`rlmt.rollout.decode`, or else :func:`rlmt.rollout.precision.sampling_weights`).
+
+    ``keys`` (one per sample, prompt-major: :func:`sample_keys`) make each sample's draws a function of its
+    key alone (:func:`keyed_uniforms`), whatever else shares the batch; without them the draws come from
+    ``generator`` in row order."""
+    if keys is not None and len(keys) != len(prompts) * params.num_samples:
+        raise ValueError(f"{len(keys)} sample keys for {len(prompts)} prompts x {params.num_samples} samples")
     if functional_dtype(model, autocast) is not None:
-        return _generate(model, tokenizer, prompts, params, generator, autocast)
+        return _generate(model, tokenizer, prompts, params, generator, autocast, keys)
     with sampling_weights(model, autocast):
-        return _generate(model, tokenizer, prompts, params, generator, None)
+        return _generate(model, tokenizer, prompts, params, generator, None, keys)
 
 
 def _generate(model: torch.nn.Module, tokenizer, prompts: list[list[int]], params: SamplingParams,
-              generator: torch.Generator | None, autocast: torch.dtype | None) -> RolloutBatch:
+              generator: torch.Generator | None, autocast: torch.dtype | None,
+              keys: Sequence[tuple[int, ...]] | None = None) -> RolloutBatch:
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -154,8 +188,10 @@ def _generate(model: torch.nn.Module, tokenizer, prompts: list[list[int]], param
     stop = tuple(params.stop)
     stop_window = max((len(s) for s in stop), default=0) + 8  # tokens decoded to look for a stop string
     decode_steps = 0
+    table = keyed_uniforms(keys, T).to(device) if keys is not None and params.temperature > 0 else None  # (N, T)
     for t in range(T):
-        tok, lp = sample_tokens(logits, params.temperature, params.top_p, generator)
+        tok, lp = sample_tokens(logits, params.temperature, params.top_p, generator,
+                                None if table is None else table[rows, t])
         live_rows = rows[alive]
         tokens[live_rows, t] = tok[alive]
         logps[live_rows, t] = lp[alive]

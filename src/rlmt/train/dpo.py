@@ -25,7 +25,7 @@ from rlmt.data import PreferencePair, tokenize_preference
 from rlmt.objectives.preference import LOSSES, PreferenceLoss, log_ratio_margin
 from rlmt.rollout import left_pad
 from rlmt.rollout.logprobs import grouped_response_logprobs
-from rlmt.train.offline import OfflineRun, OfflineTask, chunks, offline_update, train_offline
+from rlmt.train.offline import OfflineRun, OfflineTask, chunks, offline_update
 from rlmt.train.optim import NONFINITE, nonfinite_count
 
 REFERENCE_FILE = "reference_logps.pt"
@@ -178,6 +178,3 @@ DPO = OfflineTask(
     evaluate=_evaluate,
 )
 
-
-def train_dpo(cfg: Config) -> Path:
-    return train_offline(cfg, DPO)

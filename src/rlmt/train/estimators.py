@@ -14,17 +14,19 @@ from rlmt.config import PolicyGradientConfig
 from rlmt.objectives.advantages import group_relative_advantages, running_mean_baseline
 from rlmt.objectives.aggregate import masked_mean
 from rlmt.objectives.policy import KL_ESTIMATORS
+from rlmt.parallel import World
 from rlmt.train.dense import dense_reinforce_advantages
 from rlmt.train.experience import Advantages, Experience, UpdateContext
 
 
 def advantages_for(rewards: Tensor, group_size: int, cfg: PolicyGradientConfig, baseline: float | None,
-                   kind: str | None = None) -> tuple[Tensor, float | None]:
+                   kind: str | None = None, world: World = World()) -> tuple[Tensor, float | None]:
     """(N*G,) rewards (NaN = unscored) -> ((N*G,) advantages, updated running baseline).
 
     ``kind`` (default ``cfg.advantage``): group: (r - mean_G) / (std_G + eps); group_no_std: r - mean_G;
     leave_one_out: RLOO; running_mean: r - b with b the moving average *before* this batch; none: r.
-    Unscored responses get advantage 0.
+    Unscored responses get advantage 0. The group kinds need only the group (never split across ranks); the
+    running mean's batch mean is taken over every rank of ``world``.
     """
     kind = kind or cfg.advantage
     if kind == "group":
@@ -38,8 +40,12 @@ def advantages_for(rewards: Tensor, group_size: int, cfg: PolicyGradientConfig, 
     if kind == "none":
         return r, baseline
     b = 0.0 if baseline is None else baseline  # advantage uses the baseline *before* this batch
-    new = running_mean_baseline(baseline, float(r[finite].mean()) if finite.any() else (baseline or 0.0),
-                                cfg.baseline_momentum)
+    if world.size > 1:
+        total, count = world.sum_scalar(float(r[finite].sum())), world.sum_scalar(float(finite.sum()))
+        batch_mean = total / count if count else (baseline or 0.0)
+    else:
+        batch_mean = float(r[finite].mean()) if finite.any() else (baseline or 0.0)
+    new = running_mean_baseline(baseline, batch_mean, cfg.baseline_momentum)
     return torch.where(finite, r - b, torch.zeros_like(r)), new
 
 
@@ -54,7 +60,7 @@ def sequence_rewards(exp: Experience, pg: PolicyGradientConfig) -> Tensor:
 def sequence_advantages(ctx: UpdateContext, exp: Experience) -> Advantages:
     """One advantage per sequence (GRPO, GSPO, GRAPE, TRPO, REINFORCE without dense rewards)."""
     adv, ctx.state["baseline"] = advantages_for(sequence_rewards(exp, ctx.cfg.pg), exp.group_size, ctx.cfg.pg,
-                                                ctx.state.get("baseline"))
+                                                ctx.state.get("baseline"), world=ctx.world)
     return Advantages(adv, {"advantage/abs_mean": float(adv.abs().mean())})
 
 
@@ -73,6 +79,7 @@ def reinforce_advantages(ctx: UpdateContext, exp: Experience) -> Advantages:
     c = cfg.rm.dense_outcome_coef
     total = c * rewards + exp.token_rewards.sum(-1)  # (N,), NaN where unscored
     kind = "group_no_std" if cfg.pg.advantage == "group" else cfg.pg.advantage
-    seq_adv, ctx.state["baseline"] = advantages_for(total, exp.group_size, cfg.pg, ctx.state.get("baseline"), kind)
+    seq_adv, ctx.state["baseline"] = advantages_for(total, exp.group_size, cfg.pg, ctx.state.get("baseline"), kind,
+                                                    ctx.world)
     adv = dense_reinforce_advantages(rewards, exp.token_rewards, exp.mask, total - seq_adv, c)
     return Advantages(adv, {"advantage/abs_mean": float(masked_mean(adv.abs(), exp.mask))})

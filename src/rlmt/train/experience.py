@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from rlmt.config import Config, PolicyGradientConfig
+from rlmt.parallel import World
 from rlmt.rollout import RolloutBatch
 
 
@@ -29,6 +30,7 @@ class Experience:
     temperature: float  # the sampler's temperature, used for every log-prob
     token_rewards: Tensor | None = None  # (N, T) dense rewards (methods with dense_rewards; rlmt.train.dense)
     step: int = 0  # the loop step that sampled it (0-based)
+    group_offset: int = 0  # on several ranks: the global index of this rank's first prompt group in the step
 
 
 @dataclass
@@ -69,6 +71,7 @@ class UpdateContext:
     demos: Demonstrations | None = None
     method: "OnlineMethod | None" = None
     autocast: torch.dtype | None = None  # the policy's forward dtype (model.autocast; None: the weights')
+    world: World = field(default_factory=World)  # the ranks the step's groups are split across (one by default)
 
 
 # (ctx, exp) -> advantages; (ctx, exp, advantages) -> metrics (the update has changed the policy)

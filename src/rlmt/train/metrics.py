@@ -93,3 +93,30 @@ class MetricReduction:
         out.update(zip(mined, lows.tolist()))
         out.update({k: s[2 * n + i] / max(self.steps, 1) for i, k in enumerate(losses)})
         return out
+
+
+COUNTS = frozenset({"reward/unscored", "groups/zero_variance", "guard/flagged", "guard/content_free",
+                    "reward/missing_as_zero", "rollout/tokens", "train/sequence_tokens", "train/packed_tokens"})
+"""Per-rank figures that are counts over the rank's share of the step: summed across ranks."""
+
+
+def reduce_across(world: Any, metrics: dict[str, float]) -> dict[str, float]:
+    """Per-rank step figures -> the step's: :data:`COUNTS` summed, ``*_max`` maxed, ``*_min`` mined,
+    ``time/*`` and ``*/seconds`` maxed (the slowest rank is the step's time), anything else the mean over the
+    ranks that report it (each rank holds the same number of prompt groups, so a per-sequence mean is exact;
+    a per-token mean is weighted by sequences, not tokens). The same on every rank; ``metrics`` on one process."""
+    if world.size == 1:
+        return metrics
+    everyone = world.all_gather_object({k: float(v) for k, v in metrics.items()})
+    out: dict[str, float] = {}
+    for k in dict.fromkeys(k for m in everyone for k in m):  # every rank's keys, in order
+        vals = [m[k] for m in everyone if k in m]
+        if k in COUNTS:
+            out[k] = sum(vals)
+        elif k.endswith("_max") or k.startswith("time/") or k.endswith("/seconds"):
+            out[k] = max(vals)
+        elif k.endswith("_min"):
+            out[k] = min(vals)
+        else:
+            out[k] = sum(vals) / len(vals)
+    return out

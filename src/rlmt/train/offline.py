@@ -38,7 +38,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from rlmt.checkpoint import load_checkpoint, save_checkpoint
+from rlmt.checkpoint import load_checkpoint
 from rlmt.config import Config, to_dict
 from rlmt.data import LoadReport, PromptFormat, load_rows
 from rlmt.data.order import step_indices
@@ -47,7 +47,8 @@ from rlmt.records import RunRecorder, write_atomic
 from rlmt.train.metrics import MetricReduction
 from rlmt.objectives.policy import is_finite_loss
 from rlmt.train.optim import NONFINITE, build_optimizer, guarded_step
-from rlmt.train.session import resume_checkpoint, run_record, start_run
+from rlmt.parallel import World, check_divisible, shard_rows
+from rlmt.train.session import recorder, resume_checkpoint, run_record, save_on_main, start_run
 
 MicroBatchLoss = Callable[[Any, float], tuple[Tensor, dict[str, float], float]]
 """(micro-batch, N_step) -> (its loss share sum_{u in micro-batch} c_u / N_step with grad, its metrics, its
@@ -134,11 +135,16 @@ def total_steps_for(cfg: Config, n_examples: int, epochs: float | None = None) -
 
 
 def offline_update(trainable: nn.Module, micro_batches: list, normalizer: float, loss: MicroBatchLoss,
-                   optimizer, scheduler, max_grad_norm: float, count: str) -> dict[str, float]:
+                   optimizer, scheduler, max_grad_norm: float, count: str, world: World = World(),
+                   ) -> dict[str, float]:
     """One optimizer step: backward each micro-batch's share of the step's loss, then clip and apply (or skip
     if the gradient, the loss or a log-prob the task counted is not finite). Returns the reduced micro-batch
     metrics, ``count``: N_step, ``grad_norm``, ``lr``, ``skipped_steps``, ``nonfinite_logprobs`` (when the task
-    counts them) and ``time/step_s``."""
+    counts them) and ``time/step_s``.
+
+    On several ranks ``micro_batches`` are this rank's share of the step and ``normalizer`` the whole step's
+    N_step over all ranks; the gradients are summed across ranks before the step and the metrics reduced over
+    them (:meth:`MetricReduction.result_across`)."""
     t0 = time.perf_counter()
     trainable.train()
     reduction = MetricReduction()
@@ -151,8 +157,11 @@ def offline_update(trainable: nn.Module, micro_batches: list, normalizer: float,
         if finite:
             value.backward()
         reduction.add(metrics, weight)
-    applied = guarded_step(trainable, optimizer, scheduler, max_grad_norm, finite)
-    return {**reduction.result(), count: float(normalizer), **applied, **nonfinite, "time/step_s": time.perf_counter() - t0}
+    applied = guarded_step(trainable, optimizer, scheduler, max_grad_norm, finite, world)
+    if world.size > 1 and nonfinite:
+        nonfinite[NONFINITE] = world.sum_scalar(nonfinite[NONFINITE])
+    return {**reduction.result_across(world), count: float(normalizer), **applied, **nonfinite,
+            "time/step_s": time.perf_counter() - t0}
 
 
 def _load(cfg: Config, task: OfflineTask, lm: LoadedModel, fmt: PromptFormat, path: str, limit: int,
@@ -163,15 +172,26 @@ def _load(cfg: Config, task: OfflineTask, lm: LoadedModel, fmt: PromptFormat, pa
     return examples, report
 
 
-def _evaluate(run: OfflineRun, task: OfflineTask, held: list, tag: str, rec: RunRecorder) -> None:
-    metrics = task.evaluate(run, held)
-    write_atomic(run.run_dir / f"eval-{tag}.json", json.dumps(metrics, indent=1))
-    rec.note(f"eval {tag}: {json.dumps(metrics)}")
+def _evaluate(run: OfflineRun, task: OfflineTask, held: list, tag: str, rec: RunRecorder, world: World) -> None:
+    """The held-out figures, computed and written by rank 0 while the others wait."""
+    if world.is_main:
+        metrics = task.evaluate(run, held)
+        write_atomic(run.run_dir / f"eval-{tag}.json", json.dumps(metrics, indent=1))
+        rec.note(f"eval {tag}: {json.dumps(metrics)}")
+    world.barrier()
 
 
-def train_offline(cfg: Config, task: OfflineTask) -> Path:
-    """Run ``task`` on ``cfg`` and return the run directory."""
-    ckpt, record = resume_checkpoint(cfg), run_record(cfg)  # verified, its config compared, before the model loads
+def train_offline(cfg: Config, task: OfflineTask, world: World = World()) -> Path:
+    """Run ``task`` on ``cfg`` and return the run directory.
+
+    On N ranks (``world``) every rank holds the model and all examples; step s's global batch
+    (:func:`step_indices`, the same on every rank) is split into N contiguous shards
+    (:func:`rlmt.parallel.shard_rows`), each rank's micro-batches are scaled by the step's global N_step, and
+    the gradients summed across ranks: the step equals the one-process step on the same global batch. Rank 0
+    writes the records, checkpoints, ``final/`` and the evaluations."""
+    per_step = examples_per_step(cfg)
+    check_divisible(per_step, world.size, "optim.batch_size * optim.grad_accum")
+    ckpt, record = world.on_main(lambda: resume_checkpoint(cfg)), run_record(cfg)  # verified, config compared
     run_dir, lm, fmt = start_run(cfg)
     modules = task.modules(lm, fmt)
     run = OfflineRun(cfg, lm, fmt, run_dir, modules, next(lm.model.parameters()).device)
@@ -184,31 +204,33 @@ def train_offline(cfg: Config, task: OfflineTask) -> Path:
     splits, prepare_note = task.prepare(run, splits) if task.prepare else (splits, None)  # initial weights
     examples, held = splits["train"], splits.get("eval", [])
     start = load_checkpoint(ckpt, modules.model, opt, sched, modules.extras)["step"] if ckpt else 0
-    rec = RunRecorder(run_dir, to_dict(cfg), start if ckpt else None, cfg.run.tensorboard, cfg.run.log_every,
-                      total, cfg.run.progress)
+    rec = recorder(world, run_dir, to_dict(cfg), start if ckpt else None, cfg.run.tensorboard, cfg.run.log_every,
+                   total, cfg.run.progress)
     if prepare_note:
         rec.note(prepare_note)
     if report.skipped:
         rec.note(f"data: {len(examples)} {task.unit}; filtered/adjusted: {report.skipped}")
     if cfg.run.eval_before_after and held and not ckpt:
-        _evaluate(run, task, held, "before", rec)
+        _evaluate(run, task, held, "before", rec, world)
 
     loss = partial(task.loss, run)
-    per_step = examples_per_step(cfg)
+    save = partial(save_on_main, world, run_dir, model=modules.model, optimizer=opt, scheduler=sched,
+                   keep=cfg.run.keep_checkpoints, extras=modules.extras, record=record)
     for step in range(start, total):
-        idx = step_indices(step, per_step, len(examples), cfg.run.seed, cfg.data.shuffle)
-        mbs = task.collate(run, [examples[i] for i in idx])
-        metrics = offline_update(modules.trainable, mbs, task.normalizer(mbs), loss, opt, sched,
-                                 cfg.optim.max_grad_norm, task.count)
+        idx = step_indices(step, per_step, len(examples), cfg.run.seed, cfg.data.shuffle)  # the global batch
+        mbs = task.collate(run, [examples[i] for i in shard_rows(idx, world.rank, world.size)])
+        normalizer = world.sum_scalar(task.normalizer(mbs))
+        metrics = offline_update(modules.trainable, mbs, normalizer, loss, opt, sched, cfg.optim.max_grad_norm,
+                                 task.count, world)
         rec.log(step + 1, {**metrics, "epoch": (step + 1) * per_step / len(examples)})
         if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < total:
-            save_checkpoint(run_dir, step + 1, modules.model, opt, sched, {"examples_seen": (step + 1) * per_step},
-                            cfg.run.keep_checkpoints, modules.extras, record)
-    save_checkpoint(run_dir, total, modules.model, opt, sched, {"examples_seen": total * per_step},
-                    cfg.run.keep_checkpoints, modules.extras, record)
+            save(step + 1, {"examples_seen": (step + 1) * per_step})
+    save(total, {"examples_seen": total * per_step})
 
-    task.save_final(run, examples, rec.note)
+    if world.is_main:
+        task.save_final(run, examples, rec.note)
+    world.barrier()
     if held:
-        _evaluate(run, task, held, "after", rec)
+        _evaluate(run, task, held, "after", rec, world)
     rec.close()
     return run_dir

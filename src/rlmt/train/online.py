@@ -5,7 +5,7 @@ differs is the method's row of :data:`rlmt.train.methods.METHODS`, passed in onc
 
 1. draws ``plan.prompts_per_step`` prompts (:class:`PromptSampler`: a seeded epoch order, or the curriculum);
 2. samples G responses per prompt (:func:`rollout`, ``rollout.batch_prompts`` prompts per engine call),
-   with a generator seeded by (run.seed, step);
+   each sample's draws keyed by (run.seed, step, prompt position in the step, sample index);
 3. scores them with the reward source (None -> NaN: excluded from the update, counted);
 4. runs the reference model when the method is KL-regularized and ``pg.beta > 0`` (:func:`reference_logprobs`;
    LoRA: the policy with adapters disabled);
@@ -20,26 +20,28 @@ state (baselines, counters, revisions) and the curriculum's pass rates are check
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from rlmt.checkpoint import load_checkpoint, save_checkpoint
+from rlmt.checkpoint import load_checkpoint
 from rlmt.config import Config, to_dict
 from rlmt.curriculum import curriculum_weights, draw_prompts, update_pass_rates
 from rlmt.data import Row, check_prompt_lengths, encode_prompt, load_rows
 from rlmt.evaluate import evaluate_run
 from rlmt.models import Reference, frozen_reference, save_final
-from rlmt.records import RunRecorder
 from rlmt.rewards import check_reward_fields, check_reward_source, reward_source_for, score_checked
-from rlmt.rollout import RolloutBatch, SamplingParams, concat_batches, generate
+from rlmt.parallel import World, check_divisible, shard_groups
+from rlmt.rollout import RolloutBatch, SamplingParams, concat_batches, generate, sample_keys
 from rlmt.runtime import release_free_heap
 from rlmt.train.dense import dense_rewards_for
 from rlmt.train.experience import Experience, UpdateContext
 from rlmt.train.experience import OnlineMethod
 from rlmt.train.methods import policy_gradient_plan, update_step
 from rlmt.train.optim import build_optimizer
-from rlmt.train.session import resume_checkpoint, run_record, start_run
+from rlmt.train.metrics import reduce_across
+from rlmt.train.session import recorder, resume_checkpoint, run_record, save_on_main, start_run
 from rlmt.data import step_indices
 from rlmt.train.update import load_demonstrations, response_logprobs
 
@@ -71,13 +73,17 @@ class PromptSampler:
                 "curriculum/mean_pass_rate": float(self.pass_rates[seen].mean()) if seen.any() else 0.0}
 
 
-def rollout(policy, tokenizer, fmt, rows: list[Row], params: SamplingParams, generator: torch.Generator,
-            batch_prompts: int, autocast: torch.dtype | None = None) -> RolloutBatch:
+def rollout(policy, tokenizer, fmt, rows: list[Row], params: SamplingParams, generator: torch.Generator | None,
+            batch_prompts: int, autocast: torch.dtype | None = None,
+            keys: list[tuple[int, ...]] | None = None) -> RolloutBatch:
     """G responses for each row, ``batch_prompts`` prompts per engine call, as one batch; the rollout's freed
-    transients are handed back before the next phase (:func:`rlmt.runtime.release_free_heap`)."""
+    transients are handed back before the next phase (:func:`rlmt.runtime.release_free_heap`). With ``keys``
+    (:func:`rlmt.rollout.sample_keys`, one per sample) each sample's draws depend on its key alone."""
     prompts = [encode_prompt(tokenizer, fmt, r.data["prompt"]) for r in rows]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batch = concat_batches([generate(policy, tokenizer, prompts[i:i + batch_prompts], params, generator, autocast)
+    G = params.num_samples
+    batch = concat_batches([generate(policy, tokenizer, prompts[i:i + batch_prompts], params, generator, autocast,
+                                     None if keys is None else keys[i * G:(i + batch_prompts) * G])
                             for i in range(0, len(prompts), batch_prompts)], pad)
     release_free_heap()
     return batch
@@ -93,8 +99,22 @@ def reference_logprobs(reference: Reference, batch: RolloutBatch, group_size: in
     return out
 
 
-def rollout_metrics(batch: RolloutBatch, rewards: torch.Tensor, G: int, pass_threshold: float) -> dict[str, float]:
-    """Rewards, pass rate, unscored and zero-variance group counts, lengths and the engine's figures."""
+def rollout_metrics(batch: RolloutBatch, rewards: torch.Tensor, G: int, pass_threshold: float,
+                    world: World = World()) -> dict[str, float]:
+    """Rewards, pass rate, unscored and zero-variance group counts, lengths and the engine's figures; on
+    several ranks over the whole step (``rewards``: every rank's, in global order) with the engine's figures
+    reduced (:func:`rlmt.train.metrics.reduce_across`)."""
+    if world.size > 1:
+        lengths = torch.cat(world.all_gather_object(batch.response_lengths.cpu()))
+        own = _rollout_metrics(batch, rewards, G, pass_threshold)
+        shared = {k: v for k, v in own.items() if not k.startswith(("reward/", "pass_rate", "groups/"))}
+        out = {**own, **reduce_across(world, shared), "response_length/mean": float(lengths.float().mean())}
+        out["rollout/tokens_per_s"] = out["rollout/tokens"] / max(out["rollout/seconds"], 1e-9)
+        return out
+    return _rollout_metrics(batch, rewards, G, pass_threshold)
+
+
+def _rollout_metrics(batch: RolloutBatch, rewards: torch.Tensor, G: int, pass_threshold: float) -> dict[str, float]:
     valid = torch.isfinite(rewards)
     r_ok, groups = rewards[valid], rewards.reshape(-1, G)
     return {
@@ -111,8 +131,15 @@ def rollout_metrics(batch: RolloutBatch, rewards: torch.Tensor, G: int, pass_thr
     }
 
 
-def train_online(cfg: Config, method: OnlineMethod) -> Path:
-    """Run ``method`` as configured; returns the run directory."""
+def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> Path:
+    """Run ``method`` as configured; returns the run directory.
+
+    On N ranks (``world``) each step's prompts are drawn as on one process and split into N contiguous blocks
+    of whole prompt groups (:func:`rlmt.parallel.shard_groups`); each rank samples, scores and computes the
+    reference for its groups, with every sample's randomness keyed by (seed, step, global prompt index,
+    sample index) (:func:`rlmt.rollout.sample_keys`), so the samples do not depend on N. The update sums the
+    gradients across ranks (:func:`rlmt.train.update.accumulate`); the rewards are gathered for the curriculum
+    and the metrics; rank 0 writes records, checkpoints, ``final/`` and the evaluations."""
     # before the model loads: the reward source and its args, the data and the fields the source reads
     check_reward_source(cfg, method.reward_source)
     report = load_rows(cfg.data.train, "prompt", cfg.data.on_invalid, cfg.data.limit)
@@ -120,7 +147,7 @@ def train_online(cfg: Config, method: OnlineMethod) -> Path:
     if cfg.run.eval_before_after and cfg.data.eval:  # evaluation scores every row it reads
         held = load_rows(cfg.data.eval, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts)
         check_reward_fields(cfg, held.rows, held, method.reward_source, on_invalid="error")
-    ckpt, record = resume_checkpoint(cfg), run_record(cfg)  # verified, its config compared
+    ckpt, record = world.on_main(lambda: resume_checkpoint(cfg)), run_record(cfg)  # verified, config compared
     run_dir, lm, fmt = start_run(cfg)
     policy, tok = lm.model, lm.tokenizer
     source = reward_source_for(cfg, method.reward_source)
@@ -129,6 +156,7 @@ def train_online(cfg: Config, method: OnlineMethod) -> Path:
     report.require(len(rows))
     pg, G = cfg.pg, cfg.rollout.num_samples
     plan = (method.plan or policy_gradient_plan)(cfg, len(rows))
+    check_divisible(plan.prompts_per_step, world.size, "rollout.batch_prompts")
     critic = method.critic(policy) if method.critic else None
     trainable = torch.nn.ModuleList([policy] + ([critic] if critic is not None else []))
     critic_lr = [(critic, cfg.ppo.critic_lr)] if critic is not None and cfg.ppo.critic_lr is not None else []
@@ -137,36 +165,40 @@ def train_online(cfg: Config, method: OnlineMethod) -> Path:
     extras = {"critic": critic} if critic is not None else None
     reference = frozen_reference(lm, cfg.model.dtype) if method.kl_regularized and pg.beta > 0 else None
     state = load_checkpoint(ckpt, policy, opt, sched, extras) if ckpt else {"step": 0, "update": {}}
-    rec = RunRecorder(run_dir, to_dict(cfg), state["step"] if ckpt else None, cfg.run.tensorboard,
-                      cfg.run.log_every, plan.steps, cfg.run.progress)
+    rec = recorder(world, run_dir, to_dict(cfg), state["step"] if ckpt else None, cfg.run.tensorboard,
+                   cfg.run.log_every, plan.steps, cfg.run.progress)
     if report.skipped:
         rec.note(f"data: {len(rows)} prompts; filtered/adjusted: {report.skipped}")
     evaluating = cfg.run.eval_before_after and cfg.data.eval
     if evaluating and not ckpt:
-        before = evaluate_run(cfg, lm, fmt, "before", run_dir, method.reward_source)
-        rec.note(f"eval before: pass@1 {before['pass@1']:.3f}  reward/mean {before['reward/mean']:.3f}")
+        _evaluate(cfg, lm, fmt, "before", run_dir, method.reward_source, rec, world)
     params = SamplingParams(G, cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.max_new_tokens,
                             tuple(cfg.rollout.stop))
     device = next(policy.parameters()).device
     train_t = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
     base_demos = load_demonstrations(cfg, tok, fmt, source)
     ctx = UpdateContext(policy, critic, trainable, opt, sched, cfg, dict(state.get("update", {})), base_demos, method,
-                        lm.autocast)
+                        lm.autocast, world)
     revise = method.revises and cfg.grape.revise  # GRAPE critique-revise (rlmt.train.revise)
     if revise:
         from rlmt.train.revise import revise_step, revision_demonstrations
 
         ctx.demos = revision_demonstrations(ctx.state, base_demos)
     prompts = PromptSampler(cfg, len(rows), state.get("pass_rates"))
+    save = partial(save_on_main, world, run_dir, model=policy, optimizer=opt, scheduler=sched,
+                   keep=cfg.run.keep_checkpoints, extras=extras, record=record)
     for step in range(state["step"], plan.steps):
         t_step = time.perf_counter()
-        gen = torch.Generator(device=device).manual_seed(cfg.run.seed * 1_000_003 + step)
-        idx = prompts.draw(step, plan.prompts_per_step)
-        step_rows = [rows[i] for i in idx]
-        batch = rollout(policy, tok, fmt, step_rows, params, gen, cfg.rollout.batch_prompts, lm.autocast)
+        gen = torch.Generator(device=device).manual_seed(cfg.run.seed * 1_000_003 + step)  # GRAPE's revisions
+        idx = prompts.draw(step, plan.prompts_per_step)  # the global step's prompts, the same on every rank
+        mine = shard_groups(len(idx), world.rank, world.size)  # this rank's positions in the step
+        step_rows = [rows[idx[j]] for j in mine]
+        batch = rollout(policy, tok, fmt, step_rows, params, None, cfg.rollout.batch_prompts, lm.autocast,
+                        sample_keys(cfg.run.seed, step, mine, G))
         rep_rows = [step_rows[int(i)].data for i in batch.prompt_index]
         scored = score_checked(source, rep_rows, batch.texts, invalid_as_none=cfg.reward.invalid_as_none)
         rewards = torch.tensor([float("nan") if s is None else s for s in scored.scores], device=device)
+        step_rewards = rewards if world.size == 1 else torch.cat(world.all_gather_object(rewards.cpu())).to(device)
         mask = batch.response_mask & torch.isfinite(rewards)[:, None]
         t_ref = time.perf_counter()
         ref_lp = reference_logprobs(reference, batch, G, train_t) if reference is not None else None
@@ -174,25 +206,32 @@ def train_online(cfg: Config, method: OnlineMethod) -> Path:
                                   scored.token_rewards, mask)
         revised = revise_step(ctx, base_demos, tok, fmt, rep_rows, batch, scored, source, params, gen) if revise else {}
         t_update = time.perf_counter()
-        metrics = {**update_step(ctx, Experience(batch, rewards, mask, ref_lp, G, train_t, dense, step)), **revised}
+        exp = Experience(batch, rewards, mask, ref_lp, G, train_t, dense, step, mine.start)
+        metrics = {**update_step(ctx, exp), **revised}
         # phases of the step: reference pass (with dense rewards / revisions when configured), then the update
         metrics.update({"time/reference_s": t_update - t_ref, "time/update_s": time.perf_counter() - t_update})
-        metrics.update(prompts.observe(idx, rewards, G))
-        metrics.update({**rollout_metrics(batch, rewards, G, cfg.reward.pass_threshold),
-                        "time/step_s": time.perf_counter() - t_step, **scored.metrics})
+        metrics.update(prompts.observe(idx, step_rewards, G))
+        metrics.update({**rollout_metrics(batch, step_rewards, G, cfg.reward.pass_threshold, world),
+                        "time/step_s": time.perf_counter() - t_step, **reduce_across(world, scored.metrics)})
         rec.log(step + 1, metrics)
         if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < plan.steps:
-            save_checkpoint(run_dir, step + 1, policy, opt, sched,
-                            {"update": ctx.state, "pass_rates": prompts.pass_rates.tolist()},
-                            cfg.run.keep_checkpoints, extras, record)
-    save_checkpoint(run_dir, plan.steps, policy, opt, sched,
-                    {"update": ctx.state, "pass_rates": prompts.pass_rates.tolist()}, cfg.run.keep_checkpoints, extras,
-                    record)
-    save_final(policy, tok, run_dir)
-    if hasattr(source, "finish"):
-        source.finish(run_dir)
+            save(step + 1, {"update": ctx.state, "pass_rates": prompts.pass_rates.tolist()})
+    save(plan.steps, {"update": ctx.state, "pass_rates": prompts.pass_rates.tolist()})
+    if world.is_main:
+        save_final(policy, tok, run_dir)
+        if hasattr(source, "finish"):
+            source.finish(run_dir)
+    world.barrier()
     if evaluating:
-        after = evaluate_run(cfg, lm, fmt, "after", run_dir, method.reward_source)
-        rec.note(f"eval after: pass@1 {after['pass@1']:.3f}  reward/mean {after['reward/mean']:.3f}")
+        _evaluate(cfg, lm, fmt, "after", run_dir, method.reward_source, rec, world)
     rec.close()
     return run_dir
+
+
+def _evaluate(cfg: Config, lm, fmt, tag: str, run_dir: Path, reward_source: str | None, rec, world: World) -> None:
+    """The before/after evaluation (:func:`rlmt.evaluate.evaluate_run`), run and written by rank 0 while the
+    other ranks wait."""
+    if world.is_main:
+        out = evaluate_run(cfg, lm, fmt, tag, run_dir, reward_source)
+        rec.note(f"eval {tag}: pass@1 {out['pass@1']:.3f}  reward/mean {out['reward/mean']:.3f}")
+    world.barrier()

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 
 from rlmt.config import OptimConfig
+from rlmt.parallel import World, all_reduce_gradients
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -157,7 +158,7 @@ def nonfinite_count(logprobs: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 def guarded_step(model: torch.nn.Module, optimizer, scheduler, max_grad_norm: float,
-                 finite: bool = True) -> dict[str, float]:
+                 finite: bool = True, world: World | None = None) -> dict[str, float]:
     """Clip and apply the accumulated gradients, unless they are not finite or ``finite`` is False (the
     step's loss, or a log-prob it used, was not: :func:`nonfinite_count`); a skipped step applies nothing
     (no weight, no AdamW moment or step count moves) and the schedule still advances.
@@ -166,11 +167,18 @@ def guarded_step(model: torch.nn.Module, optimizer, scheduler, max_grad_norm: fl
     skipped). With ``optim.step_in_backward`` the update already happened in backward
     (:class:`StepInBackward`); the loops do not run the backward of a non-finite micro-batch, so then too
     nothing was applied.
+
+    On several ranks (``world``) the gradients are first summed across them
+    (:func:`rlmt.parallel.all_reduce_gradients`) and the step is skipped on every rank if ``finite`` is False
+    on any, so every rank applies the same step.
     """
     in_backward = getattr(scheduler, "in_backward", None)
     if in_backward is not None:
         out = in_backward.finish(scheduler)
         return {**out, "skipped_steps": 1.0} if not finite else out
+    if world is not None and world.size > 1:
+        finite = world.agree(finite)
+        all_reduce_gradients(world, model.parameters())
     params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     lr = optimizer.param_groups[0]["lr"]

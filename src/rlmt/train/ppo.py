@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from rlmt.config import Config
 from rlmt.models import ValueHead
 from rlmt.objectives import explained_variance, gae, masked_mean, whiten
+from rlmt.parallel import World
 from rlmt.rollout import RolloutBatch
 from rlmt.rollout.logprobs import (activation_checkpointing, cache_survives_checkpointing, grouped_hidden_states,
                                    position_ids_from_mask, scored_positions)
@@ -113,4 +114,18 @@ def gae_advantages(ctx: UpdateContext, exp: Experience) -> Advantages:
     }
     if exp.ref_logprobs is not None:
         metrics["kl"] = float(masked_mean(old_lp - exp.ref_logprobs, mask))
-    return Advantages(whiten(adv, mask) if pc.whiten_advantages else adv, metrics, returns, old_values)
+    return Advantages(whiten_across(ctx.world, adv, mask) if pc.whiten_advantages else adv, metrics, returns,
+                      old_values)
+
+
+def whiten_across(world: World, x: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
+    """:func:`rlmt.objectives.whiten` with the mean and (population) variance over the masked elements of every
+    rank: two all-reduces (sum and count, then the squared deviations). x, mask: (N, T) -> (N, T)."""
+    if world.size == 1:
+        return whiten(x, mask, eps=eps)
+    m = (mask != 0).to(x.dtype)
+    sums = world.all_reduce(torch.stack([(x * m).sum(), m.sum()]).to(world.device), "sum").to(x.device)
+    mu = sums[0] / sums[1].clamp(min=1)
+    sq = world.all_reduce(((x - mu) ** 2 * m).sum().reshape(1).to(world.device), "sum").to(x.device)[0]
+    out = (x - mu) * torch.rsqrt(sq / sums[1].clamp(min=1) + eps)
+    return torch.where(mask != 0, out, torch.zeros_like(out))

@@ -21,7 +21,6 @@ step scores are probabilities.
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -32,7 +31,7 @@ from rlmt.data import PromptFormat, StepBatch, StepExample, collate_steps, token
 from rlmt.models import LoadedModel, ProcessHead, save_final
 from rlmt.models.process_reward_model import save_process_head, step_logits, step_scores
 from rlmt.objectives.process import agreement, aggregate_steps, process_step_loss
-from rlmt.train.offline import OfflineModules, OfflineRun, OfflineTask, chunks, offline_update, train_offline
+from rlmt.train.offline import OfflineModules, OfflineRun, OfflineTask, chunks, offline_update
 
 HEAD_MODULE = "process_head"  # its name among a checkpoint's extra modules
 
@@ -121,6 +120,3 @@ PROCESS_REWARD_MODEL = OfflineTask(
     save_final=_save_final,
 )
 
-
-def train_process_reward_model(cfg: Config) -> Path:
-    return train_offline(cfg, PROCESS_REWARD_MODEL)

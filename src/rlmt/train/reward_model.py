@@ -21,7 +21,6 @@ Held-out pairwise accuracy (share of data.eval pairs with r_w > r_l; ties count 
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -33,7 +32,7 @@ from rlmt.models import LoadedModel, RewardHead
 from rlmt.models.reward_model import HEAD_FILE, RewardModel, save_reward_model
 from rlmt.objectives.preference import bradley_terry_loss
 from rlmt.train.dpo import tokenize_pairs
-from rlmt.train.offline import OfflineModules, OfflineRun, OfflineTask, chunks, offline_update, train_offline
+from rlmt.train.offline import OfflineModules, OfflineRun, OfflineTask, chunks, offline_update
 
 HEAD_MODULE = "reward_head"  # its name among a checkpoint's extra modules
 
@@ -135,6 +134,3 @@ REWARD_MODEL = OfflineTask(
     save_final=_save_final,
 )
 
-
-def train_reward_model(cfg: Config) -> Path:
-    return train_offline(cfg, REWARD_MODEL)

@@ -22,10 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlmt.checkpoint import file_sha256, latest_checkpoint, list_checkpoints, set_aside, verify_checkpoint
+from rlmt.checkpoint import (file_sha256, latest_checkpoint, list_checkpoints, save_checkpoint, set_aside,
+                             verify_checkpoint)
 from rlmt.config import Config, ModelConfig, to_dict, training_changes
 from rlmt.data import PromptFormat
 from rlmt.models import LoadedModel, load_model, pick_device
+from rlmt.parallel import World, check_same_config, init_world
+from rlmt.records import QuietRecorder, RunRecorder
 from rlmt.rollout.precision import autocast_dtype
 from rlmt.runtime import apply_runtime
 
@@ -181,3 +184,56 @@ def resume_checkpoint(cfg: Config) -> Path | None:
             raise RunError(f"run.resume={cfg.run.resume}: not a complete checkpoint ({problem})")
     _check_config(cfg, path)
     return path
+
+
+# ------------------------------------------------------------------------------------ several processes
+
+SINGLE_PROCESS_ONLY = {
+    "trpo": "TRPO's conjugate gradient and line search are not distributed yet",
+    "rejection_sampling": "rejection sampling's kept set is not gathered across ranks yet",
+    "pipeline": "a pipeline's stages are not run on several processes yet",
+}
+"""Methods that refuse to start on several processes, and why."""
+
+
+def check_distributed(cfg: Config, world: World) -> None:
+    """What a run on ``world.size > 1`` processes cannot do (a :class:`RunError` naming the key)."""
+    if world.size == 1:
+        return
+    where = f"on {world.size} processes"
+    if cfg.algorithm in SINGLE_PROCESS_ONLY:
+        raise RunError(f"algorithm={cfg.algorithm} {where}: {SINGLE_PROCESS_ONLY[cfg.algorithm]}; run it on one "
+                       "process")
+    if cfg.optim.step_in_backward:
+        raise RunError(f"optim.step_in_backward {where}: the gradients must be summed across ranks before any "
+                       "update; set optim.step_in_backward=false")
+    if cfg.algorithm == "grape" and cfg.grape.revise:
+        raise RunError(f"grape.revise {where}: critique-revise is not distributed yet; set grape.revise=false")
+
+
+def join_world(cfg: Config) -> World:
+    """Join the job torchrun started (a world of one without torchrun): the backend from ``dist.backend`` or
+    the device, collectives timing out after ``dist.timeout_s``; then the resolved config is checked to be
+    the same on every rank, and what cannot run on several processes is refused, before any data loads."""
+    device = pick_device(cfg.model.device)
+    world = init_world(cfg.dist.backend, "cuda" if str(device).startswith("cuda") else "cpu", cfg.dist.timeout_s)
+    check_same_config(world, to_dict(cfg))
+    check_distributed(cfg, world)
+    return world
+
+
+def recorder(world: World, run_dir: Path, config: dict, resume_step: int | None, tensorboard: bool, log_every: int,
+             total_steps: int | None, progress: bool) -> RunRecorder | QuietRecorder:
+    """The run's recorder on rank 0 (:class:`RunRecorder`); one that writes nothing on the other ranks."""
+    if not world.is_main:
+        return QuietRecorder()
+    return RunRecorder(run_dir, config, resume_step, tensorboard, log_every, total_steps, progress)
+
+
+def save_on_main(world: World, run_dir: Path, step: int, state: dict[str, Any], *, model, optimizer, scheduler,
+                 keep: int, extras: dict | None, record: dict[str, Any]) -> None:
+    """A checkpoint of the replicated state, written by rank 0; every rank waits until it is complete, so a
+    rank killed afterwards leaves a checkpoint every rank has passed."""
+    if world.is_main:
+        save_checkpoint(run_dir, step, model, optimizer, scheduler, state, keep, extras, record)
+    world.barrier()

@@ -12,7 +12,6 @@ does not depend on how the step is split into micro-batches (batch 1 x accum 8 =
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -22,7 +21,7 @@ from rlmt.data import TokenBatch, make_micro_batches, tokenize_sft
 from rlmt.objectives.aggregate import loss_normalizer
 from rlmt.objectives.policy import nll_loss
 from rlmt.rollout.logprobs import token_logprobs
-from rlmt.train.offline import OfflineRun, OfflineTask, offline_update, train_offline
+from rlmt.train.offline import OfflineRun, OfflineTask, offline_update
 from rlmt.train.optim import NONFINITE, nonfinite_count
 
 
@@ -74,6 +73,3 @@ SFT = OfflineTask(
     loss=lambda run, batch, n: completion_nll(run.modules.model, run.device, batch, n, run.lm.autocast),
 )
 
-
-def train_sft(cfg: Config) -> Path:
-    return train_offline(cfg, SFT)

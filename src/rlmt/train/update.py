@@ -38,7 +38,7 @@ from rlmt.rollout.logprobs import grouped_response_logprobs, token_logprobs
 from rlmt.runtime import release_free_heap
 from rlmt.train.experience import (Advantages, Demonstrations, Experience, PolicyObjective, UpdateContext,
                                    group_rows)
-from rlmt.train.metrics import MetricReduction
+from rlmt.train.metrics import MetricReduction, reduce_across
 from rlmt.train.optim import NONFINITE, guarded_step, nonfinite_count
 from rlmt.train.ppo import response_logprobs_and_values
 from rlmt.data import step_indices
@@ -60,7 +60,7 @@ def response_logprobs(model, batch: RolloutBatch, groups: Tensor, group_size: in
 
 
 def accumulate(ctx: UpdateContext, n_groups: int, group_size: int, mask: Tensor, micro_loss: MicroLoss,
-               before_step: Callable[[], dict[str, float]] | None = None) -> dict[str, float]:
+               before_step: Callable[[], dict[str, float]] | None = None, group_offset: int = 0) -> dict[str, float]:
     """``pg.epochs`` x ``pg.minibatches`` optimizer steps over whole prompt groups.
 
     Micro-batches of ``optim.batch_size`` sequences (rounded to whole groups) accumulate
@@ -68,19 +68,31 @@ def accumulate(ctx: UpdateContext, n_groups: int, group_size: int, mask: Tensor,
     order; later epochs shuffle the groups with a generator seeded by (run.seed, the update counter in
     ``ctx.state``), so a resumed run replays them. ``before_step`` adds more gradient before each optimizer
     step and returns its metrics (counted once per step).
+
+    On several ranks (``ctx.world``) this rank holds the step's groups ``[group_offset, group_offset +
+    n_groups)`` of ``n_groups * world.size``. The minibatches are drawn over the *global* group indices, the
+    same on every rank, and each rank takes the groups of each minibatch it holds (possibly none); the
+    normalizer is summed across ranks and the gradients too (:func:`guarded_step`), so every optimizer step
+    is the one-process step over the same groups.
     """
-    cfg, pg = ctx.cfg, ctx.cfg.pg
+    cfg, pg, world = ctx.cfg, ctx.cfg.pg, ctx.world
     per_micro = max(1, cfg.optim.batch_size // group_size)
     ctx.state["updates"] = int(ctx.state.get("updates", 0)) + 1
     shuffle = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + ctx.state["updates"])
     reduction = MetricReduction()
     tokens, skipped, nonfinite, step = 0.0, 0.0, 0.0, {"grad_norm": 0.0, "lr": 0.0}
     ctx.trainable.train()
+    n_global = n_groups * world.size
     for epoch in range(pg.epochs):
-        order = torch.arange(n_groups) if epoch == 0 else torch.randperm(n_groups, generator=shuffle)
-        for mb_groups in order.chunk(pg.minibatches):
+        order = torch.arange(n_global) if epoch == 0 else torch.randperm(n_global, generator=shuffle)
+        for mb_global in order.chunk(pg.minibatches):
+            mb_groups = mb_global
+            if world.size > 1:  # this rank's groups of the minibatch, as local indices
+                held = (mb_global >= group_offset) & (mb_global < group_offset + n_groups)
+                mb_groups = mb_global[held] - group_offset
             normalizer = loss_normalizer(mask[group_rows(mb_groups, group_size)], pg.aggregation,
                                          max_len=cfg.rollout.max_new_tokens)
+            normalizer = world.all_reduce(normalizer.to(world.device), "sum").to(normalizer.device)
             finite = True  # a non-finite log-prob or loss loses the whole step: no backward, the guard skips it
             for micro_groups in mb_groups.split(per_micro):
                 w = float(mask[group_rows(micro_groups, group_size)].sum())
@@ -98,12 +110,12 @@ def accumulate(ctx: UpdateContext, n_groups: int, group_size: int, mask: Tensor,
                 extra = before_step()
                 finite = all(math.isfinite(v) for k, v in extra.items() if k.endswith("loss"))
                 reduction.add(extra, 1.0)
-            step = guarded_step(ctx.trainable, ctx.optimizer, ctx.scheduler, cfg.optim.max_grad_norm, finite)
+            step = guarded_step(ctx.trainable, ctx.optimizer, ctx.scheduler, cfg.optim.max_grad_norm, finite, world)
             reduction.end_step()
             skipped += step["skipped_steps"]
     release_free_heap()  # the update's freed activations, before the next rollout stacks on them
-    return {**reduction.result(), "skipped_steps": skipped, NONFINITE: nonfinite, "grad_norm": step["grad_norm"],
-            "lr": step["lr"], "tokens": tokens / max(1, pg.epochs)}
+    return {**reduction.result_across(world), "skipped_steps": skipped, NONFINITE: world.sum_scalar(nonfinite),
+            "grad_norm": step["grad_norm"], "lr": step["lr"], "tokens": world.sum_scalar(tokens) / max(1, pg.epochs)}
 
 
 def policy_micro_loss(ctx: UpdateContext, exp: Experience, adv: Advantages, objective: PolicyObjective) -> MicroLoss:
@@ -149,10 +161,10 @@ def policy_gradient_update(ctx: UpdateContext, exp: Experience, adv: Advantages)
         raise ValueError(f"{N} sequences do not split into groups of {G}")
     before_step = (lambda: demonstration_nll(ctx)) if ctx.demos is not None else None
     micro_loss = policy_micro_loss(ctx, exp, adv, ctx.method.objective)
-    metrics = accumulate(ctx, N // G, G, exp.mask, micro_loss, before_step)
+    metrics = accumulate(ctx, N // G, G, exp.mask, micro_loss, before_step, exp.group_offset)
     metrics["loss"] = (metrics.get("policy_loss", 0.0) + metrics.get("kl_loss", 0.0)
                        + ctx.cfg.ppo.vf_coef * metrics.get("value_loss", 0.0) + metrics.get("demo/nll_loss", 0.0))
-    return {**metrics, **adv.metrics}
+    return {**metrics, **reduce_across(ctx.world, adv.metrics)}
 
 
 # -------------------------------------------------------------------------- return-weighted optimization
@@ -181,7 +193,8 @@ def demonstration_nll(ctx: UpdateContext) -> dict[str, float]:
     """Add lambda * (weighted) NLL of ``optim.batch_size`` demonstrations to the pending gradient.
 
     weights w = exp(R / tau) normalized to mean 1 (:func:`return_weights`) when ``pg.nll_tau`` is set.
-    The draw is a pure function of a counter kept in ``ctx.state``, so resume stays exact.
+    The draw is a pure function of a counter kept in ``ctx.state``, so resume stays exact. On N ranks every
+    rank draws the same batch and adds 1/N of its gradient, so the sum across ranks is the one-process term.
     """
     demos, cfg = ctx.demos, ctx.cfg
     k = int(ctx.state.get("demo_draws", 0))
@@ -194,5 +207,5 @@ def demonstration_nll(ctx: UpdateContext) -> dict[str, float]:
     lp = token_logprobs(ctx.policy, mb.input_ids, mb.attention_mask, mb.target_mask, autocast=ctx.autocast)
     weights = None if demos.rewards is None else return_weights(demos.rewards[idx], cfg.pg.nll_tau).to(device)
     loss, metrics = nll_loss(lp, mb.target_mask, weights=weights, aggregation="token_mean")
-    (cfg.pg.nll_coef * loss).backward()
+    (cfg.pg.nll_coef / ctx.world.size * loss).backward()
     return {"demo/nll": metrics["nll"], "demo/nll_loss": cfg.pg.nll_coef * metrics["nll_loss"]}
