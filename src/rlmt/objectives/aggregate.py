@@ -14,10 +14,11 @@ every micro-batch, ``sum_k loss_k = sum_k sum_{u in S_k} c_u / N = loss_full`` e
 gradient is linear, ``sum_k grad loss_k = grad loss_full``: accumulating (summing) micro-batch gradients
 gives the full-batch gradient whatever the split. With a *local* normalizer N_k each micro-batch is
 over-weighted by N / N_k; e.g. a micro-batch of short responses gives its tokens more weight than the same
-tokens in a long one (the bug of torchtune#2307). Across W processes: DDP and FSDP *average* gradients over
-ranks, so each rank must use ``normalizer = N_global / W`` (N_global = the sum of :func:`loss_normalizer`
-over all micro-batches and ranks, e.g. via ``all_reduce``); the average of the W rank gradients is then the
-sum of the per-unit terms over N_global, the same as one process holding the whole batch.
+tokens in a long one (the bug of torchtune#2307). Across W processes the same argument holds with the ranks'
+micro-batches as more disjoint subsets: each rank uses ``normalizer = N_global`` (the sum of
+:func:`loss_normalizer` over all micro-batches and ranks, via ``all_reduce``) and the rank gradients are
+*summed* (:func:`rlmt.parallel.all_reduce_gradients`), which is the gradient of one process holding the whole
+batch. (A framework that *averages* over ranks, as DDP's wrapper does, needs ``N_global / W`` instead.)
 """
 
 from __future__ import annotations
