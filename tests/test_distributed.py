@@ -10,6 +10,8 @@ normalizers, the global minibatch split and the gradient sum are all exercised.
 from __future__ import annotations
 
 import json
+import signal
+import time
 import os
 import subprocess
 import sys
@@ -97,3 +99,105 @@ def test_two_ranks_equal_one_rank(tmp_path, kind):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), (key, a, b)
 
+
+
+# ------------------------------------------------------------------------------ failure, refusal, resume
+
+RANK_MAIN = textwrap.dedent('''
+    """One rank of a test job: registers the test's reward source, and gives rank 1 an extra override."""
+    import os, sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from rlmt.rewards import REGISTRY
+    REGISTRY["boom"] = ("boom_reward", "Boom")
+    from rlmt.cli import main
+    extra = os.environ.get("TEST_RANK1_OVERRIDE", "") if os.environ.get("RANK") == "1" else ""
+    sys.exit(main(sys.argv[1:] + ([extra] if extra else [])))
+''')
+
+BOOM = textwrap.dedent('''
+    import os
+    from rlmt.rewards.base import RewardResult
+
+    class Boom:
+        """Scores 1.0, except on rank ``rank`` from step ``after`` on, where it raises."""
+        name = "boom"
+
+        def __init__(self, rank: int = 1, after: int = 0):
+            self.rank, self.after, self.calls = rank, after, 0
+
+        def score(self, rows, responses):
+            self.calls += 1
+            if os.environ.get("RANK") == str(self.rank) and self.calls > self.after:
+                raise RuntimeError(f"boom: the reward function failed on rank {self.rank}")
+            return RewardResult([1.0 for _ in responses], [{} for _ in responses])
+''')
+
+
+def torchrun(tmp_path: Path, args: list[str], env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+    """``torchrun --standalone --nproc-per-node 2 rank_main.py train ...`` in the background."""
+    (tmp_path / "rank_main.py").write_text(RANK_MAIN)
+    (tmp_path / "boom_reward.py").write_text(BOOM)
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             str(tmp_path / "rank_main.py"), "train", *TINY, *args],
+                            env={**base, "PYTHONUNBUFFERED": "1", **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_a_rank_that_raises_in_the_reward_ends_the_job_with_its_error(tmp_path):
+    args = _case("grpo", tmp_path) + ["reward.source=boom", "reward.args={rank: 1, after: 1}", "dist.timeout_s=60",
+                                      f"run.output_dir={tmp_path / 'run'}"]
+    t0 = time.monotonic()
+    proc = torchrun(tmp_path, args)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode != 0
+    assert "boom: the reward function failed on rank 1" in err
+    assert time.monotonic() - t0 < 120  # ended by torchrun, well within the collective timeout
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1]  # rank 0 recorded the step before
+
+
+def test_a_config_that_differs_on_one_rank_is_refused_before_any_step(tmp_path):
+    args = _case("sft", tmp_path) + [f"run.output_dir={tmp_path / 'run'}"]
+    proc = torchrun(tmp_path, args, env={"TEST_RANK1_OVERRIDE": "optim.lr=0.002"})
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode != 0
+    assert "rank 1 resolved a different config than rank 0: optim.lr=0.002 (rank 0: 0.001)" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.grad_accum=3", "optim.batch_size * optim.grad_accum=3 does not divide across 2 processes"),
+    ("algorithm=trpo", "algorithm=trpo on 2 processes: TRPO's conjugate gradient"),
+])
+def test_what_cannot_run_on_two_processes_is_a_clear_error(tmp_path, override, message):
+    kind = "sft" if "grad_accum" in override else "grpo"
+    args = _case(kind, tmp_path) + ["optim.batch_size=1", override]
+    proc = train(args, tmp_path / "run", nproc=2)
+    assert proc.returncode != 0 and f"error: {message}" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_two_ranks_killed_after_a_checkpoint_resume_to_the_uninterrupted_run(tmp_path):
+    args = _case("grpo", tmp_path) + ["optim.max_steps=5", "run.save_every=1", "run.keep_checkpoints=10"]
+    _ok(train(args, tmp_path / "straight", nproc=2))
+    killed = tmp_path / "killed"
+    proc = torchrun(tmp_path, args + [f"run.output_dir={killed}"])
+    deadline = time.monotonic() + 180
+    while not (killed / "checkpoints" / "step-2" / "manifest.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[-1]), signal.SIGKILL)  # one rank dies; torchrun must end the other
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    done = [int(p.name.split("-")[1]) for p in (killed / "checkpoints").glob("step-*")]
+    assert 2 <= max(done) < 5
+    _ok(train(args + ["run.resume=true"], killed, nproc=2))
+    a, b = final_tensors(tmp_path / "straight"), final_tensors(killed)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
+    ma, mb = read_metrics(tmp_path / "straight"), read_metrics(killed)
+    assert [r["step"] for r in mb] == [1, 2, 3, 4, 5]
+    for ra, rb in zip(ma, mb):
+        assert {k: v for k, v in ra.items() if "time" not in k and "seconds" not in k and "per_s" not in k} == \
+               {k: v for k, v in rb.items() if "time" not in k and "seconds" not in k and "per_s" not in k}

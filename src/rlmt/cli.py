@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -87,10 +86,32 @@ def launch_command(args) -> list[str]:
     return cmd + ["-m", "rlmt", "train"] + ([args.config] if args.config else []) + list(args.overrides)
 
 
+def launch(args) -> int:
+    """Start the ranks through torchrun, in this process (as torchtune's ``tune run`` does); what can be checked
+    from the config alone is checked first, so it is one line here rather than one per rank. A rank that fails
+    has printed its own error; torchrun then stops the others, and this returns that rank's exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    from rlmt.config import with_method_defaults
+    from rlmt.train.session import check_distributed
+
+    cfg = with_method_defaults(_load(args))
+    nnodes = int(str(args.nnodes).split(":")[-1])
+    check_distributed(cfg, args.nproc_per_node * nnodes)
+    torchrun_args = get_args_parser().parse_args(launch_command(args)[3:])
+    try:
+        run(torchrun_args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        print(f"error: rank {rank} failed (exit code {failure.exitcode}); its output is above", file=sys.stderr)
+        return failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
+    return 0
+
+
 def cmd_train(args) -> int:
     if args.nproc_per_node and "WORLD_SIZE" not in os.environ:  # the launcher, not yet one of the ranks
-        _load(args)  # a config error is one line here, not one per rank
-        return subprocess.call(launch_command(args))
+        return launch(args)
     cfg = _load(args)  # config errors are reported before the heavy imports
     from rlmt.train.runner import train
 

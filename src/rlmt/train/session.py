@@ -27,7 +27,7 @@ from rlmt.checkpoint import (file_sha256, latest_checkpoint, list_checkpoints, s
 from rlmt.config import Config, ModelConfig, to_dict, training_changes
 from rlmt.data import PromptFormat
 from rlmt.models import LoadedModel, load_model, pick_device
-from rlmt.parallel import World, check_same_config, init_world
+from rlmt.parallel import World, check_divisible, check_same_config, init_world
 from rlmt.records import QuietRecorder, RunRecorder
 from rlmt.rollout.precision import autocast_dtype
 from rlmt.runtime import apply_runtime
@@ -196,11 +196,13 @@ SINGLE_PROCESS_ONLY = {
 """Methods that refuse to start on several processes, and why."""
 
 
-def check_distributed(cfg: Config, world: World) -> None:
-    """What a run on ``world.size > 1`` processes cannot do (a :class:`RunError` naming the key)."""
-    if world.size == 1:
+def check_distributed(cfg: Config, world_size: int) -> None:
+    """What a run on ``world_size > 1`` processes cannot do, and batch sizes that do not split evenly across
+    them (a :class:`RunError` naming the key). Needs only the config: the launcher checks it before it
+    starts any process."""
+    if world_size == 1:
         return
-    where = f"on {world.size} processes"
+    where = f"on {world_size} processes"
     if cfg.algorithm in SINGLE_PROCESS_ONLY:
         raise RunError(f"algorithm={cfg.algorithm} {where}: {SINGLE_PROCESS_ONLY[cfg.algorithm]}; run it on one "
                        "process")
@@ -209,7 +211,13 @@ def check_distributed(cfg: Config, world: World) -> None:
                        "update; set optim.step_in_backward=false")
     if cfg.algorithm == "grape" and cfg.grape.revise:
         raise RunError(f"grape.revise {where}: critique-revise is not distributed yet; set grape.revise=false")
-
+    offline = cfg.algorithm in ("sft", "dpo", "reward_model", "process_reward_model")
+    per_step, key = ((cfg.optim.batch_size * cfg.optim.grad_accum, "optim.batch_size * optim.grad_accum") if offline
+                     else (cfg.rollout.batch_prompts, "rollout.batch_prompts"))
+    try:
+        check_divisible(per_step, world_size, key)
+    except ValueError as e:  # rlmt.parallel.shard.ShardError
+        raise RunError(str(e)) from None
 
 def join_world(cfg: Config) -> World:
     """Join the job torchrun started (a world of one without torchrun): the backend from ``dist.backend`` or
@@ -218,7 +226,7 @@ def join_world(cfg: Config) -> World:
     device = pick_device(cfg.model.device)
     world = init_world(cfg.dist.backend, "cuda" if str(device).startswith("cuda") else "cpu", cfg.dist.timeout_s)
     check_same_config(world, to_dict(cfg))
-    check_distributed(cfg, world)
+    check_distributed(cfg, world.size)
     return world
 
 
