@@ -51,6 +51,12 @@ def _case(kind: str, data: Path) -> list[str]:
         return ["algorithm=reinforce", "pg.advantage=running_mean", "pg.beta=0.05"] + online
     if kind == "ppo":  # GAE whitened over every rank's tokens; the value head trains with the policy
         return ["algorithm=ppo"] + online
+    if kind == "trpo":  # g, F v, L and KL summed over ranks: the same CG and line search on every rank
+        return ["algorithm=trpo", "trpo.cg_iters=4", "trpo.max_kl=0.05"] + online
+    if kind == "rejection_sampling":  # kept sets gathered, each round's SFT steps split across ranks
+        return ["algorithm=rejection_sampling", "rejection.rounds=2", "rejection.prompts_per_round=4",
+                "rejection.keep_top_k=2", "rejection.threshold=0", "optim.batch_size=2", "optim.grad_accum=2",
+                "optim.max_steps=0"] + [a for a in online if not a.startswith("optim.max_steps")]
     raise ValueError(kind)
 
 
@@ -82,7 +88,8 @@ def _ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo", "reward_model", "grpo", "reinforce", "ppo"])
+@pytest.mark.parametrize("kind", ["sft", "dpo", "reward_model", "grpo", "reinforce", "ppo", "trpo",
+                                  "rejection_sampling"])
 def test_two_ranks_equal_one_rank(tmp_path, kind):
     args = _case(kind, tmp_path)
     _ok(train(args, tmp_path / "one"))
@@ -92,10 +99,13 @@ def test_two_ranks_equal_one_rank(tmp_path, kind):
     diff = max(float((one[k].float() - two[k].float()).abs().max()) for k in one)
     assert diff < 1e-4, f"final weights differ by {diff}"
     m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    assert [r["step"] for r in m1] == [r["step"] for r in m2] == [1, 2, 3]  # one record, written once
+    steps = 2 if kind == "rejection_sampling" else 3
+    assert [r["step"] for r in m1] == [r["step"] for r in m2] == list(range(1, steps + 1))  # written once
     for a, b in zip(m1, m2):
-        assert a["grad_norm"] > 0 and a["lr"] > 0 and not a["skipped_steps"]  # the runs trained
-        for key in ("loss", "grad_norm", "reward/mean", "tokens", "pairs", "accuracy"):
+        trained = a.get("trpo/accepted", 0) > 0 or (a["grad_norm"] > 0 and a["lr"] > 0 and not a["skipped_steps"])
+        assert trained, a
+        for key in ("loss", "grad_norm", "reward/mean", "tokens", "pairs", "accuracy", "trpo/kl", "kept/count",
+                    "kept/reward_mean", "sft/steps"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), (key, a, b)
 
@@ -165,16 +175,16 @@ def test_a_config_that_differs_on_one_rank_is_refused_before_any_step(tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.grad_accum=3", "optim.batch_size * optim.grad_accum=3 does not divide across 2 processes"),
-    ("algorithm=trpo", "algorithm=trpo on 2 processes: TRPO's conjugate gradient"),
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.grad_accum=3"], "optim.batch_size * optim.grad_accum=3 does not divide across 2 processes"),
+    (["optim.step_in_backward=true", "optim.max_grad_norm=0", "optim.grad_accum=1"],
+     "optim.step_in_backward on 2 processes: the gradients must be summed"),
+    (["algorithm=grpo", "rollout.batch_prompts=3"], "rollout.batch_prompts=3 does not divide across 2 processes"),
 ])
-def test_what_cannot_run_on_two_processes_is_a_clear_error(tmp_path, override, message):
-    kind = "sft" if "grad_accum" in override else "grpo"
-    args = _case(kind, tmp_path) + ["optim.batch_size=1", override]
-    proc = train(args, tmp_path / "run", nproc=2)
-    assert proc.returncode != 0 and f"error: {message}" in proc.stderr, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+def test_what_cannot_run_on_two_processes_is_a_clear_error(tmp_path, overrides, message):
+    proc = train(_case("sft", tmp_path) + ["optim.batch_size=1", *overrides], tmp_path / "run", nproc=2)
+    assert proc.returncode == 2 and f"error: {message}" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
 
 
 def test_two_ranks_killed_after_a_checkpoint_resume_to_the_uninterrupted_run(tmp_path):

@@ -156,7 +156,8 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
     report.require(len(rows))
     pg, G = cfg.pg, cfg.rollout.num_samples
     plan = (method.plan or policy_gradient_plan)(cfg, len(rows))
-    check_divisible(plan.prompts_per_step, world.size, "rollout.batch_prompts")
+    check_divisible(plan.prompts_per_step, world.size,
+                    "prompts per step (rollout.batch_prompts; rejection sampling: rejection.prompts_per_round)")
     critic = method.critic(policy) if method.critic else None
     trainable = torch.nn.ModuleList([policy] + ([critic] if critic is not None else []))
     critic_lr = [(critic, cfg.ppo.critic_lr)] if critic is not None and cfg.ppo.critic_lr is not None else []

@@ -7,6 +7,10 @@
 The "advantage" of a response is 1 if kept, else 0 (:func:`kept_responses`); the update is SFT on the kept
 set (:func:`sft_on_kept`), its data order a pure function of (seed, round). The kept set of round r is also
 written to ``RUN_DIR/rounds/round-r.jsonl`` (token ids, text, reward) as a record.
+
+On several ranks each rank keeps from its own prompt groups; the kept sets are gathered in rank order (the
+order of the groups, so the round's kept list is the one-process list) and each SFT step's examples are
+split across the ranks like any offline step's.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 import torch
 
 from rlmt.data import SFTExample, make_micro_batches
+from rlmt.parallel import shard_rows
 from rlmt.records import write_atomic
 from rlmt.train.experience import Advantages, Experience, UpdateContext
 from rlmt.train.metrics import MetricReduction
@@ -74,26 +79,37 @@ def kept_examples(exp: Experience, keep: list[int]) -> list[SFTExample]:
 def sft_on_kept(ctx: UpdateContext, exp: Experience, adv: Advantages) -> dict[str, float]:
     """SFT on the kept responses: ``rejection.sft_epochs`` passes, ``optim.batch_size * grad_accum`` examples
     a step; metrics are means over the round's SFT steps (``sft/steps`` of them)."""
-    cfg, r = ctx.cfg, exp.step
+    cfg, r, world = ctx.cfg, exp.step, ctx.world
     keep = [int(i) for i in torch.nonzero(adv.values > 0).flatten()]
-    examples = kept_examples(exp, keep)
-    run_dir = Path(cfg.run.output_dir) / "rounds"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / f"round-{r}.jsonl", "".join(
-        json.dumps({"prompt_ids": e.prompt_ids, "completion_ids": e.completion_ids, "response": exp.batch.texts[i],
-                    "reward": float(exp.rewards[i])}) + "\n" for e, i in zip(examples, keep)))
+    mine = list(zip(kept_examples(exp, keep), [exp.batch.texts[i] for i in keep],
+                    [float(exp.rewards[i]) for i in keep]))
+    kept = [k for part in world.all_gather_object(mine) for k in part]  # every rank's, in group order
+    examples = [e for e, _, _ in kept]
+    if world.is_main:
+        run_dir = Path(cfg.run.output_dir) / "rounds"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / f"round-{r}.jsonl", "".join(
+            json.dumps({"prompt_ids": e.prompt_ids, "completion_ids": e.completion_ids, "response": text,
+                        "reward": reward}) + "\n" for e, text, reward in kept))
+    metrics = adv.metrics
+    if world.size > 1:  # the kept-set figures over every rank's groups
+        rewards = [reward for _, _, reward in kept]
+        metrics = {"kept/count": float(len(kept)),
+                   "kept/reward_mean": sum(rewards) / len(rewards) if rewards else float("nan"),
+                   "kept/prompts": world.sum_scalar(adv.metrics["kept/prompts"])}
     per_step = examples_per_step(cfg)
     n_steps = math.ceil(cfg.rejection.sft_epochs * len(examples) / per_step) if examples else 0
     device = next(ctx.policy.parameters()).device
     pad = ctx.policy.config.pad_token_id if ctx.policy.config.pad_token_id is not None else 0
     reduction = MetricReduction()
     for s in range(n_steps):
-        idx = step_indices(s, per_step, len(examples), cfg.run.seed + r, cfg.data.shuffle)
-        mbs = make_micro_batches([examples[i] for i in idx], cfg.optim.batch_size, pad)
+        idx = step_indices(s, per_step, len(examples), cfg.run.seed + r, cfg.data.shuffle)  # the global batch
+        mbs = make_micro_batches([examples[i] for i in shard_rows(idx, world.rank, world.size)],
+                                 cfg.optim.batch_size, pad)
         reduction.add(sft_update(ctx.policy, mbs, ctx.optimizer, ctx.scheduler, cfg.optim.max_grad_norm, device,
-                                 ctx.autocast))
+                                 ctx.autocast, world))
         reduction.end_step()
-    return {**reduction.result(), **adv.metrics, "sft/steps": float(n_steps)}
+    return {**reduction.result(), **metrics, "sft/steps": float(n_steps)}
 
 
 def rejection_steps(cfg, n_rows: int) -> tuple[int, int, int]:

@@ -189,8 +189,6 @@ def resume_checkpoint(cfg: Config) -> Path | None:
 # ------------------------------------------------------------------------------------ several processes
 
 SINGLE_PROCESS_ONLY = {
-    "trpo": "TRPO's conjugate gradient and line search are not distributed yet",
-    "rejection_sampling": "rejection sampling's kept set is not gathered across ranks yet",
     "pipeline": "a pipeline's stages are not run on several processes yet",
 }
 """Methods that refuse to start on several processes, and why."""
@@ -211,11 +209,16 @@ def check_distributed(cfg: Config, world_size: int) -> None:
                        "update; set optim.step_in_backward=false")
     if cfg.algorithm == "grape" and cfg.grape.revise:
         raise RunError(f"grape.revise {where}: critique-revise is not distributed yet; set grape.revise=false")
-    offline = cfg.algorithm in ("sft", "dpo", "reward_model", "process_reward_model")
-    per_step, key = ((cfg.optim.batch_size * cfg.optim.grad_accum, "optim.batch_size * optim.grad_accum") if offline
-                     else (cfg.rollout.batch_prompts, "rollout.batch_prompts"))
+    sft_steps = cfg.algorithm in ("sft", "dpo", "reward_model", "process_reward_model", "rejection_sampling")
+    prompts = {"rejection_sampling": ("rejection.prompts_per_round", cfg.rejection.prompts_per_round)}.get(
+        cfg.algorithm, ("rollout.batch_prompts", cfg.rollout.batch_prompts))
+    batches = [("optim.batch_size * optim.grad_accum", cfg.optim.batch_size * cfg.optim.grad_accum)] if sft_steps else []
+    if cfg.algorithm not in ("sft", "dpo", "reward_model", "process_reward_model"):
+        batches.append(prompts)
     try:
-        check_divisible(per_step, world_size, key)
+        for key, value in batches:
+            if value:  # rejection.prompts_per_round=0 (every prompt) is checked against the data by the loop
+                check_divisible(value, world_size, key)
     except ValueError as e:  # rlmt.parallel.shard.ShardError
         raise RunError(str(e)) from None
 

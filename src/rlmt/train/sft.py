@@ -21,6 +21,7 @@ from rlmt.data import TokenBatch, make_micro_batches, tokenize_sft
 from rlmt.objectives.aggregate import loss_normalizer
 from rlmt.objectives.policy import nll_loss
 from rlmt.rollout.logprobs import token_logprobs
+from rlmt.parallel import World
 from rlmt.train.offline import OfflineRun, OfflineTask, offline_update
 from rlmt.train.optim import NONFINITE, nonfinite_count
 
@@ -45,14 +46,16 @@ def completion_nll(model: torch.nn.Module, device, batch: TokenBatch, normalizer
 
 
 def sft_update(model: torch.nn.Module, micro_batches: list[TokenBatch], optimizer, scheduler,
-               max_grad_norm: float, device, autocast: torch.dtype | None = None) -> dict[str, float]:
-    """One SFT optimizer step over ``micro_batches`` (:func:`rlmt.train.offline.offline_update`).
+               max_grad_norm: float, device, autocast: torch.dtype | None = None,
+               world: World = World()) -> dict[str, float]:
+    """One SFT optimizer step over ``micro_batches`` (:func:`rlmt.train.offline.offline_update`); on several
+    ranks, this rank's share of the step (the token count is summed over the ranks).
 
     Returns ``loss`` (the step's per-token NLL), ``tokens`` and the step's diagnostics.
     """
-    return offline_update(model, micro_batches, completion_tokens(micro_batches),
+    return offline_update(model, micro_batches, world.sum_scalar(completion_tokens(micro_batches)),
                           partial(completion_nll, model, device, autocast=autocast), optimizer, scheduler,
-                          max_grad_norm, "tokens")
+                          max_grad_norm, "tokens", world)
 
 
 def _tokenize(cfg: Config, tokenizer, fmt, report) -> list:

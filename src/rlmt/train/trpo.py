@@ -28,7 +28,11 @@ log-probs of pi_old at every scored response token are kept for the whole update
 tokens x 49152 vocab ~ 400 MB), plus a micro-batch's logits and their graph during each pass. The update
 runs in eval mode (no dropout), so L and KL are deterministic functions of theta. The Fisher-vector
 products run attention on the math SDPA backend (the fused kernels have no double backward); a model
-loaded with ``attn_implementation="flash_attention_2"`` is not supported. Single-process only.
+loaded with ``attn_implementation="flash_attention_2"`` is not supported.
+
+On several ranks (``ctx.world``) each rank holds its prompt groups' tokens; |M|, L, KL, g and every F v are
+sums over all ranks' tokens (one all-reduce each), so every rank runs the same conjugate gradient on the same
+numbers and makes the same line-search decision: the ranks take the same step without sending it.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from rlmt.rollout.logprobs import position_ids_from_mask
 from rlmt.objectives import approx_kl, kl_penalty_loss, masked_sum
 from rlmt.train.experience import Advantages, Experience, UpdateContext
+from rlmt.train.metrics import reduce_across
 
 
 def _at_least_fp32(x: Tensor) -> Tensor:
@@ -114,12 +119,13 @@ def line_search(evaluate: Callable[[Tensor], dict[str, float]], theta_old: Tenso
 
 
 class TrustRegionProblem:
-    """L, KL, grad L and F v of one scored rollout; pi_old is recorded by :meth:`surrogate_gradient`."""
+    """L, KL, grad L and F v of one scored rollout; pi_old is recorded by :meth:`surrogate_gradient`. On
+    several ranks every returned figure and vector is the sum over all ranks' tokens."""
 
     def __init__(self, ctx: UpdateContext, exp: Experience, adv: Tensor):
-        self.policy, self.exp, self.adv, self.pg = ctx.policy, exp, adv, ctx.cfg.pg
+        self.policy, self.exp, self.adv, self.pg, self.world = ctx.policy, exp, adv, ctx.cfg.pg, ctx.world
         self.params = [p for p in ctx.policy.parameters() if p.requires_grad]
-        self.n_tokens = float(exp.mask.sum())
+        self.n_tokens = self.world.sum_scalar(float(exp.mask.sum()))  # |M| over every rank
         self.micro = [rows for rows in torch.arange(exp.mask.shape[0]).split(max(1, ctx.cfg.optim.batch_size))
                       if exp.mask[rows].any()]
         self.old: list[Tensor] = []  # per micro-batch (m, V) log pi_old at its scored response tokens
@@ -152,6 +158,20 @@ class TrustRegionProblem:
             out["ref_kl"] = ref_loss.detach() / self.pg.beta
         return out
 
+    def _sum(self, x: Tensor) -> Tensor:
+        """``x`` summed over the ranks (itself on one process)."""
+        if self.world.size == 1:
+            return x
+        return self.world.all_reduce(x.to(self.world.device), "sum").to(x.device)
+
+    def _sum_totals(self, totals: dict[str, float]) -> dict[str, float]:
+        if self.world.size == 1:
+            return totals
+        keys = ["surrogate", "kl", "approx_kl"] + (["ref_kl"] if self.exp.ref_logprobs is not None
+                                                  and not self.pg.kl_in_reward else [])
+        summed = self._sum(torch.tensor([totals.get(k, 0.0) for k in keys], dtype=torch.float64))
+        return dict(zip(keys, summed.tolist()))
+
     def surrogate_gradient(self) -> tuple[dict[str, float], Tensor]:
         """At theta_old: record pi_old, return (L, KL = 0, ...) and g = grad L (flat)."""
         self.old, totals = [], {}
@@ -163,18 +183,19 @@ class TrustRegionProblem:
             g += _flat_grad(terms["surrogate"], self.params)
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach())
-        return totals, g
+        return self._sum_totals(totals), self._sum(g)
 
     def fisher_vector_product(self, v: Tensor, damping: float) -> Tensor:
         """(F + damping * I) v with F the Hessian of KL(pi_old || pi_theta) at the current theta."""
-        out = damping * v
+        one = self.world.size == 1
+        out = damping * v if one else torch.zeros_like(v)  # (one process: the sum in its original order)
         for i, rows in enumerate(self.micro):
             with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
                 logp = self._log_softmax(rows)
             kl = (self.old[i].exp() * (self.old[i] - logp)).sum() / self.n_tokens
             grad = _flat_grad(kl, self.params, create_graph=True)
             out = out + _flat_grad(grad @ v, self.params)
-        return out
+        return out if one else damping * v + self._sum(out)
 
     @torch.no_grad()
     def evaluate(self, theta: Tensor) -> dict[str, float]:
@@ -184,7 +205,7 @@ class TrustRegionProblem:
         for i, rows in enumerate(self.micro):
             for k, v in self._terms(i, self._log_softmax(rows), self.old[i]).items():
                 totals[k] = totals.get(k, 0.0) + float(v)
-        return totals
+        return self._sum_totals(totals)
 
 
 def trpo_update(ctx: UpdateContext, exp: Experience, advantages: Advantages) -> dict[str, float]:
@@ -203,8 +224,8 @@ def trpo_update(ctx: UpdateContext, exp: Experience, advantages: Advantages) -> 
     prob = TrustRegionProblem(ctx, exp, adv)
     out = {"trpo/accepted": 0.0, "trpo/kl": 0.0, "trpo/surrogate_gain": 0.0, "trpo/step_fraction": 0.0,
            "trpo/cg_residual": 0.0, "trpo/step_norm": 0.0, "grad_norm": 0.0, "skipped_steps": 0.0, "lr": 0.0,
-           "tokens": prob.n_tokens, **advantages.metrics}
-    if not prob.micro or not prob.params:
+           "tokens": prob.n_tokens, **reduce_across(ctx.world, advantages.metrics)}
+    if not prob.n_tokens or not prob.params:  # the same decision on every rank
         return {**out, "loss": 0.0, "approx_kl": 0.0}
     was_training = ctx.policy.training
     ctx.policy.eval()
