@@ -57,6 +57,18 @@ def _case(kind: str, data: Path) -> list[str]:
         return ["algorithm=rejection_sampling", "rejection.rounds=2", "rejection.prompts_per_round=4",
                 "rejection.keep_top_k=2", "rejection.threshold=0", "optim.batch_size=2", "optim.grad_accum=2",
                 "optim.max_steps=0"] + [a for a in online if not a.startswith("optim.max_steps")]
+    if kind == "grape":  # the critic on the rank that holds the responses; revisions keyed and gathered
+        import yaml
+        from test_grape import RUBRIC
+
+        rubric = data / "rubric.yaml"
+        rubric.write_text(yaml.safe_dump(RUBRIC))
+        rows = [{"prompt": f"What is {a} + 2?", "answer": a + 2, "category": "math"} for a in range(8)]
+        return ["algorithm=grape", f"grape.rubric={rubric}", "grape.critic={backend: local, model: tiny-random}",
+                "grape.critic_mode=logprobs", f"data.train={_jsonl(data / 'grape.jsonl', rows)}",
+                "data.max_prompt_tokens=512", "rollout.num_samples=3", "rollout.batch_prompts=2",
+                "rollout.max_new_tokens=4", "optim.max_steps=3", "grape.revise=true", "pg.nll_coef=0.5",
+                "pg.nll_tau=1.0"]
     raise ValueError(kind)
 
 
@@ -89,7 +101,7 @@ def _ok(proc: subprocess.CompletedProcess) -> None:
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo", "reward_model", "grpo", "reinforce", "ppo", "trpo",
-                                  "rejection_sampling"])
+                                  "rejection_sampling", "grape"])
 def test_two_ranks_equal_one_rank(tmp_path, kind):
     args = _case(kind, tmp_path)
     _ok(train(args, tmp_path / "one"))
@@ -105,10 +117,28 @@ def test_two_ranks_equal_one_rank(tmp_path, kind):
         trained = a.get("trpo/accepted", 0) > 0 or (a["grad_norm"] > 0 and a["lr"] > 0 and not a["skipped_steps"])
         assert trained, a
         for key in ("loss", "grad_norm", "reward/mean", "tokens", "pairs", "accuracy", "trpo/kl", "kept/count",
-                    "kept/reward_mean", "sft/steps"):
+                    "kept/reward_mean", "sft/steps", "revise/attempts", "revise/kept", "revise/pool", "demo/nll"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), (key, a, b)
 
+
+
+def test_a_pipeline_on_two_ranks_equals_one_rank(tmp_path):
+    sft = [{"prompt": f"What is {i} + 1?", "completion": f"{i + 1}"} for i in range(16)]
+    train_file, _ = write_addition_split(tmp_path, 32, 4)
+    stages = (f"stages=[{{name: sft, algorithm: sft, data: {{train: {_jsonl(tmp_path / 'sft.jsonl', sft)}}}, "
+              "optim: {max_steps: 2, batch_size: 2, grad_accum: 2}}, "
+              "{name: grpo, algorithm: grpo, model: {name: '${sft}'}, "
+              f"data: {{train: {train_file}}}, optim: {{max_steps: 2, batch_size: 4}}, "
+              "rollout: {num_samples: 4, batch_prompts: 4, max_new_tokens: 6}, "
+              "reward: {source: regex, args: {pattern: '[0-9]'}}}]")
+    _ok(train(["algorithm=pipeline", stages], tmp_path / "one"))
+    _ok(train(["algorithm=pipeline", stages], tmp_path / "two", nproc=2))
+    for stage in ("sft", "grpo"):
+        one, two = final_tensors(tmp_path / "one" / stage), final_tensors(tmp_path / "two" / stage)
+        assert one and max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-4, stage
+    status = json.loads((tmp_path / "two" / "pipeline.json").read_text())
+    assert [s["status"] for s in status["stages"]] == ["done", "done"]
 
 
 # ------------------------------------------------------------------------------ failure, refusal, resume

@@ -190,7 +190,6 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
                    keep=cfg.run.keep_checkpoints, extras=extras, record=record)
     for step in range(state["step"], plan.steps):
         t_step = time.perf_counter()
-        gen = torch.Generator(device=device).manual_seed(cfg.run.seed * 1_000_003 + step)  # GRAPE's revisions
         idx = prompts.draw(step, plan.prompts_per_step)  # the global step's prompts, the same on every rank
         mine = shard_groups(len(idx), world.rank, world.size)  # this rank's positions in the step
         step_rows = [rows[idx[j]] for j in mine]
@@ -205,7 +204,8 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
         ref_lp = reference_logprobs(reference, batch, G, train_t) if reference is not None else None
         dense = dense_rewards_for(method.dense_rewards, batch.response_ids, batch.response_mask, tok,
                                   scored.token_rewards, mask)
-        revised = revise_step(ctx, base_demos, tok, fmt, rep_rows, batch, scored, source, params, gen) if revise else {}
+        revised = (revise_step(ctx, base_demos, tok, fmt, rep_rows, batch, scored, source, params,
+                               (cfg.run.seed, step, mine.start)) if revise else {})
         t_update = time.perf_counter()
         exp = Experience(batch, rewards, mask, ref_lp, G, train_t, dense, step, mine.start)
         metrics = {**update_step(ctx, exp), **revised}

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import yaml
 
 from rlmt.config import Config, ConfigError, config_from_dict, deep_merge, to_dict
+from rlmt.parallel import World
 from rlmt.records import write_atomic
 
 STAGE_MARKER = "STAGE_DONE"
@@ -148,35 +149,46 @@ def _write_status(root: Path, stages: list[Stage], status: dict[str, dict]) -> N
     write_atomic(root / PIPELINE_FILE, json.dumps({"stages": rows}, indent=1))
 
 
-def train_pipeline(cfg: Config, train: Callable[[Config], Path]) -> Path:
+def train_pipeline(cfg: Config, train: Callable[[Config], Path], world: World = World()) -> Path:
     """Run the stages in order with ``train`` (:func:`rlmt.train.runner.train`; finished stages skipped);
-    returns the pipeline's directory."""
+    returns the pipeline's directory. On several ranks every rank runs every stage and rank 0 alone writes
+    the pipeline's files."""
     stages = plan_stages(cfg)  # every stage validated before any runs
     root = Path(cfg.run.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    write_atomic(root / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    main = world.is_main
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        write_atomic(root / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     status = {s.name: {"status": "pending", "skipped": False} for s in stages}
     for s in stages:
         marker = s.dir / STAGE_MARKER
+        world.barrier()  # rank 0 has written the previous stage's marker
         if marker.exists():
             done = json.loads(marker.read_text())
             if done.get("config_sha256") != config_hash(s.config):
                 raise ConfigError(f"stages: stage {s.name!r} finished with a different config ({marker}); delete "
                                   f"{s.dir} to re-run it, or restore its config")
             status[s.name] = {"status": "done", "skipped": True}
-            print(f"pipeline: stage {s.name!r} already done ({s.final}); skipped", flush=True)
+            if main:
+                print(f"pipeline: stage {s.name!r} already done ({s.final}); skipped", flush=True)
             continue
         status[s.name] = {"status": "running", "skipped": False}
-        _write_status(root, stages, status)
-        print(f"pipeline: stage {s.name!r} ({s.config.algorithm}) -> {s.dir}", flush=True)
+        if main:
+            _write_status(root, stages, status)
+            print(f"pipeline: stage {s.name!r} ({s.config.algorithm}) -> {s.dir}", flush=True)
         try:
             train(s.config)
         except BaseException:
             status[s.name] = {"status": "failed", "skipped": False}
-            _write_status(root, stages, status)
+            if main:
+                _write_status(root, stages, status)
             raise
-        write_atomic(marker, json.dumps({"final": str(s.final), "config_sha256": config_hash(s.config)}, indent=1))
+        if main:
+            write_atomic(marker, json.dumps({"final": str(s.final), "config_sha256": config_hash(s.config)},
+                                            indent=1))
         status[s.name] = {"status": "done", "skipped": False}
         gc.collect()  # the stage's models are garbage now; free them before the next stage loads its own
-    _write_status(root, stages, status)
+    if main:
+        _write_status(root, stages, status)
+    world.barrier()
     return root

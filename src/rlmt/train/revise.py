@@ -8,7 +8,9 @@ kept only if it beats the response it revises. Kept revisions become return-weig
 loop's demonstration NLL (``pg.nll_coef``, weights exp(R / ``pg.nll_tau``)) trains on them.
 
 Kept revisions live in the update state (token ids and rewards, JSON), so checkpoints carry them and a
-resumed run is exact. Only the last ``MAX_KEPT`` are kept.
+resumed run is exact. Only the last ``MAX_KEPT`` are kept. A revision's draws are keyed by (seed, step,
+global group index, -1) (:func:`rlmt.rollout.keyed_uniforms`); on several ranks each rank revises its own
+groups and the kept revisions are gathered in group order, so every rank holds the one-process state.
 """
 
 from __future__ import annotations
@@ -44,12 +46,14 @@ def revision_messages(prompt: str | list, response: str, item_details: dict, cri
 
 def revise_lowest(policy, tokenizer, fmt, rows: list[dict], texts: list[str], scores: list[float | None],
                   details: list[dict], source, group_size: int, params: SamplingParams,
-                  generator: torch.Generator, autocast: torch.dtype | None = None,
-                  ) -> tuple[list[dict], dict[str, float]]:
+                  generator: torch.Generator | None, autocast: torch.dtype | None = None,
+                  key: tuple[int, int, int] | None = None) -> tuple[list[dict], dict[str, float]]:
     """Revise each group's lowest-scored response; -> (kept [{prompt_ids, completion_ids, reward}], metrics).
 
     ``source`` is the run's :class:`rlmt.grape.scorer.RubricReward`; the revision is scored with
-    ``score_matrix`` (no oversight statistics) and aggregated with its group.
+    ``score_matrix`` (no oversight statistics) and aggregated with its group. ``key`` = (seed, step, global
+    index of the first group): group g's revision is drawn with the key (seed, step, first + g, -1);
+    without it, from ``generator``. ``revise/gains`` (a list) is returned for the caller to reduce.
     """
     criteria = {it.key: it.criterion for it in source.items}
     picks = []
@@ -62,7 +66,8 @@ def revise_lowest(policy, tokenizer, fmt, rows: list[dict], texts: list[str], sc
     prompts = [encode_prompt(tokenizer, fmt, revision_messages(rows[i]["prompt"], texts[i], details[i]["items"],
                                                                criteria)) for i in picks]
     one = SamplingParams(1, params.temperature, params.top_p, params.max_new_tokens, params.stop)
-    out = generate(policy, tokenizer, prompts, one, generator, autocast)
+    keys = None if key is None else [(key[0], key[1], key[2] + i // group_size, -1) for i in picks]
+    out = generate(policy, tokenizer, prompts, one, generator, autocast, keys)
     kept, gains = [], []
     for k, i in enumerate(picks):
         g0 = (i // group_size) * group_size
@@ -77,8 +82,7 @@ def revise_lowest(policy, tokenizer, fmt, rows: list[dict], texts: list[str], sc
             n = int(out.response_lengths[k])
             kept.append({"prompt_ids": encode_prompt(tokenizer, fmt, rows[i]["prompt"]),
                          "completion_ids": out.response_ids[k, :n].tolist(), "reward": r_new})
-    metrics = {"revise/attempts": float(len(picks)), "revise/kept": float(len(kept)),
-               "revise/gain_mean": sum(gains) / len(gains) if gains else 0.0}
+    metrics = {"revise/attempts": float(len(picks)), "revise/kept": float(len(kept)), "revise/gains": gains}
     return kept, metrics
 
 
@@ -93,11 +97,17 @@ def revision_demonstrations(state: dict, base=None):
 
 
 def revise_step(ctx: UpdateContext, base_demos: Demonstrations | None, tokenizer, fmt, rows: list[dict], batch,
-                scored, source, params: SamplingParams, generator: torch.Generator) -> dict[str, float]:
-    """One loop step of critique-revise: revise, keep the improvements in ``ctx.state``, refresh ``ctx.demos``."""
+                scored, source, params: SamplingParams, key: tuple[int, int, int]) -> dict[str, float]:
+    """One loop step of critique-revise: revise (draws keyed by ``key`` = (seed, step, global index of this
+    rank's first group)), keep the improvements in ``ctx.state`` (every rank's, in group order), refresh
+    ``ctx.demos``."""
     kept, metrics = revise_lowest(ctx.policy, tokenizer, fmt, rows, batch.texts, scored.scores, scored.details,
-                                  source, params.num_samples, params, generator,
-                                  ctx.autocast)
+                                  source, params.num_samples, params, None, ctx.autocast, key)
+    parts = ctx.world.all_gather_object((kept, metrics.get("revise/attempts", 0.0), metrics.pop("revise/gains", [])))
+    kept = [k for part in parts for k in part[0]]
+    gains = [g for part in parts for g in part[2]]
+    metrics = {"revise/attempts": float(sum(part[1] for part in parts)), "revise/kept": float(len(kept)),
+               "revise/gain_mean": sum(gains) / len(gains) if gains else 0.0}
     ctx.state["revisions"] = (ctx.state.get("revisions", []) + kept)[-MAX_KEPT:]
     ctx.demos = revision_demonstrations(ctx.state, base_demos)
     metrics["revise/pool"] = float(len(ctx.state["revisions"]))

@@ -44,7 +44,7 @@ def train(cfg: Config, world: World | None = None) -> Path:
         if cfg.algorithm == "pipeline":
             from rlmt.train.pipeline import train_pipeline
 
-            return train_pipeline(cfg, lambda stage: train(stage, world))
+            return train_pipeline(cfg, lambda stage: train(stage, world), world)
         if cfg.algorithm in OFFLINE:
             from rlmt.train.offline import train_offline
 

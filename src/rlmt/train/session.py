@@ -188,12 +188,6 @@ def resume_checkpoint(cfg: Config) -> Path | None:
 
 # ------------------------------------------------------------------------------------ several processes
 
-SINGLE_PROCESS_ONLY = {
-    "pipeline": "a pipeline's stages are not run on several processes yet",
-}
-"""Methods that refuse to start on several processes, and why."""
-
-
 def check_distributed(cfg: Config, world_size: int) -> None:
     """What a run on ``world_size > 1`` processes cannot do, and batch sizes that do not split evenly across
     them (a :class:`RunError` naming the key). Needs only the config: the launcher checks it before it
@@ -201,14 +195,15 @@ def check_distributed(cfg: Config, world_size: int) -> None:
     if world_size == 1:
         return
     where = f"on {world_size} processes"
-    if cfg.algorithm in SINGLE_PROCESS_ONLY:
-        raise RunError(f"algorithm={cfg.algorithm} {where}: {SINGLE_PROCESS_ONLY[cfg.algorithm]}; run it on one "
-                       "process")
+    if cfg.algorithm == "pipeline":  # each stage is a run of its own
+        from rlmt.train.pipeline import plan_stages
+
+        for stage in plan_stages(cfg):
+            check_distributed(stage.config, world_size)
+        return
     if cfg.optim.step_in_backward:
         raise RunError(f"optim.step_in_backward {where}: the gradients must be summed across ranks before any "
                        "update; set optim.step_in_backward=false")
-    if cfg.algorithm == "grape" and cfg.grape.revise:
-        raise RunError(f"grape.revise {where}: critique-revise is not distributed yet; set grape.revise=false")
     sft_steps = cfg.algorithm in ("sft", "dpo", "reward_model", "process_reward_model", "rejection_sampling")
     prompts = {"rejection_sampling": ("rejection.prompts_per_round", cfg.rejection.prompts_per_round)}.get(
         cfg.algorithm, ("rollout.batch_prompts", cfg.rollout.batch_prompts))

@@ -208,4 +208,5 @@ def demonstration_nll(ctx: UpdateContext) -> dict[str, float]:
     weights = None if demos.rewards is None else return_weights(demos.rewards[idx], cfg.pg.nll_tau).to(device)
     loss, metrics = nll_loss(lp, mb.target_mask, weights=weights, aggregation="token_mean")
     (cfg.pg.nll_coef / ctx.world.size * loss).backward()
-    return {"demo/nll": metrics["nll"], "demo/nll_loss": cfg.pg.nll_coef * metrics["nll_loss"]}
+    # a loss share: summed over ranks by MetricReduction.result_across, like the gradient
+    return {"demo/nll": metrics["nll"], "demo/nll_loss": cfg.pg.nll_coef * metrics["nll_loss"] / ctx.world.size}
