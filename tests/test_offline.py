@@ -65,5 +65,7 @@ def test_accumulation_1x4_equals_4x1(tmp_path, task):
     assert [r["step"] for r in ma] == [r["step"] for r in mb] == [1, 2]
     for ra, rb in zip(ma, mb):
         for k in ["loss", "grad_norm", *MEANS.get(task, [])]:
-            assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), k
+            # step 2 runs at weights that differ by the float order of step 1's sums, moved by lr 0.5: on an
+            # AVX2 CPU the reward model's grad_norm then differs by 1.5e-5 relative
+            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), k
 

@@ -198,7 +198,7 @@ def test_killed_stage_resumes_to_the_same_weights(straight, tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys
         from pathlib import Path
-        import rlmt.train.offline as offline
+        import rlmt.train.session as offline  # where the loops save checkpoints
         real = offline.save_checkpoint
         def save(run_dir, step, *a, **k):
             path = real(run_dir, step, *a, **k)

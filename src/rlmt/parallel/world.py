@@ -141,7 +141,13 @@ def init_world(backend: str | None = None, device: str = "cpu", timeout_s: float
     return World(rank, size, local_rank, backend, device)
 
 
-def close_world(world: World) -> None:
-    """Leave the process group (idempotent; nothing for a world of one)."""
+def close_world(world: World, together: bool = True) -> None:
+    """Leave the process group (idempotent; nothing for a world of one). ``together``: first wait for every
+    rank (gloo aborts a process whose peer tore its connections down under it); False after an error, when
+    the other ranks may never arrive."""
     if world.size > 1 and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if together:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()

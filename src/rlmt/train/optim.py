@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Sequence
 
 import torch
@@ -163,8 +164,8 @@ def guarded_step(model: torch.nn.Module, optimizer, scheduler, max_grad_norm: fl
     step's loss, or a log-prob it used, was not: :func:`nonfinite_count`); a skipped step applies nothing
     (no weight, no AdamW moment or step count moves) and the schedule still advances.
 
-    Returns ``grad_norm`` (before clipping), ``lr`` (used for this step) and ``skipped_steps`` (1.0 if
-    skipped). With ``optim.step_in_backward`` the update already happened in backward
+    Returns ``grad_norm`` (before clipping), ``lr`` (used for this step), ``skipped_steps`` (1.0 if
+    skipped) and, on several ranks, ``time/grad_sync_s`` (the gradient sum's wall time, waiting included). With ``optim.step_in_backward`` the update already happened in backward
     (:class:`StepInBackward`); the loops do not run the backward of a non-finite micro-batch, so then too
     nothing was applied.
 
@@ -176,9 +177,12 @@ def guarded_step(model: torch.nn.Module, optimizer, scheduler, max_grad_norm: fl
     if in_backward is not None:
         out = in_backward.finish(scheduler)
         return {**out, "skipped_steps": 1.0} if not finite else out
+    sync = {}
     if world is not None and world.size > 1:
+        t0 = time.perf_counter()
         finite = world.agree(finite)
         all_reduce_gradients(world, model.parameters())
+        sync = {"time/grad_sync_s": time.perf_counter() - t0}
     params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     lr = optimizer.param_groups[0]["lr"]
@@ -189,4 +193,4 @@ def guarded_step(model: torch.nn.Module, optimizer, scheduler, max_grad_norm: fl
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    return {"grad_norm": float(norm), "lr": lr, "skipped_steps": float(skipped)}
+    return {"grad_norm": float(norm), "lr": lr, "skipped_steps": float(skipped), **sync}

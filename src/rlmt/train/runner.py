@@ -40,19 +40,27 @@ def train(cfg: Config, world: World | None = None) -> Path:
     own = world is None
     world = join_world(cfg) if own else world
     try:
-        world.on_main(lambda: check_output_dir(cfg))  # before any data or model loads
-        if cfg.algorithm == "pipeline":
-            from rlmt.train.pipeline import train_pipeline
-
-            return train_pipeline(cfg, lambda stage: train(stage, world), world)
-        if cfg.algorithm in OFFLINE:
-            from rlmt.train.offline import train_offline
-
-            return train_offline(cfg, _offline_task(cfg.algorithm), world)
-        from rlmt.train.methods import METHODS
-        from rlmt.train.online import train_online
-
-        return train_online(cfg, METHODS[cfg.algorithm], world)
-    finally:
+        run_dir = _run(cfg, world)
+    except BaseException:
         if own:
-            close_world(world)
+            close_world(world, together=False)
+        raise
+    if own:
+        close_world(world)
+    return run_dir
+
+
+def _run(cfg: Config, world: World) -> Path:
+    world.on_main(lambda: check_output_dir(cfg))  # before any data or model loads
+    if cfg.algorithm == "pipeline":
+        from rlmt.train.pipeline import train_pipeline
+
+        return train_pipeline(cfg, lambda stage: train(stage, world), world)
+    if cfg.algorithm in OFFLINE:
+        from rlmt.train.offline import train_offline
+
+        return train_offline(cfg, _offline_task(cfg.algorithm), world)
+    from rlmt.train.methods import METHODS
+    from rlmt.train.online import train_online
+
+    return train_online(cfg, METHODS[cfg.algorithm], world)

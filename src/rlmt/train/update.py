@@ -80,7 +80,7 @@ def accumulate(ctx: UpdateContext, n_groups: int, group_size: int, mask: Tensor,
     ctx.state["updates"] = int(ctx.state.get("updates", 0)) + 1
     shuffle = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + ctx.state["updates"])
     reduction = MetricReduction()
-    tokens, skipped, nonfinite, step = 0.0, 0.0, 0.0, {"grad_norm": 0.0, "lr": 0.0}
+    tokens, skipped, nonfinite, sync, step = 0.0, 0.0, 0.0, 0.0, {"grad_norm": 0.0, "lr": 0.0}
     ctx.trainable.train()
     n_global = n_groups * world.size
     for epoch in range(pg.epochs):
@@ -113,9 +113,11 @@ def accumulate(ctx: UpdateContext, n_groups: int, group_size: int, mask: Tensor,
             step = guarded_step(ctx.trainable, ctx.optimizer, ctx.scheduler, cfg.optim.max_grad_norm, finite, world)
             reduction.end_step()
             skipped += step["skipped_steps"]
+            sync += step.get("time/grad_sync_s", 0.0)
     release_free_heap()  # the update's freed activations, before the next rollout stacks on them
     return {**reduction.result_across(world), "skipped_steps": skipped, NONFINITE: world.sum_scalar(nonfinite),
-            "grad_norm": step["grad_norm"], "lr": step["lr"], "tokens": world.sum_scalar(tokens) / max(1, pg.epochs)}
+            "grad_norm": step["grad_norm"], "lr": step["lr"], "tokens": world.sum_scalar(tokens) / max(1, pg.epochs),
+            **({"time/grad_sync_s": sync} if world.size > 1 else {})}
 
 
 def policy_micro_loss(ctx: UpdateContext, exp: Experience, adv: Advantages, objective: PolicyObjective) -> MicroLoss:
