@@ -33,6 +33,8 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def _case(kind: str, data: Path) -> list[str]:
+    if kind.endswith("-fsdp"):  # FSDP2-sharded layers; a sharded checkpoint every step
+        return _case(kind[:-5], data) + ["model.parallel=fsdp", "run.save_every=1"]
     sft = [{"prompt": f"Say {i}", "completion": f"{i} {i * 7}"} for i in range(24)]
     pref = [{"prompt": f"What is {i} + 1?", "chosen": f"{i + 1}", "rejected": f"{i + 2}"} for i in range(24)]
     if kind == "sft":
@@ -101,7 +103,7 @@ def _ok(proc: subprocess.CompletedProcess) -> None:
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo", "reward_model", "grpo", "reinforce", "ppo", "trpo",
-                                  "rejection_sampling", "grape"])
+                                  "rejection_sampling", "grape", "sft-fsdp", "grpo-fsdp", "reward_model-fsdp"])
 def test_two_ranks_equal_one_rank(tmp_path, kind):
     args = _case(kind, tmp_path)
     _ok(train(args, tmp_path / "one"))
@@ -112,6 +114,9 @@ def test_two_ranks_equal_one_rank(tmp_path, kind):
     assert diff < 1e-4, f"final weights differ by {diff}"
     m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     steps = 2 if kind == "rejection_sampling" else 3
+    if kind.endswith("-fsdp"):  # the checkpoints hold each rank's shards (torch.distributed.checkpoint)
+        assert (tmp_path / "two" / "checkpoints" / "step-3" / "sharded" / ".metadata").exists()
+        assert not (tmp_path / "two" / "checkpoints" / "step-3" / "model.pt").exists()
     assert [r["step"] for r in m1] == [r["step"] for r in m2] == list(range(1, steps + 1))  # written once
     for a, b in zip(m1, m2):
         trained = a.get("trpo/accepted", 0) > 0 or (a["grad_norm"] > 0 and a["lr"] > 0 and not a["skipped_steps"])
@@ -217,8 +222,10 @@ def test_what_cannot_run_on_two_processes_is_a_clear_error(tmp_path, overrides, 
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
 
 
-def test_two_ranks_killed_after_a_checkpoint_resume_to_the_uninterrupted_run(tmp_path):
-    args = _case("grpo", tmp_path) + ["optim.max_steps=5", "run.save_every=1", "run.keep_checkpoints=10"]
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_killed_after_a_checkpoint_resume_to_the_uninterrupted_run(tmp_path, parallel):
+    args = _case("grpo", tmp_path) + ["optim.max_steps=5", "run.save_every=1", "run.keep_checkpoints=10",
+                                      f"model.parallel={parallel}"]
     _ok(train(args, tmp_path / "straight", nproc=2))
     killed = tmp_path / "killed"
     proc = torchrun(tmp_path, args + [f"run.output_dir={killed}"])

@@ -37,6 +37,7 @@ import torch
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"
+SHARDED = "sharded"  # the torch.distributed.checkpoint directory of a model.parallel=fsdp run
 
 
 def capture_rng() -> dict[str, Any]:
@@ -155,20 +156,29 @@ def verify_checkpoint(path: Path) -> str | None:
     return None
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+def checkpoint_tmp(run_dir: Path, step: int) -> Path:
+    """A fresh temporary directory beside the checkpoints, where step ``step`` is written before its rename."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=root))
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None,
                     scheduler: Any, state: dict[str, Any], keep: int = 2,
                     extra_modules: dict[str, torch.nn.Module] | None = None,
-                    record: dict[str, Any] | None = None) -> Path:
+                    record: dict[str, Any] | None = None, tmp: Path | None = None) -> Path:
     """Write ``run_dir/checkpoints/step-{step}`` atomically, its manifest last; prune to the ``keep`` newest.
 
     ``extra_modules`` (e.g. PPO's value head) are saved beside the model as ``{name}.pt``; ``record`` (the run's
-    config and data fingerprints, :func:`rlmt.train.session.run_record`) as ``run.json``.
+    config and data fingerprints, :func:`rlmt.train.session.run_record`) as ``run.json``. ``tmp``: a directory
+    from :func:`checkpoint_tmp` that already holds part of the checkpoint (the sharded state every rank wrote,
+    :func:`rlmt.parallel.fsdp.save_sharded`; then ``model`` and ``optimizer`` are None).
     """
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     target = root / f"step-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=root))
-    write_model_weights(model, tmp / "model.pt")
+    tmp = tmp if tmp is not None else checkpoint_tmp(run_dir, step)
+    if model is not None:
+        write_model_weights(model, tmp / "model.pt")
     for name, module in (extra_modules or {}).items():
         torch.save(module.state_dict(), tmp / f"{name}.pt")
     if optimizer is not None:
@@ -248,15 +258,22 @@ def _apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any, fre
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    scheduler: Any, extra_modules: dict[str, torch.nn.Module] | None = None) -> dict[str, Any]:
+                    scheduler: Any, extra_modules: dict[str, torch.nn.Module] | None = None,
+                    trainable: torch.nn.Module | None = None) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and RNG states; return ``state.json``. The optimizer keeps the
     hyperparameters it was built with (see the module docstring); ``path`` is expected to have been verified
-    (:func:`verify_checkpoint`)."""
+    (:func:`verify_checkpoint`). ``trainable``: the module the optimizer steps (the model, or the model and its
+    heads), whose state a sharded checkpoint holds."""
     path = Path(path)
-    read_model_weights(model, path / "model.pt")
+    fresh = _fresh_hyperparameters(optimizer) if optimizer is not None else []
+    if (path / SHARDED).is_dir():  # model.parallel=fsdp: every rank reads its shards (a collective)
+        from rlmt.parallel.fsdp import load_sharded
+
+        load_sharded(trainable if trainable is not None else model, optimizer, path / SHARDED)
+    else:
+        read_model_weights(model, path / "model.pt")
     for name, module in (extra_modules or {}).items():
         module.load_state_dict(torch.load(path / f"{name}.pt", map_location="cpu", weights_only=True))
-    fresh = _fresh_hyperparameters(optimizer) if optimizer is not None else []
     if optimizer is not None and (path / "optimizer.pt").exists():
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
     if scheduler is not None and (path / "scheduler.pt").exists():

@@ -42,6 +42,11 @@ class ModelConfig:
                 "weights/gradients/optimizer in float32, log-probs from a float32 output projection; 'auto' = "
                 "bfloat16 where the device has bf16 matrix units (CUDA with bf16, CPU with AMX), else none")
     lora: LoraConfig = section(LoraConfig, "optional LoRA adapters (peft)")
+    parallel: Literal["ddp", "fsdp"] = doc(
+        "ddp", "on several processes: 'ddp' holds the whole model on every rank; 'fsdp' shards each decoder layer's "
+               "weights, gradients and AdamW moments across the ranks (FSDP2), embeddings and heads replicated")
+    fsdp_cpu_offload: bool = doc(False, "model.parallel=fsdp: keep the sharded weights, gradients and moments in CPU "
+                                        "memory (GPU runs short of memory)")
 
 
 @dataclass(frozen=True)

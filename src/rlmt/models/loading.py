@@ -230,12 +230,13 @@ def is_tiny(name: str) -> bool:
     return name.startswith("tiny-random")
 
 
-def save_pretrained_atomic(model: torch.nn.Module, tokenizer, target: Path) -> None:
-    """Save a model + tokenizer directory, renamed into place so readers never see a partial one."""
+def save_pretrained_atomic(model: torch.nn.Module, tokenizer, target: Path, state_dict: dict | None = None) -> None:
+    """Save a model + tokenizer directory, renamed into place so readers never see a partial one.
+    ``state_dict``: the weights to write instead of the model's own (a sharded model's gathered weights)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(tmp)
     (tmp / "rlmt.json").write_text(json.dumps({"format": 1}))
     old = None
@@ -248,8 +249,9 @@ def save_pretrained_atomic(model: torch.nn.Module, tokenizer, target: Path) -> N
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_final(model: torch.nn.Module, tokenizer, run_dir: Path) -> Path:
-    """Write ``final/``, loadable by ``AutoModelForCausalLM.from_pretrained``.
+def save_final(model: torch.nn.Module, tokenizer, run_dir: Path, state_dict: dict | None = None) -> Path:
+    """Write ``final/``, loadable by ``AutoModelForCausalLM.from_pretrained``. ``state_dict``: the model's whole
+    weights when its own are sharded (``model.parallel=fsdp``: :func:`rlmt.parallel.fsdp.full_state_dict`).
 
     With LoRA the adapters go to ``final/adapter`` and ``final/`` holds a merged copy; the live model and
     the base weights on disk are untouched.
@@ -260,5 +262,5 @@ def save_final(model: torch.nn.Module, tokenizer, run_dir: Path) -> Path:
         save_pretrained_atomic(merged, tokenizer, target)
         model.save_pretrained(target / "adapter")
     else:
-        save_pretrained_atomic(model, tokenizer, target)
+        save_pretrained_atomic(model, tokenizer, target, state_dict)
     return target

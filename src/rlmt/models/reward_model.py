@@ -75,10 +75,10 @@ class RewardModel(nn.Module):
         return torch.cat(out) if out else torch.zeros(0)
 
 
-def save_reward_model(rm: RewardModel, tokenizer, run_dir: Path, meta: dict) -> Path:
-    """``final/``: the trunk (:func:`save_final`), ``reward_head.pt`` and ``reward_model.json`` (last, so a
-    directory with the json is complete)."""
-    final = save_final(rm.trunk, tokenizer, run_dir)
+def save_reward_model(rm: RewardModel, tokenizer, run_dir: Path, meta: dict, trunk_state: dict | None = None) -> Path:
+    """``final/``: the trunk (:func:`save_final`; ``trunk_state``: its whole weights when they are sharded),
+    ``reward_head.pt`` and ``reward_model.json`` (last, so a directory with the json is complete)."""
+    final = save_final(rm.trunk, tokenizer, run_dir, trunk_state)
     tmp = final / f".{HEAD_FILE}.tmp"
     torch.save({k: v.detach().cpu() for k, v in rm.head.state_dict().items()}, tmp)
     os.replace(tmp, final / HEAD_FILE)

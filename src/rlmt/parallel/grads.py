@@ -14,6 +14,9 @@ paths the wrapper's forward hooks do not see (the packed prompt-group pass, the 
 hand-written output-layer backward), and a wrapper that misses a forward silently skips its reduction. The
 gradients are flattened into buckets of ``bucket_mb`` and all-reduced one bucket at a time; a parameter that
 got no gradient on any rank keeps ``grad = None`` (so AdamW leaves its moments alone, as on one process).
+
+Parameters sharded by FSDP2 (``model.parallel: fsdp``, :mod:`rlmt.parallel.fsdp`) had their gradients
+reduce-scattered in backward, averaged over the ranks: they are only scaled back to the sum here.
 """
 
 from __future__ import annotations
@@ -32,7 +35,13 @@ def all_reduce_gradients(world: World, params: Iterable[torch.nn.Parameter], buc
     gradient counts as zeros; where no rank had one, it stays None. Nothing happens on one process."""
     if world.size == 1:
         return
+    from torch.distributed.tensor import DTensor
+
     params = [p for p in params if p.requires_grad]
+    for p in params:
+        if isinstance(p, DTensor) and p.grad is not None:
+            p.grad.mul_(world.size)  # FSDP's reduce-scatter averaged: back to the sum
+    params = [p for p in params if not isinstance(p, DTensor)]
     has = torch.tensor([float(p.grad is not None) for p in params], dtype=torch.float32, device=world.device)
     world.all_reduce(has, "max")
     live = [p for p, h in zip(params, has.tolist()) if h > 0]

@@ -149,6 +149,9 @@ def generate(model: torch.nn.Module, tokenizer, prompts: list[list[int]], params
     ``generator`` in row order."""
     if keys is not None and len(keys) != len(prompts) * params.num_samples:
         raise ValueError(f"{len(keys)} sample keys for {len(prompts)} prompts x {params.num_samples} samples")
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        autocast = None  # FSDP2-sharded layers (model.parallel=fsdp) are reached through forward only; their
+        # mixed-precision policy computes in model.autocast's dtype
     if functional_dtype(model, autocast) is not None:
         return _generate(model, tokenizer, prompts, params, generator, autocast, keys)
     with sampling_weights(model, autocast):

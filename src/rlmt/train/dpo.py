@@ -78,7 +78,7 @@ def reference_logprobs(run_dir: Path, model: torch.nn.Module, splits: dict[str, 
             return cached, True
     ref = {k: pair_logprobs(model, v, batch_size, pad_id, device, autocast) for k, v in splits.items()}
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp{os.getpid()}")  # each rank of a job writes its own, the rename is atomic
     torch.save(ref, tmp)
     os.replace(tmp, path)
     return ref, False

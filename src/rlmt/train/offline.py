@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -48,7 +48,8 @@ from rlmt.train.metrics import MetricReduction
 from rlmt.objectives.policy import is_finite_loss
 from rlmt.train.optim import NONFINITE, build_optimizer, guarded_step
 from rlmt.parallel import World, check_divisible, shard_rows
-from rlmt.train.session import recorder, resume_checkpoint, run_record, save_on_main, start_run
+from rlmt.parallel.fsdp import full_state_dict, gathered, is_sharded
+from rlmt.train.session import recorder, resume_checkpoint, run_record, save_on_main, shard_model, start_run
 
 MicroBatchLoss = Callable[[Any, float], tuple[Tensor, dict[str, float], float]]
 """(micro-batch, N_step) -> (its loss share sum_{u in micro-batch} c_u / N_step with grad, its metrics, its
@@ -74,6 +75,7 @@ class OfflineRun:
     run_dir: Path
     modules: OfflineModules
     device: torch.device
+    final_state: dict | None = None  # rank 0, at the end, model.parallel=fsdp: the model's whole weights for final/
 
     @property
     def pad_id(self) -> int:
@@ -93,7 +95,7 @@ def chunks(run: OfflineRun, examples: list) -> list[list]:
 
 def save_model(run: OfflineRun, examples: list, note: Callable[[str], None]) -> None:
     """``final/``: the causal LM and its tokenizer (:func:`rlmt.models.save_final`)."""
-    save_final(run.modules.model, run.lm.tokenizer, run.run_dir)
+    save_final(run.modules.model, run.lm.tokenizer, run.run_dir, run.final_state)
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,7 @@ def offline_update(trainable: nn.Module, micro_batches: list, normalizer: float,
     them (:meth:`MetricReduction.result_across`)."""
     t0 = time.perf_counter()
     trainable.train()
+    sharded = world.size > 1 and is_sharded(trainable)
     reduction = MetricReduction()
     finite, nonfinite = True, {}  # a non-finite log-prob or loss loses the step: no backward, the guard skips it
     for mb in micro_batches:
@@ -154,7 +157,7 @@ def offline_update(trainable: nn.Module, micro_batches: list, normalizer: float,
         if NONFINITE in metrics:
             nonfinite[NONFINITE] = nonfinite.get(NONFINITE, 0.0) + metrics.pop(NONFINITE)
         finite = finite and not nonfinite.get(NONFINITE) and is_finite_loss(value)
-        if finite:
+        if finite or sharded:  # FSDP: every rank runs every backward (its reduce-scatter); the guard skips the step
             value.backward()
         reduction.add(metrics, weight)
     applied = guarded_step(trainable, optimizer, scheduler, max_grad_norm, finite, world)
@@ -174,11 +177,12 @@ def _load(cfg: Config, task: OfflineTask, lm: LoadedModel, fmt: PromptFormat, pa
 
 def _evaluate(run: OfflineRun, task: OfflineTask, held: list, tag: str, rec: RunRecorder, world: World) -> None:
     """The held-out figures, computed and written by rank 0 while the others wait."""
-    if world.is_main:
-        metrics = task.evaluate(run, held)
-        write_atomic(run.run_dir / f"eval-{tag}.json", json.dumps(metrics, indent=1))
-        rec.note(f"eval {tag}: {json.dumps(metrics)}")
-    world.barrier()
+    with gathered(run.modules.model):
+        if world.is_main:
+            metrics = task.evaluate(run, held)
+            write_atomic(run.run_dir / f"eval-{tag}.json", json.dumps(metrics, indent=1))
+            rec.note(f"eval {tag}: {json.dumps(metrics)}")
+        world.barrier()
 
 
 def train_offline(cfg: Config, task: OfflineTask, world: World = World()) -> Path:
@@ -194,16 +198,18 @@ def train_offline(cfg: Config, task: OfflineTask, world: World = World()) -> Pat
     ckpt, record = world.on_main(lambda: resume_checkpoint(cfg)), run_record(cfg)  # verified, config compared
     run_dir, lm, fmt = start_run(cfg)
     modules = task.modules(lm, fmt)
+    sharded = shard_model(cfg, lm, world)  # model.parallel=fsdp: the decoder layers, before the optimizer
     run = OfflineRun(cfg, lm, fmt, run_dir, modules, next(lm.model.parameters()).device)
     examples, report = _load(cfg, task, lm, fmt, cfg.data.train, cfg.data.limit)
     splits = {"train": examples}
     if task.evaluate is not None and cfg.data.eval:
         splits["eval"] = _load(cfg, task, lm, fmt, cfg.data.eval, cfg.eval.max_prompts)[0]
     total = total_steps_for(cfg, len(examples))
-    opt, sched = build_optimizer(modules.trainable, cfg.optim, total)
+    opt, sched = build_optimizer(modules.trainable, cfg.optim, total, preallocate=not sharded)
     splits, prepare_note = task.prepare(run, splits) if task.prepare else (splits, None)  # initial weights
     examples, held = splits["train"], splits.get("eval", [])
-    start = load_checkpoint(ckpt, modules.model, opt, sched, modules.extras)["step"] if ckpt else 0
+    start = (load_checkpoint(ckpt, modules.model, opt, sched, modules.extras, modules.trainable)["step"] if ckpt
+             else 0)
     rec = recorder(world, run_dir, to_dict(cfg), start if ckpt else None, cfg.run.tensorboard, cfg.run.log_every,
                    total, cfg.run.progress)
     if prepare_note:
@@ -215,7 +221,7 @@ def train_offline(cfg: Config, task: OfflineTask, world: World = World()) -> Pat
 
     loss = partial(task.loss, run)
     save = partial(save_on_main, world, run_dir, model=modules.model, optimizer=opt, scheduler=sched,
-                   keep=cfg.run.keep_checkpoints, extras=modules.extras, record=record)
+                   keep=cfg.run.keep_checkpoints, extras=modules.extras, record=record, trainable=modules.trainable)
     for step in range(start, total):
         idx = step_indices(step, per_step, len(examples), cfg.run.seed, cfg.data.shuffle)  # the global batch
         mbs = task.collate(run, [examples[i] for i in shard_rows(idx, world.rank, world.size)])
@@ -227,9 +233,12 @@ def train_offline(cfg: Config, task: OfflineTask, world: World = World()) -> Pat
             save(step + 1, {"examples_seen": (step + 1) * per_step})
     save(total, {"examples_seen": total * per_step})
 
-    if world.is_main:
-        task.save_final(run, examples, rec.note)
-    world.barrier()
+    if sharded:  # model.parallel=fsdp: the whole weights gathered to rank 0, which writes final/
+        run = replace(run, final_state=full_state_dict(modules.model))
+    with gathered(modules.model):  # and its forward passes (a reward model's score statistics) need no peers
+        if world.is_main:
+            task.save_final(run, examples, rec.note)
+        world.barrier()
     if held:
         _evaluate(run, task, held, "after", rec, world)
     rec.close()

@@ -33,6 +33,7 @@ from rlmt.evaluate import evaluate_run
 from rlmt.models import Reference, frozen_reference, save_final
 from rlmt.rewards import check_reward_fields, check_reward_source, reward_source_for, score_checked
 from rlmt.parallel import World, check_divisible, shard_groups
+from rlmt.parallel.fsdp import full_state_dict, gathered
 from rlmt.rollout import RolloutBatch, SamplingParams, concat_batches, generate, sample_keys
 from rlmt.runtime import release_free_heap
 from rlmt.train.dense import dense_rewards_for
@@ -41,7 +42,7 @@ from rlmt.train.experience import OnlineMethod
 from rlmt.train.methods import policy_gradient_plan, update_step
 from rlmt.train.optim import build_optimizer
 from rlmt.train.metrics import reduce_across
-from rlmt.train.session import recorder, resume_checkpoint, run_record, save_on_main, start_run
+from rlmt.train.session import recorder, resume_checkpoint, run_record, save_on_main, shard_model, start_run
 from rlmt.data import step_indices
 from rlmt.train.update import load_demonstrations, response_logprobs
 
@@ -158,14 +159,15 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
     plan = (method.plan or policy_gradient_plan)(cfg, len(rows))
     check_divisible(plan.prompts_per_step, world.size,
                     "prompts per step (rollout.batch_prompts; rejection sampling: rejection.prompts_per_round)")
+    reference = frozen_reference(lm, cfg.model.dtype) if method.kl_regularized and pg.beta > 0 else None
     critic = method.critic(policy) if method.critic else None
+    sharded = shard_model(cfg, lm, world)  # model.parallel=fsdp: after the reference's copy, before the optimizer
     trainable = torch.nn.ModuleList([policy] + ([critic] if critic is not None else []))
     critic_lr = [(critic, cfg.ppo.critic_lr)] if critic is not None and cfg.ppo.critic_lr is not None else []
-    opt, sched = build_optimizer(trainable, cfg.optim, plan.optimizer_steps, preallocate=method.steps_optimizer,
-                                 group_lrs=critic_lr)
+    opt, sched = build_optimizer(trainable, cfg.optim, plan.optimizer_steps,
+                                 preallocate=method.steps_optimizer and not sharded, group_lrs=critic_lr)
     extras = {"critic": critic} if critic is not None else None
-    reference = frozen_reference(lm, cfg.model.dtype) if method.kl_regularized and pg.beta > 0 else None
-    state = load_checkpoint(ckpt, policy, opt, sched, extras) if ckpt else {"step": 0, "update": {}}
+    state = load_checkpoint(ckpt, policy, opt, sched, extras, trainable) if ckpt else {"step": 0, "update": {}}
     rec = recorder(world, run_dir, to_dict(cfg), state["step"] if ckpt else None, cfg.run.tensorboard,
                    cfg.run.log_every, plan.steps, cfg.run.progress)
     if report.skipped:
@@ -187,14 +189,15 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
         ctx.demos = revision_demonstrations(ctx.state, base_demos)
     prompts = PromptSampler(cfg, len(rows), state.get("pass_rates"))
     save = partial(save_on_main, world, run_dir, model=policy, optimizer=opt, scheduler=sched,
-                   keep=cfg.run.keep_checkpoints, extras=extras, record=record)
+                   keep=cfg.run.keep_checkpoints, extras=extras, record=record, trainable=trainable)
     for step in range(state["step"], plan.steps):
         t_step = time.perf_counter()
         idx = prompts.draw(step, plan.prompts_per_step)  # the global step's prompts, the same on every rank
         mine = shard_groups(len(idx), world.rank, world.size)  # this rank's positions in the step
         step_rows = [rows[idx[j]] for j in mine]
-        batch = rollout(policy, tok, fmt, step_rows, params, None, cfg.rollout.batch_prompts, lm.autocast,
-                        sample_keys(cfg.run.seed, step, mine, G))
+        with gathered(policy):  # model.parallel=fsdp: whole layers while each rank samples at its own pace
+            batch = rollout(policy, tok, fmt, step_rows, params, None, cfg.rollout.batch_prompts, lm.autocast,
+                            sample_keys(cfg.run.seed, step, mine, G))
         rep_rows = [step_rows[int(i)].data for i in batch.prompt_index]
         scored = score_checked(source, rep_rows, batch.texts, invalid_as_none=cfg.reward.invalid_as_none)
         rewards = torch.tensor([float("nan") if s is None else s for s in scored.scores], device=device)
@@ -204,8 +207,9 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
         ref_lp = reference_logprobs(reference, batch, G, train_t) if reference is not None else None
         dense = dense_rewards_for(method.dense_rewards, batch.response_ids, batch.response_mask, tok,
                                   scored.token_rewards, mask)
-        revised = (revise_step(ctx, base_demos, tok, fmt, rep_rows, batch, scored, source, params,
-                               (cfg.run.seed, step, mine.start)) if revise else {})
+        with gathered(policy):
+            revised = (revise_step(ctx, base_demos, tok, fmt, rep_rows, batch, scored, source, params,
+                                   (cfg.run.seed, step, mine.start)) if revise else {})
         t_update = time.perf_counter()
         exp = Experience(batch, rewards, mask, ref_lp, G, train_t, dense, step, mine.start)
         metrics = {**update_step(ctx, exp), **revised}
@@ -218,11 +222,13 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
         if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < plan.steps:
             save(step + 1, {"update": ctx.state, "pass_rates": prompts.pass_rates.tolist()})
     save(plan.steps, {"update": ctx.state, "pass_rates": prompts.pass_rates.tolist()})
-    if world.is_main:
-        save_final(policy, tok, run_dir)
-        if hasattr(source, "finish"):
-            source.finish(run_dir)
-    world.barrier()
+    full = full_state_dict(policy) if sharded else None  # model.parallel=fsdp: gathered to rank 0
+    with gathered(policy):
+        if world.is_main:
+            save_final(policy, tok, run_dir, full)
+            if hasattr(source, "finish"):
+                source.finish(run_dir)
+        world.barrier()
     if evaluating:
         _evaluate(cfg, lm, fmt, "after", run_dir, method.reward_source, rec, world)
     rec.close()
@@ -232,7 +238,8 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
 def _evaluate(cfg: Config, lm, fmt, tag: str, run_dir: Path, reward_source: str | None, rec, world: World) -> None:
     """The before/after evaluation (:func:`rlmt.evaluate.evaluate_run`), run and written by rank 0 while the
     other ranks wait."""
-    if world.is_main:
-        out = evaluate_run(cfg, lm, fmt, tag, run_dir, reward_source)
-        rec.note(f"eval {tag}: pass@1 {out['pass@1']:.3f}  reward/mean {out['reward/mean']:.3f}")
-    world.barrier()
+    with gathered(lm.model):
+        if world.is_main:
+            out = evaluate_run(cfg, lm, fmt, tag, run_dir, reward_source)
+            rec.note(f"eval {tag}: pass@1 {out['pass@1']:.3f}  reward/mean {out['reward/mean']:.3f}")
+        world.barrier()

@@ -10,6 +10,7 @@ import torch
 
 from rlmt.config import OptimConfig
 from rlmt.parallel import World, all_reduce_gradients
+from rlmt.parallel.fsdp import clip_grad_norm, is_sharded
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -47,8 +48,13 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, total_steps: int, 
     groups = [g for g in groups if g["params"]]
     # fused: one kernel per step with no full-size temporaries (foreach AdamW allocates several)
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
+    from torch.distributed.tensor import DTensor
+
+    # FSDP2's sharded parameters are DTensors beside plain replicated ones: the fused and foreach kernels take
+    # one kind per call, so a mixed group steps parameter by parameter
+    mixed = any(isinstance(p, DTensor) for p in params)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
-                            fused=fused)
+                            **({"fused": False, "foreach": False} if mixed else {"fused": fused}))
     if preallocate:
         preallocate_adam_state(opt)
     in_backward = StepInBackward(params, opt) if cfg.step_in_backward else None
@@ -184,7 +190,11 @@ def guarded_step(model: torch.nn.Module, optimizer, scheduler, max_grad_norm: fl
         all_reduce_gradients(world, model.parameters())
         sync = {"time/grad_sync_s": time.perf_counter() - t0}
     params = [p for p in model.parameters() if p.requires_grad and p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    limit = max_grad_norm if max_grad_norm > 0 else float("inf")
+    if world is not None and world.size > 1 and is_sharded(model):  # FSDP: local shards and replicated grads
+        norm = clip_grad_norm(world, params, limit)
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(params, limit)
     lr = optimizer.param_groups[0]["lr"]
     skipped = not finite or not torch.isfinite(norm)
     if skipped:  # keep the schedule on step count without applying the bad update

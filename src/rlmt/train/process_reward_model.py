@@ -104,7 +104,7 @@ def _evaluate(run: OfflineRun, held: list[StepExample]) -> dict[str, float]:
 
 def _save_final(run: OfflineRun, examples: list[StepExample], note) -> None:
     """``final/``: the trunk, ``process_head.pt`` and ``process_reward_model.json``."""
-    final = save_final(run.modules.model, run.lm.tokenizer, run.run_dir)
+    final = save_final(run.modules.model, run.lm.tokenizer, run.run_dir, run.final_state)
     save_process_head(final, run.modules.extras[HEAD_MODULE], run.cfg.rm.step_separator, run.cfg.rm.step_aggregate,
                       run.fmt)
 

@@ -120,7 +120,7 @@ def _save_final(run: OfflineRun, pairs: list[PreferencePair], note) -> None:
         mean, std = score_stats(pair_scores(rm, pairs, cfg.optim.batch_size, run.pad_id, run.device))
         meta.update(score_mean=mean, score_std=std)
         note(f"train scores: mean {mean:.4g}, std {std:.4g} (stored for z-scores)")
-    save_reward_model(rm, run.lm.tokenizer, run.run_dir, meta)
+    save_reward_model(rm, run.lm.tokenizer, run.run_dir, meta, run.final_state)
 
 
 REWARD_MODEL = OfflineTask(

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlmt.checkpoint import (file_sha256, latest_checkpoint, list_checkpoints, save_checkpoint, set_aside,
-                             verify_checkpoint)
+from rlmt.checkpoint import (SHARDED, checkpoint_tmp, file_sha256, latest_checkpoint, list_checkpoints,
+                             save_checkpoint, set_aside, verify_checkpoint)
 from rlmt.config import Config, ModelConfig, to_dict, training_changes
 from rlmt.data import PromptFormat
 from rlmt.models import LoadedModel, load_model, pick_device
@@ -52,6 +52,17 @@ def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
     lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
     return get_peft_model(model, lcfg)
+
+
+def shard_model(cfg: Config, lm: LoadedModel, world: World) -> bool:
+    """``model.parallel=fsdp`` on several ranks: shard the policy's decoder layers (:mod:`rlmt.parallel.fsdp`);
+    True if it did. Called by the loops after the reference copy is taken and before the optimizer is built."""
+    if cfg.model.parallel != "fsdp" or world.size == 1:
+        return False
+    from rlmt.parallel.fsdp import shard_layers
+
+    shard_layers(lm.model, world, lm.autocast, cfg.model.fsdp_cpu_offload)
+    return True
 
 
 def prepare_model(cfg: Config) -> LoadedModel:
@@ -204,6 +215,13 @@ def check_distributed(cfg: Config, world_size: int) -> None:
     if cfg.optim.step_in_backward:
         raise RunError(f"optim.step_in_backward {where}: the gradients must be summed across ranks before any "
                        "update; set optim.step_in_backward=false")
+    if cfg.model.parallel == "fsdp":
+        if cfg.algorithm == "trpo":
+            raise RunError(f"model.parallel=fsdp with algorithm=trpo {where}: TRPO's flat parameter vector and "
+                           "double backward need whole weights; use model.parallel=ddp")
+        if cfg.model.lora.r > 0:
+            raise RunError(f"model.parallel=fsdp with model.lora.r > 0 {where}: LoRA trains a small share of the "
+                           "weights; use model.parallel=ddp")
     sft_steps = cfg.algorithm in ("sft", "dpo", "reward_model", "process_reward_model", "rejection_sampling")
     prompts = {"rejection_sampling": ("rejection.prompts_per_round", cfg.rejection.prompts_per_round)}.get(
         cfg.algorithm, ("rollout.batch_prompts", cfg.rollout.batch_prompts))
@@ -237,9 +255,21 @@ def recorder(world: World, run_dir: Path, config: dict, resume_step: int | None,
 
 
 def save_on_main(world: World, run_dir: Path, step: int, state: dict[str, Any], *, model, optimizer, scheduler,
-                 keep: int, extras: dict | None, record: dict[str, Any]) -> None:
-    """A checkpoint of the replicated state, written by rank 0; every rank waits until it is complete, so a
-    rank killed afterwards leaves a checkpoint every rank has passed."""
-    if world.is_main:
+                 keep: int, extras: dict | None, record: dict[str, Any], trainable=None) -> None:
+    """A checkpoint, written by rank 0; every rank waits until it is complete, so a rank killed afterwards
+    leaves a checkpoint every rank has passed. A sharded model (``model.parallel=fsdp``): every rank first
+    writes its shards of the weights and the optimizer into the checkpoint's temporary directory
+    (:func:`rlmt.parallel.fsdp.save_sharded`), then rank 0 the rest, the manifest and the rename, so the
+    checkpoint is complete or absent as on one process. ``trainable``: the module the optimizer steps (the
+    model and its heads), whose state the shards hold."""
+    from rlmt.parallel.fsdp import is_sharded, save_sharded
+
+    if is_sharded(model):
+        tmp = Path(world.broadcast_object(str(checkpoint_tmp(run_dir, step)) if world.is_main else None))
+        save_sharded(trainable if trainable is not None else model, optimizer, tmp / SHARDED)
+        world.barrier()
+        if world.is_main:
+            save_checkpoint(run_dir, step, None, None, scheduler, state, keep, extras, record, tmp)
+    elif world.is_main:
         save_checkpoint(run_dir, step, model, optimizer, scheduler, state, keep, extras, record)
     world.barrier()

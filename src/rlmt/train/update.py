@@ -38,6 +38,7 @@ from rlmt.rollout.logprobs import grouped_response_logprobs, token_logprobs
 from rlmt.runtime import release_free_heap
 from rlmt.train.experience import (Advantages, Demonstrations, Experience, PolicyObjective, UpdateContext,
                                    group_rows)
+from rlmt.parallel.fsdp import is_sharded
 from rlmt.train.metrics import MetricReduction, reduce_across
 from rlmt.train.optim import NONFINITE, guarded_step, nonfinite_count
 from rlmt.train.ppo import response_logprobs_and_values
@@ -83,6 +84,7 @@ def accumulate(ctx: UpdateContext, n_groups: int, group_size: int, mask: Tensor,
     tokens, skipped, nonfinite, sync, step = 0.0, 0.0, 0.0, 0.0, {"grad_norm": 0.0, "lr": 0.0}
     ctx.trainable.train()
     n_global = n_groups * world.size
+    sharded = world.size > 1 and is_sharded(ctx.trainable)
     for epoch in range(pg.epochs):
         order = torch.arange(n_global) if epoch == 0 else torch.randperm(n_global, generator=shuffle)
         for mb_global in order.chunk(pg.minibatches):
@@ -94,19 +96,23 @@ def accumulate(ctx: UpdateContext, n_groups: int, group_size: int, mask: Tensor,
                                          max_len=cfg.rollout.max_new_tokens)
             normalizer = world.all_reduce(normalizer.to(world.device), "sum").to(normalizer.device)
             finite = True  # a non-finite log-prob or loss loses the whole step: no backward, the guard skips it
-            for micro_groups in mb_groups.split(per_micro):
+            micros = [g for g in mb_groups.split(per_micro) if mask[group_rows(g, group_size)].any()]
+            # FSDP gathers each layer on all ranks at once: every rank runs as many passes as the busiest one,
+            # the extra ones with zero weight (agreed on before any pass, so the collectives line up)
+            passes = int(world.all_reduce_max(len(micros))) if sharded else len(micros)
+            for micro_groups in micros:
                 w = float(mask[group_rows(micro_groups, group_size)].sum())
-                if w == 0:
-                    continue
                 loss, met = micro_loss(micro_groups, normalizer)
                 bad = met.pop(NONFINITE, 0.0)
                 nonfinite += bad
                 finite = finite and bad == 0 and is_finite_loss(loss)
-                if finite:
+                if finite or sharded:  # FSDP: every rank runs every backward; the guard skips the step
                     loss.backward()
                 tokens += w
                 reduction.add(met, w)
-            if before_step is not None and finite:
+            for _ in range(passes - len(micros)):
+                (0.0 * micro_loss(torch.arange(1), normalizer)[0]).backward()
+            if before_step is not None and (finite or sharded):
                 extra = before_step()
                 finite = all(math.isfinite(v) for k, v in extra.items() if k.endswith("loss"))
                 reduction.add(extra, 1.0)
