@@ -16,7 +16,7 @@ ALLOWED = {
     "runtime": {"config"},
     "tasks": set(),
     "curriculum": set(),
-    "checkpoint": set(),
+    "checkpoint": {"parallel"},
     "data": {"objectives"},
     "rollout": {"runtime"},
     "models": {"data", "rollout", "records", "config", "runtime"},
