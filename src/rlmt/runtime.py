@@ -34,6 +34,18 @@ peaked at 3078 MB; huge pages with glibc's adaptive threshold and the trim kept 
 The numbers computed do not change. The allocator settings are for CPU runs on Linux/glibc; elsewhere they
 are no-ops.
 
+Threads: the numbers a CPU run computes depend on how many threads share each op (a reduction's split, a
+GEMM's partition): 1 and 2 threads differ from the 5th-7th digit of the loss on. ``torch.get_num_threads()``
+is what torch asks its OpenMP runtime for, not what it gets: with OpenMP's dynamic adjustment on
+(``OMP_DYNAMIC=true``, or any library in the process calling ``omp_set_dynamic(1)``, as OpenCV does when it
+loads), libgomp re-sizes every team at every parallel region to ``min(threads, CPUs) - int(15-minute load
+average + 0.1)`` (at least 1), while torch still reports the full count. Seeded runs and resumes then differ
+with the machine's recent load and are bit-exact only on a quiet one (measured: 2 CPUs, ``OMP_DYNAMIC=true``,
+15-minute load average above 1: every run took the 1-thread numbers; unset: 0 of 18 runs under busy loops differed,
+nor a kill + resume). :func:`apply_runtime` turns the adjustment off (``omp_set_dynamic(0)`` on every OpenMP runtime
+loaded, for the calling thread, which runs the forward, the backward and oneMKL/oneDNN's kernels), so every
+team is the size torch reports. :attr:`RuntimeState.openmp_dynamic` says whether it had been on.
+
 What was applied is one module-level :class:`RuntimeState` (:func:`applied`; None until a run applies one). It
 mirrors process-global settings (torch's thread count, glibc's mmap threshold), so one state per process is
 all there is: a later run's :func:`apply_runtime` replaces it.
@@ -42,6 +54,7 @@ all there is: a later run's :func:`apply_runtime` replaces it.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from dataclasses import dataclass
 
@@ -63,6 +76,7 @@ class RuntimeState:
     mmap_threshold: int  # glibc's fixed mmap threshold in bytes; 0: its adaptive one
     heap_trim: bool  # :func:`release_free_heap` trims
     layer_trim: bool  # :func:`per_layer_trim`: trim after every decoder layer of a training forward
+    openmp_dynamic: bool = False  # OpenMP's load-dependent team sizing had been on (:func:`fix_openmp_teams`)
 
     @property
     def note(self) -> str | None:
@@ -115,6 +129,47 @@ def huge_page_tensors() -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=1)
+def _openmp_runtimes() -> tuple:
+    """The OpenMP runtimes loaded in this process (libgomp in torch's x86 wheels; libiomp5 or libomp in other
+    builds), opened by the paths ``/proc/self/maps`` lists them under, so they are the copies torch uses and
+    not others of the same name. Empty where there is no /proc or no OpenMP runtime."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if line.rstrip().endswith(".so") or ".so." in line})
+    except OSError:
+        return ()
+    found = []
+    for path in paths:
+        if os.path.basename(path).startswith(("libgomp", "libiomp", "libomp")):
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            if hasattr(lib, "omp_set_dynamic") and hasattr(lib, "omp_get_dynamic"):
+                found.append(lib)
+    return tuple(found)
+
+
+def openmp_dynamic() -> bool:
+    """Whether an OpenMP runtime of this process may give the calling thread's parallel regions fewer threads
+    than torch asks for (dynamic adjustment: libgomp sizes teams by the load average)."""
+    return any(lib.omp_get_dynamic() for lib in _openmp_runtimes())
+
+
+def fix_openmp_teams() -> bool:
+    """Turn OpenMP's dynamic adjustment off for the calling thread, in every OpenMP runtime loaded, so each of
+    its parallel regions (torch's intra-op ops, oneMKL, oneDNN) gets the full ``torch.get_num_threads()``
+    whatever the machine's load; returns whether it had been on. Microseconds; repeat it after loading a
+    library that turns it on (e.g. OpenCV)."""
+    was = openmp_dynamic()
+    for lib in _openmp_runtimes():
+        lib.omp_set_dynamic(0)
+    return was
+
+
 def _fix_mmap_threshold(threshold: int) -> int:
     """mallopt(M_MMAP_THRESHOLD); returns the fixed threshold in effect afterwards (0: glibc's adaptive one).
 
@@ -128,14 +183,16 @@ def _fix_mmap_threshold(threshold: int) -> int:
 def apply_runtime(cfg: RuntimeConfig, device: str | torch.device) -> RuntimeState:
     """Apply ``cfg`` to this process for a run on ``device`` and return what is in effect (also :func:`applied`).
 
-    Sets torch's threads (``cfg.threads`` > 0). On a CPU run: fixes glibc's mmap threshold (``cfg.mmap_threshold``;
-    -1: 4 MiB when :func:`huge_page_tensors` holds, else glibc's adaptive one) and resolves the heap trims. Huge
-    pages cannot be turned on here (torch has allocated by now); the state says whether they are in effect,
-    and :attr:`RuntimeState.note` says so when they were asked for and are not. Off the CPU the allocator
-    settings are left alone and both trims are off."""
+    Sets torch's threads (``cfg.threads`` > 0) and makes every OpenMP team of this thread that size, whatever
+    the load (:func:`fix_openmp_teams`; see the module doc). On a CPU run: fixes glibc's mmap threshold
+    (``cfg.mmap_threshold``; -1: 4 MiB when :func:`huge_page_tensors` holds, else glibc's adaptive one) and
+    resolves the heap trims. Huge pages cannot be turned on here (torch has allocated by now); the state says
+    whether they are in effect, and :attr:`RuntimeState.note` says so when they were asked for and are not.
+    Off the CPU the allocator settings are left alone and both trims are off."""
     global _applied
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    dynamic = fix_openmp_teams()
     cpu = torch.device(device).type == "cpu"
     active = huge_page_tensors()
     auto = _MMAP_THRESHOLD_WITH_HUGE_PAGES if active else 0
@@ -145,7 +202,8 @@ def apply_runtime(cfg: RuntimeConfig, device: str | torch.device) -> RuntimeStat
     _applied = RuntimeState(threads=torch.get_num_threads(),
                             huge_pages=cfg.huge_pages and cpu and sys.platform.startswith("linux"),
                             huge_pages_active=active, mmap_threshold=threshold,
-                            heap_trim=trims and cfg.heap_trim, layer_trim=trims and layer_trim)
+                            heap_trim=trims and cfg.heap_trim, layer_trim=trims and layer_trim,
+                            openmp_dynamic=dynamic)
     return _applied
 
 
