@@ -102,8 +102,12 @@ def _ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo", "reward_model", "grpo", "reinforce", "ppo", "trpo",
-                                  "rejection_sampling", "grape", "sft-fsdp", "grpo-fsdp", "reward_model-fsdp"])
+EXTENDED = pytest.mark.slow  # more methods on 2 ranks: `make test-slow` (keeps the default suite's share ~3 min)
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "reward_model", "grpo", "reinforce", "ppo", "sft-fsdp", "grpo-fsdp",
+                                  *(pytest.param(k, marks=EXTENDED) for k in ("trpo", "rejection_sampling", "grape",
+                                                                               "reward_model-fsdp"))])
 def test_two_ranks_equal_one_rank(tmp_path, kind):
     args = _case(kind, tmp_path)
     _ok(train(args, tmp_path / "one"))
@@ -128,6 +132,7 @@ def test_two_ranks_equal_one_rank(tmp_path, kind):
 
 
 
+@EXTENDED
 def test_a_pipeline_on_two_ranks_equals_one_rank(tmp_path):
     sft = [{"prompt": f"What is {i} + 1?", "completion": f"{i + 1}"} for i in range(16)]
     train_file, _ = write_addition_split(tmp_path, 32, 4)
@@ -240,6 +245,7 @@ def test_two_ranks_killed_after_a_checkpoint_resume_to_the_uninterrupted_run(tmp
     assert proc.returncode != 0
     done = [int(p.name.split("-")[1]) for p in (killed / "checkpoints").glob("step-*")]
     assert 2 <= max(done) < 5
+    assert (killed / "checkpoints" / "step-2" / "rng-1.pt").exists()  # rank 1's RNG states beside rank 0's
     _ok(train(args + ["run.resume=true"], killed, nproc=2))
     a, b = final_tensors(tmp_path / "straight"), final_tensors(killed)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0

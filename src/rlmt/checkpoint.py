@@ -166,13 +166,15 @@ def checkpoint_tmp(run_dir: Path, step: int) -> Path:
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None,
                     scheduler: Any, state: dict[str, Any], keep: int = 2,
                     extra_modules: dict[str, torch.nn.Module] | None = None,
-                    record: dict[str, Any] | None = None, tmp: Path | None = None) -> Path:
+                    record: dict[str, Any] | None = None, tmp: Path | None = None,
+                    rank_rngs: list[dict[str, Any]] | None = None) -> Path:
     """Write ``run_dir/checkpoints/step-{step}`` atomically, its manifest last; prune to the ``keep`` newest.
 
     ``extra_modules`` (e.g. PPO's value head) are saved beside the model as ``{name}.pt``; ``record`` (the run's
     config and data fingerprints, :func:`rlmt.train.session.run_record`) as ``run.json``. ``tmp``: a directory
     from :func:`checkpoint_tmp` that already holds part of the checkpoint (the sharded state every rank wrote,
-    :func:`rlmt.parallel.fsdp.save_sharded`; then ``model`` and ``optimizer`` are None).
+    :func:`rlmt.parallel.fsdp.save_sharded`; then ``model`` and ``optimizer`` are None). ``rank_rngs``: on
+    several ranks, every rank's RNG states (:func:`capture_rng`), rank r's written as ``rng-r.pt`` (r > 0).
     """
     root = Path(run_dir) / "checkpoints"
     target = root / f"step-{step}"
@@ -186,6 +188,9 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module | None, opt
     if scheduler is not None:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(capture_rng(), tmp / "rng.pt")
+    for r, rng in enumerate(rank_rngs or []):
+        if r > 0:
+            torch.save(rng, tmp / f"rng-{r}.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
     if record is not None:
         (tmp / "run.json").write_text(json.dumps(record, indent=1, default=str))
@@ -259,11 +264,11 @@ def _apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any, fre
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                     scheduler: Any, extra_modules: dict[str, torch.nn.Module] | None = None,
-                    trainable: torch.nn.Module | None = None) -> dict[str, Any]:
+                    trainable: torch.nn.Module | None = None, rank: int = 0) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and RNG states; return ``state.json``. The optimizer keeps the
     hyperparameters it was built with (see the module docstring); ``path`` is expected to have been verified
     (:func:`verify_checkpoint`). ``trainable``: the module the optimizer steps (the model, or the model and its
-    heads), whose state a sharded checkpoint holds."""
+    heads), whose state a sharded checkpoint holds. ``rank``: whose RNG states to restore (``rng-r.pt``)."""
     path = Path(path)
     fresh = _fresh_hyperparameters(optimizer) if optimizer is not None else []
     if (path / SHARDED).is_dir():  # model.parallel=fsdp: every rank reads its shards (a collective)
@@ -280,5 +285,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     if optimizer is not None:
         _apply_hyperparameters(optimizer, scheduler, fresh)
-    restore_rng(torch.load(path / "rng.pt", weights_only=False))
+    own = path / f"rng-{rank}.pt"
+    restore_rng(torch.load(own if rank > 0 and own.exists() else path / "rng.pt", weights_only=False))
     return json.loads((path / "state.json").read_text())

@@ -208,8 +208,8 @@ def train_offline(cfg: Config, task: OfflineTask, world: World = World()) -> Pat
     opt, sched = build_optimizer(modules.trainable, cfg.optim, total, preallocate=not sharded)
     splits, prepare_note = task.prepare(run, splits) if task.prepare else (splits, None)  # initial weights
     examples, held = splits["train"], splits.get("eval", [])
-    start = (load_checkpoint(ckpt, modules.model, opt, sched, modules.extras, modules.trainable)["step"] if ckpt
-             else 0)
+    start = (load_checkpoint(ckpt, modules.model, opt, sched, modules.extras, modules.trainable, world.rank)["step"]
+             if ckpt else 0)
     rec = recorder(world, run_dir, to_dict(cfg), start if ckpt else None, cfg.run.tensorboard, cfg.run.log_every,
                    total, cfg.run.progress)
     if prepare_note:

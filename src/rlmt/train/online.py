@@ -167,7 +167,8 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
     opt, sched = build_optimizer(trainable, cfg.optim, plan.optimizer_steps,
                                  preallocate=method.steps_optimizer and not sharded, group_lrs=critic_lr)
     extras = {"critic": critic} if critic is not None else None
-    state = load_checkpoint(ckpt, policy, opt, sched, extras, trainable) if ckpt else {"step": 0, "update": {}}
+    state = (load_checkpoint(ckpt, policy, opt, sched, extras, trainable, world.rank) if ckpt
+             else {"step": 0, "update": {}})
     rec = recorder(world, run_dir, to_dict(cfg), state["step"] if ckpt else None, cfg.run.tensorboard,
                    cfg.run.log_every, plan.steps, cfg.run.progress)
     if report.skipped:

@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlmt.checkpoint import (SHARDED, checkpoint_tmp, file_sha256, latest_checkpoint, list_checkpoints,
+from rlmt.checkpoint import (SHARDED, capture_rng, checkpoint_tmp, file_sha256, latest_checkpoint, list_checkpoints,
                              save_checkpoint, set_aside, verify_checkpoint)
 from rlmt.config import Config, ModelConfig, to_dict, training_changes
 from rlmt.data import PromptFormat
 from rlmt.models import LoadedModel, load_model, pick_device
-from rlmt.parallel import World, check_divisible, check_same_config, init_world
+from rlmt.parallel import World, check_same_config, init_world
 from rlmt.records import QuietRecorder, RunRecorder
 from rlmt.rollout.precision import autocast_dtype
 from rlmt.runtime import apply_runtime
@@ -222,18 +222,19 @@ def check_distributed(cfg: Config, world_size: int) -> None:
         if cfg.model.lora.r > 0:
             raise RunError(f"model.parallel=fsdp with model.lora.r > 0 {where}: LoRA trains a small share of the "
                            "weights; use model.parallel=ddp")
-    sft_steps = cfg.algorithm in ("sft", "dpo", "reward_model", "process_reward_model", "rejection_sampling")
-    prompts = {"rejection_sampling": ("rejection.prompts_per_round", cfg.rejection.prompts_per_round)}.get(
-        cfg.algorithm, ("rollout.batch_prompts", cfg.rollout.batch_prompts))
-    batches = [("optim.batch_size * optim.grad_accum", cfg.optim.batch_size * cfg.optim.grad_accum)] if sft_steps else []
-    if cfg.algorithm not in ("sft", "dpo", "reward_model", "process_reward_model"):
-        batches.append(prompts)
-    try:
-        for key, value in batches:
-            if value:  # rejection.prompts_per_round=0 (every prompt) is checked against the data by the loop
-                check_divisible(value, world_size, key)
-    except ValueError as e:  # rlmt.parallel.shard.ShardError
-        raise RunError(str(e)) from None
+    offline = cfg.algorithm in ("sft", "dpo", "reward_model", "process_reward_model")
+    batches = []  # (key, value) of each batch size that is split across the ranks
+    if offline or cfg.algorithm == "rejection_sampling":  # examples a step (rejection: its SFT steps)
+        batches.append(("optim.batch_size * optim.grad_accum", cfg.optim.batch_size * cfg.optim.grad_accum))
+    if cfg.algorithm == "rejection_sampling":  # 0: every prompt, checked against the data by the loop
+        batches.append(("rejection.prompts_per_round", cfg.rejection.prompts_per_round))
+    elif not offline:
+        batches.append(("rollout.batch_prompts", cfg.rollout.batch_prompts))
+    for key, value in batches:
+        if value % world_size:
+            raise RunError(f"{key}={value} does not divide across {world_size} processes; use a multiple of "
+                           f"{world_size}")
+
 
 def join_world(cfg: Config) -> World:
     """Join the job torchrun started (a world of one without torchrun): the backend from ``dist.backend`` or
@@ -264,12 +265,13 @@ def save_on_main(world: World, run_dir: Path, step: int, state: dict[str, Any], 
     model and its heads), whose state the shards hold."""
     from rlmt.parallel.fsdp import is_sharded, save_sharded
 
+    rngs = world.all_gather_object(capture_rng()) if world.size > 1 else None  # every rank's, rank 0 writes
     if is_sharded(model):
         tmp = Path(world.broadcast_object(str(checkpoint_tmp(run_dir, step)) if world.is_main else None))
         save_sharded(trainable if trainable is not None else model, optimizer, tmp / SHARDED)
         world.barrier()
         if world.is_main:
-            save_checkpoint(run_dir, step, None, None, scheduler, state, keep, extras, record, tmp)
+            save_checkpoint(run_dir, step, None, None, scheduler, state, keep, extras, record, tmp, rngs)
     elif world.is_main:
-        save_checkpoint(run_dir, step, model, optimizer, scheduler, state, keep, extras, record)
+        save_checkpoint(run_dir, step, model, optimizer, scheduler, state, keep, extras, record, rank_rngs=rngs)
     world.barrier()
