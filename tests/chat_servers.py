@@ -80,6 +80,21 @@ def make_server(mode: str, port: int, delay: float) -> ThreadingHTTPServer:
                 state["inflight"] += 1
                 state["max_inflight"] = max(state["max_inflight"], state["inflight"])
                 first = state["requests"] == 1
+            left = []
+
+            def leave():  # out of flight before the reply's bytes go out: the client may send its next at once
+                if not left:
+                    left.append(True)
+                    with lock:
+                        state["inflight"] -= 1
+
+            send = self._send
+
+            def reply(*args, **kwargs):
+                leave()
+                return send(*args, **kwargs)
+
+            self._send = reply
             try:
                 time.sleep(30 if mode == "slow" else delay)
                 if mode == "garbage":
@@ -99,8 +114,8 @@ def make_server(mode: str, port: int, delay: float) -> ThreadingHTTPServer:
             except (BrokenPipeError, ConnectionResetError):
                 pass
             finally:
-                with lock:
-                    state["inflight"] -= 1
+                leave()
+                self._send = send
 
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
