@@ -117,9 +117,14 @@ def test_two_ranks_equal_one_rank(tmp_path, kind):
     diff = max(float((one[k].float() - two[k].float()).abs().max()) for k in one)
     assert diff < 1e-4, f"final weights differ by {diff}"
     m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    if kind == "grape":  # rank 0's rubric report counts every rank's critiques
+        reports = [json.loads((tmp_path / r / "rubric_report.json").read_text()) for r in ("one", "two")]
+        counts = [{it["item"]: (it["applicable"], it["scored"]) for it in rep["items"]} for rep in reports]
+        assert counts[0] == counts[1] and reports[0]["critic/requests"] == reports[1]["critic/requests"] > 0
     steps = 2 if kind == "rejection_sampling" else 3
     if kind.endswith("-fsdp"):  # the checkpoints hold each rank's shards (torch.distributed.checkpoint)
-        assert (tmp_path / "two" / "checkpoints" / "step-3" / "sharded" / ".metadata").exists()
+        manifest = json.loads((tmp_path / "two" / "checkpoints" / "step-3" / "manifest.json").read_text())
+        assert "sharded/.metadata" in json.dumps(manifest)  # the manifest vouches for the shards' index too
         assert not (tmp_path / "two" / "checkpoints" / "step-3" / "model.pt").exists()
     assert [r["step"] for r in m1] == [r["step"] for r in m2] == list(range(1, steps + 1))  # written once
     for a, b in zip(m1, m2):
@@ -246,6 +251,9 @@ def test_two_ranks_killed_after_a_checkpoint_resume_to_the_uninterrupted_run(tmp
     done = [int(p.name.split("-")[1]) for p in (killed / "checkpoints").glob("step-*")]
     assert 2 <= max(done) < 5
     assert (killed / "checkpoints" / "step-2" / "rng-1.pt").exists()  # rank 1's RNG states beside rank 0's
+    if parallel == "fsdp":  # the shards of 2 ranks do not load on 1
+        refused = train(args + ["run.resume=true"], killed)
+        assert refused.returncode == 2 and "resume it on 2 processes with model.parallel=fsdp" in refused.stderr
     _ok(train(args + ["run.resume=true"], killed, nproc=2))
     a, b = final_tensors(tmp_path / "straight"), final_tensors(killed)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0

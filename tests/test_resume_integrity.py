@@ -217,6 +217,11 @@ def test_training_changes_by_hand():
     assert training_changes(base, longer) == []  # max_steps 0: the length is optim.epochs, grown
     shorter = to_dict(load_config(None, ["algorithm=grpo", "reward.args={pattern: a}", "optim.epochs=0.5"]))
     assert training_changes(base, shorter) == ["optim.epochs: 1.0 -> 0.5"]
+    older = json.loads(json.dumps(base))  # a checkpoint written before model.parallel existed
+    del older["model"]["parallel"]
+    assert training_changes(older, base) == []  # a key added since, at its default: the behaviour it had
+    fsdp = to_dict(load_config(None, ["algorithm=grpo", "reward.args={pattern: a}", "model.parallel=fsdp"]))
+    assert training_changes(older, fsdp) == ["model.parallel: None -> 'fsdp'"]
 
 
 def test_step_in_backward_resumes_on_the_schedule(tmp_path):

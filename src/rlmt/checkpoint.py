@@ -114,7 +114,10 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _files(directory: Path) -> list[Path]:
-    return sorted(f for f in directory.rglob("*") if f.is_file() and f.name != MANIFEST and not f.name.startswith("."))
+    """Every file the manifest vouches for: all but the manifest and dot-files at the top (its temporary);
+    dot-files below it count (``sharded/.metadata`` of a sharded checkpoint)."""
+    return sorted(f for f in directory.rglob("*") if f.is_file() and f.name != MANIFEST
+                  and not (f.parent == directory and f.name.startswith(".")))
 
 
 def write_manifest(directory: Path) -> Path:

@@ -26,7 +26,7 @@ RESUME_SAFE: tuple[str, ...] = (
     "run.output_dir", "run.save_every", "run.keep_checkpoints", "run.resume", "run.allow_config_change",
     "run.log_every", "run.tensorboard", "run.progress", "run.eval_before_after",
     "eval", "data.eval",
-    "runtime", "dist", "model.device", "model.gradient_checkpointing",
+    "runtime", "dist", "model.device", "model.fsdp_cpu_offload", "model.gradient_checkpointing",
     "grape.critic.base_url", "grape.critic.api_key_env", "grape.critic.concurrency", "grape.critic.timeout_s",
     "grape.critic.retries", "grape.critic.backoff_s", "grape.critic.cache_path", "grape.critic.price_input_per_1k",
     "grape.critic.price_output_per_1k", "grape.critic.device",
@@ -85,10 +85,16 @@ def _grows_exactly(key: str, old_value: Any, new_value: Any, old: dict, new: dic
 def training_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The training-relevant changes from ``old`` (the checkpoint's config) to ``new`` as lines
     ``key: old -> new``; empty when the resume may go ahead without ``run.allow_config_change``."""
+    from rlmt.config.parse import to_dict
+    from rlmt.config.sections import Config
+
+    recorded, defaults = _leaves(old), _leaves(to_dict(Config()))
     lines = []
     for key, a, b in config_changes(old, new):
         if resume_safe(key) or _grows_exactly(key, a, b, old, new):
             continue
+        if key not in recorded and key in defaults and _as_list(defaults[key]) == b:
+            continue  # a key added to rlmt after the checkpoint was written, at its default: the old behaviour
         why = ""
         if key in ("optim.max_steps", "optim.epochs") and new["optim"].get("schedule") != "constant":
             why = f" (the {new['optim'].get('schedule')} schedule's learning rate depends on the run's length)"

@@ -85,6 +85,19 @@ class Oversight:
             del t.examples[self.k:]
         return metrics
 
+    def absorb(self, totals: dict[str, ItemTotals]) -> None:
+        """Add another process's totals (a rank's share of the run) to these: sums, and the lowest-confidence
+        examples of both."""
+        for key, other in totals.items():
+            t = self.totals[key]
+            t.applicable += other.applicable
+            t.scored += other.scored
+            t.gated += other.gated
+            t.conf_sum += other.conf_sum
+            t.score_sum += other.score_sum
+            t.score_sq_sum += other.score_sq_sum
+            t.examples = sorted(t.examples + other.examples, key=lambda e: e[0])[:self.k]
+
     def flags(self, summary: dict) -> list[str]:
         out = []
         if summary["scored"] == 0:

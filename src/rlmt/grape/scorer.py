@@ -224,6 +224,19 @@ class RubricReward:
         metrics["reward/missing_as_zero"] = float((torch.isfinite(S_full) & ~torch.isfinite(S)).sum())
         return RewardResult(scores, details, metrics=metrics)
 
+    def records(self) -> tuple:
+        """What :meth:`finish` reports, as plain data: the oversight totals and the critic's counters (a rank
+        sends its share to rank 0, which :meth:`absorb` s it before writing the report)."""
+        return self.oversight.totals, (vars(self.critic.stats).copy() if self.critic is not None else {})
+
+    def absorb(self, records: tuple) -> None:
+        """Add another rank's :meth:`records` to this process's."""
+        totals, stats = records
+        self.oversight.absorb(totals)
+        if self.critic is not None:
+            for k, v in stats.items():
+                setattr(self.critic.stats, k, getattr(self.critic.stats, k) + v)
+
     def finish(self, run_dir: Path) -> None:
         """Write ``rubric_report.json`` and ``rubric_report.md`` (flagged items first) into ``run_dir``."""
         extra = self.critic.stats.as_metrics() if self.critic is not None else {}

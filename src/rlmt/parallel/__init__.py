@@ -11,9 +11,9 @@ and the checks that every rank runs the same job.
 """
 
 from rlmt.parallel.consistency import check_same_config, config_digest
-from rlmt.parallel.grads import all_reduce_gradients
+from rlmt.parallel.grads import all_reduce_gradients, broadcast_weights
 from rlmt.parallel.shard import check_divisible, shard_groups, shard_rows
 from rlmt.parallel.world import World, close_world, init_world
 
-__all__ = ["World", "all_reduce_gradients", "check_divisible", "close_world", "check_same_config", "config_digest", "init_world", "shard_groups",
+__all__ = ["World", "all_reduce_gradients", "broadcast_weights", "check_divisible", "close_world", "check_same_config", "config_digest", "init_world", "shard_groups",
            "shard_rows"]

@@ -11,8 +11,8 @@ across ranks like DDP's (:func:`rlmt.parallel.all_reduce_gradients`). The layers
 weights (SmolLM2-135M: 106M of 135M; a 7B Llama: 6.5B of 6.7B).
 
 The arithmetic is the replicated one: FSDP's reduce-scatter *averages* over ranks, so the sharded gradients
-are multiplied back by N (:func:`sum_sharded_gradients`) and every gradient is the sum of the ranks' shares of
-the global loss, as with DDP. The global norm for clipping adds the squared norms of the local shards over
+are multiplied back by N (:func:`rlmt.parallel.all_reduce_gradients`) and every gradient is the sum of the
+ranks' shares of the global loss, as with DDP. The frozen reference model's layers are sharded the same way. The global norm for clipping adds the squared norms of the local shards over
 ranks to those of the replicated gradients (:func:`global_grad_norm`).
 
 FSDP's forward hooks all-gather a layer on every rank at once, so the ranks must run the same passes. What
@@ -102,14 +102,6 @@ def _dtensor_type():
     from torch.distributed.tensor import DTensor
 
     return DTensor
-
-
-def sum_sharded_gradients(world: World, params: list[nn.Parameter]) -> None:
-    """FSDP averaged the sharded gradients over the ranks; scale them back to the sum (times N)."""
-    DTensor = _dtensor_type()
-    for p in params:
-        if isinstance(p, DTensor) and p.grad is not None:
-            p.grad.mul_(world.size)
 
 
 def global_grad_norm(world: World, params: list[nn.Parameter]) -> torch.Tensor:

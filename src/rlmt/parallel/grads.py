@@ -72,3 +72,24 @@ def _reduce_bucket(world: World, bucket: list[torch.nn.Parameter]) -> None:
             n = p.numel()
             p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
             offset += n
+
+
+def broadcast_weights(world: World, module: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (in place), so the replicas start identical even where a
+    rank built them differently (a head initialised from another RNG state, a model file that changed between
+    the ranks' reads). Before any sharding; nothing happens on one process."""
+    if world.size == 1:
+        return
+    tensors = [t for t in list(module.parameters()) + list(module.buffers()) if t.numel()]
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in dict.fromkeys(tensors):  # tied weights once
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for ts in by_dtype.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in ts]).to(world.device)
+        torch.distributed.broadcast(flat, src=0)
+        offset = 0
+        with torch.no_grad():
+            for t in ts:
+                n = t.numel()
+                t.copy_(flat[offset:offset + n].view_as(t))
+                offset += n

@@ -31,6 +31,7 @@ class World:
     local_rank: int = 0  # rank on this node (picks the GPU)
     backend: str | None = None  # "gloo" / "nccl"; None for a world of one
     device: str = "cpu"  # where this rank computes, and where collective tensors live
+    waiting: Any = None  # a gloo group without a practical timeout, for ranks that wait on rank 0's work
 
     @property
     def is_main(self) -> bool:
@@ -40,6 +41,13 @@ class World:
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier()
+
+    def wait(self) -> None:
+        """A barrier while rank 0 works alone (an evaluation, ``final/``, a checkpoint's write and checksums):
+        on the :attr:`waiting` group, whose timeout is a day, not ``dist.timeout_s``. A rank that dies
+        meanwhile still ends the job: torchrun stops the others."""
+        if self.size > 1:
+            dist.barrier(group=self.waiting)
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         """The element-wise sum of ``values`` over ranks (in place, also returned)."""
@@ -97,7 +105,9 @@ class World:
                 result = fn()
             except BaseException as e:  # noqa: BLE001 - re-raised on every rank
                 error = e
-        result, error = self.broadcast_object((result, error))
+        box = [(result, error)]
+        dist.broadcast_object_list(box, src=0, group=self.waiting)  # rank 0's fn may take long: no timeout
+        result, error = box[0]
         if error is not None:
             raise error
         return result
@@ -138,7 +148,8 @@ def init_world(backend: str | None = None, device: str = "cpu", timeout_s: float
     backend = backend or ("nccl" if device.startswith("cuda") else "gloo")
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    return World(rank, size, local_rank, backend, device)
+    waiting = dist.new_group(backend="gloo", timeout=timedelta(days=1))
+    return World(rank, size, local_rank, backend, device, waiting)
 
 
 def close_world(world: World, together: bool = True) -> None:

@@ -101,7 +101,7 @@ COUNTS = frozenset({"reward/unscored", "groups/zero_variance", "guard/flagged", 
 
 
 def reduce_across(world: Any, metrics: dict[str, float]) -> dict[str, float]:
-    """Per-rank step figures -> the step's: :data:`COUNTS` summed, ``*_max`` maxed, ``*_min`` mined,
+    """Per-rank step figures -> the step's: :data:`COUNTS` and the critic's counters summed, ``*_max`` maxed, ``*_min`` mined,
     ``time/*`` and ``*/seconds`` maxed (the slowest rank is the step's time), anything else the mean over the
     ranks that report it (each rank holds the same number of prompt groups, so a per-sequence mean is exact;
     a per-token mean is weighted by sequences, not tokens). The same on every rank; ``metrics`` on one process."""
@@ -111,7 +111,7 @@ def reduce_across(world: Any, metrics: dict[str, float]) -> dict[str, float]:
     out: dict[str, float] = {}
     for k in dict.fromkeys(k for m in everyone for k in m):  # every rank's keys, in order
         vals = [m[k] for m in everyone if k in m]
-        if k in COUNTS:
+        if k in COUNTS or (k.startswith("critic/") and not k.endswith("_rate")):  # the critic's counters
             out[k] = sum(vals)
         elif k.endswith("_max") or k.startswith("time/") or k.endswith("/seconds"):
             out[k] = max(vals)

@@ -182,7 +182,7 @@ def _evaluate(run: OfflineRun, task: OfflineTask, held: list, tag: str, rec: Run
             metrics = task.evaluate(run, held)
             write_atomic(run.run_dir / f"eval-{tag}.json", json.dumps(metrics, indent=1))
             rec.note(f"eval {tag}: {json.dumps(metrics)}")
-        world.barrier()
+        world.wait()
 
 
 def train_offline(cfg: Config, task: OfflineTask, world: World = World()) -> Path:
@@ -198,7 +198,7 @@ def train_offline(cfg: Config, task: OfflineTask, world: World = World()) -> Pat
     ckpt, record = world.on_main(lambda: resume_checkpoint(cfg)), run_record(cfg)  # verified, config compared
     run_dir, lm, fmt = start_run(cfg)
     modules = task.modules(lm, fmt)
-    sharded = shard_model(cfg, lm, world)  # model.parallel=fsdp: the decoder layers, before the optimizer
+    sharded = shard_model(cfg, lm, world, [modules.trainable], ckpt)  # rank 0's weights; fsdp: before the optimizer
     run = OfflineRun(cfg, lm, fmt, run_dir, modules, next(lm.model.parameters()).device)
     examples, report = _load(cfg, task, lm, fmt, cfg.data.train, cfg.data.limit)
     splits = {"train": examples}
@@ -238,7 +238,7 @@ def train_offline(cfg: Config, task: OfflineTask, world: World = World()) -> Pat
     with gathered(modules.model):  # and its forward passes (a reward model's score statistics) need no peers
         if world.is_main:
             task.save_final(run, examples, rec.note)
-        world.barrier()
+        world.wait()
     if held:
         _evaluate(run, task, held, "after", rec, world)
     rec.close()

@@ -33,7 +33,7 @@ from rlmt.evaluate import evaluate_run
 from rlmt.models import Reference, frozen_reference, save_final
 from rlmt.rewards import check_reward_fields, check_reward_source, reward_source_for, score_checked
 from rlmt.parallel import World, check_divisible, shard_groups
-from rlmt.parallel.fsdp import full_state_dict, gathered
+from rlmt.parallel.fsdp import full_state_dict, gathered, shard_layers
 from rlmt.rollout import RolloutBatch, SamplingParams, concat_batches, generate, sample_keys
 from rlmt.runtime import release_free_heap
 from rlmt.train.dense import dense_rewards_for
@@ -161,7 +161,11 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
                     "prompts per step (rollout.batch_prompts; rejection sampling: rejection.prompts_per_round)")
     reference = frozen_reference(lm, cfg.model.dtype) if method.kl_regularized and pg.beta > 0 else None
     critic = method.critic(policy) if method.critic else None
-    sharded = shard_model(cfg, lm, world)  # model.parallel=fsdp: after the reference's copy, before the optimizer
+    # rank 0's weights everywhere; model.parallel=fsdp: sharded after the reference's copy, before the optimizer
+    sharded = shard_model(cfg, lm, world, [policy] + ([critic] if critic is not None else []), ckpt)
+    if sharded and reference is not None and reference.copy is not None:  # its passes: one per group, every rank
+        shard_layers(reference.copy, world, lm.autocast, cfg.model.fsdp_cpu_offload)
+        reference = Reference(reference.policy, reference.copy, None, reference.autocast)  # no file pages now
     trainable = torch.nn.ModuleList([policy] + ([critic] if critic is not None else []))
     critic_lr = [(critic, cfg.ppo.critic_lr)] if critic is not None and cfg.ppo.critic_lr is not None else []
     opt, sched = build_optimizer(trainable, cfg.optim, plan.optimizer_steps,
@@ -224,12 +228,15 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
             save(step + 1, {"update": ctx.state, "pass_rates": prompts.pass_rates.tolist()})
     save(plan.steps, {"update": ctx.state, "pass_rates": prompts.pass_rates.tolist()})
     full = full_state_dict(policy) if sharded else None  # model.parallel=fsdp: gathered to rank 0
+    shares = world.all_gather_object(source.records()) if world.size > 1 and hasattr(source, "records") else []
     with gathered(policy):
         if world.is_main:
             save_final(policy, tok, run_dir, full)
+            for share in shares[1:]:  # the other ranks' oversight totals and critic counters (GRAPE)
+                source.absorb(share)
             if hasattr(source, "finish"):
                 source.finish(run_dir)
-        world.barrier()
+        world.wait()
     if evaluating:
         _evaluate(cfg, lm, fmt, "after", run_dir, method.reward_source, rec, world)
     rec.close()
@@ -243,4 +250,4 @@ def _evaluate(cfg: Config, lm, fmt, tag: str, run_dir: Path, reward_source: str 
         if world.is_main:
             out = evaluate_run(cfg, lm, fmt, tag, run_dir, reward_source)
             rec.note(f"eval {tag}: pass@1 {out['pass@1']:.3f}  reward/mean {out['reward/mean']:.3f}")
-        world.barrier()
+        world.wait()

@@ -162,7 +162,7 @@ def train_pipeline(cfg: Config, train: Callable[[Config], Path], world: World = 
     status = {s.name: {"status": "pending", "skipped": False} for s in stages}
     for s in stages:
         marker = s.dir / STAGE_MARKER
-        world.barrier()  # rank 0 has written the previous stage's marker
+        world.wait()  # rank 0 has written the previous stage's marker
         if marker.exists():
             done = json.loads(marker.read_text())
             if done.get("config_sha256") != config_hash(s.config):
@@ -190,5 +190,5 @@ def train_pipeline(cfg: Config, train: Callable[[Config], Path], world: World = 
         gc.collect()  # the stage's models are garbage now; free them before the next stage loads its own
     if main:
         _write_status(root, stages, status)
-    world.barrier()
+    world.wait()
     return root

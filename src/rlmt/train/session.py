@@ -27,7 +27,7 @@ from rlmt.checkpoint import (SHARDED, capture_rng, checkpoint_tmp, file_sha256, 
 from rlmt.config import Config, ModelConfig, to_dict, training_changes
 from rlmt.data import PromptFormat
 from rlmt.models import LoadedModel, load_model, pick_device
-from rlmt.parallel import World, check_same_config, init_world
+from rlmt.parallel import World, broadcast_weights, check_same_config, init_world
 from rlmt.records import QuietRecorder, RunRecorder
 from rlmt.rollout.precision import autocast_dtype
 from rlmt.runtime import apply_runtime
@@ -54,10 +54,22 @@ def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
     return get_peft_model(model, lcfg)
 
 
-def shard_model(cfg: Config, lm: LoadedModel, world: World) -> bool:
-    """``model.parallel=fsdp`` on several ranks: shard the policy's decoder layers (:mod:`rlmt.parallel.fsdp`);
-    True if it did. Called by the loops after the reference copy is taken and before the optimizer is built."""
-    if cfg.model.parallel != "fsdp" or world.size == 1:
+def shard_model(cfg: Config, lm: LoadedModel, world: World, trainable: list[torch.nn.Module],
+                checkpoint: Path | None) -> bool:
+    """On several ranks: make every rank start from rank 0's weights (``trainable``: the policy and its heads;
+    :func:`rlmt.parallel.broadcast_weights`), refuse a sharded checkpoint written by another number of ranks,
+    and with ``model.parallel=fsdp`` shard the policy's decoder layers (:mod:`rlmt.parallel.fsdp`); True if it
+    did. Called by the loops after the reference copy is taken and before the optimizer is built."""
+    if checkpoint is not None and (Path(checkpoint) / SHARDED).is_dir():
+        written = json.loads((Path(checkpoint) / "state.json").read_text()).get("world_size")
+        if written != world.size or cfg.model.parallel != "fsdp":
+            raise RunError(f"run.resume: {checkpoint} holds the shards of {written} ranks (model.parallel=fsdp); "
+                           f"resume it on {written} processes with model.parallel=fsdp")
+    if world.size == 1:
+        return False
+    for module in trainable:
+        broadcast_weights(world, module)
+    if cfg.model.parallel != "fsdp":
         return False
     from rlmt.parallel.fsdp import shard_layers
 
@@ -266,6 +278,7 @@ def save_on_main(world: World, run_dir: Path, step: int, state: dict[str, Any], 
     from rlmt.parallel.fsdp import is_sharded, save_sharded
 
     rngs = world.all_gather_object(capture_rng()) if world.size > 1 else None  # every rank's, rank 0 writes
+    state = {**state, "world_size": world.size}
     if is_sharded(model):
         tmp = Path(world.broadcast_object(str(checkpoint_tmp(run_dir, step)) if world.is_main else None))
         save_sharded(trainable if trainable is not None else model, optimizer, tmp / SHARDED)
@@ -274,4 +287,4 @@ def save_on_main(world: World, run_dir: Path, step: int, state: dict[str, Any], 
             save_checkpoint(run_dir, step, None, None, scheduler, state, keep, extras, record, tmp, rngs)
     elif world.is_main:
         save_checkpoint(run_dir, step, model, optimizer, scheduler, state, keep, extras, record, rank_rngs=rngs)
-    world.barrier()
+    world.wait()

@@ -110,11 +110,13 @@ def accumulate(ctx: UpdateContext, n_groups: int, group_size: int, mask: Tensor,
                     loss.backward()
                 tokens += w
                 reduction.add(met, w)
-            for _ in range(passes - len(micros)):
-                (0.0 * micro_loss(torch.arange(1), normalizer)[0]).backward()
-            if before_step is not None and (finite or sharded):
+            for _ in range(passes - len(micros)):  # a one-token pass through every layer: zero, finite grads
+                (0.0 * ctx.policy(input_ids=torch.zeros((1, 1), dtype=torch.long, device=mask.device)
+                                  ).logits.float().sum()).backward()
+            finite = world.agree(finite)  # every rank adds the demonstrations' share, or none does
+            if before_step is not None and finite:
                 extra = before_step()
-                finite = all(math.isfinite(v) for k, v in extra.items() if k.endswith("loss"))
+                finite = finite and all(math.isfinite(v) for k, v in extra.items() if k.endswith("loss"))
                 reduction.add(extra, 1.0)
             step = guarded_step(ctx.trainable, ctx.optimizer, ctx.scheduler, cfg.optim.max_grad_norm, finite, world)
             reduction.end_step()
