@@ -99,6 +99,9 @@ def launch(args) -> int:
     cfg = with_method_defaults(_load(args))
     nnodes = int(str(args.nnodes).split(":")[-1])
     check_distributed(cfg, args.nproc_per_node * nnodes)
+    # the ranks' OpenMP threads: this node's cores shared among its processes (torchrun's default is 1),
+    # unless the user set them (runtime.threads still sets torch's own count in each rank)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc_per_node)))
     torchrun_args = get_args_parser().parse_args(launch_command(args)[3:])
     try:
         run(torchrun_args)
