@@ -86,6 +86,35 @@ def test_no_arguments_prints_help():
         assert name in out
 
 
+def test_version_names_rlmt_and_torch():
+    code, out, _ = run_cli(["--version"])
+    import torch
+
+    assert code == 0 and out.startswith("rlmt 0.") and f"torch {torch.__version__}" in out
+
+
+def test_train_with_nothing_to_train_prints_its_usage():
+    code, _, err = run_cli(["train"])
+    assert code == 2 and err.startswith("usage: rlmt train") and "rlmt train examples/grpo.yaml" in err
+    assert "data.train" not in err  # not the data error a missing config used to give
+
+
+def test_the_progress_rate_counts_training_steps_only(tmp_path, monkeypatch):
+    """The bar's rate and ETA start with the first training step, not with the model load and the evaluation
+    before it (which the loops run between creating the recorder and the first step)."""
+    import time
+
+    from rlmt.records import RunRecorder
+
+    rec = RunRecorder(tmp_path, {}, total_steps=4, progress=True)
+    time.sleep(0.4)  # the evaluation before training
+    rec.start_steps()
+    rec.log(1, {"loss": 1.0})
+    elapsed = rec._bar.format_dict["elapsed"]
+    rec.close()
+    assert elapsed < 0.3
+
+
 @pytest.mark.parametrize("name", SUBCOMMANDS)
 def test_subcommand_help(name):
     code, out, _ = run_cli([name, "--help"])

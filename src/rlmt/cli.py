@@ -264,11 +264,25 @@ def cmd_help_config(_args=None) -> int:
     return 0
 
 
+def _version() -> str:
+    """``rlmt X`` and the torch beside it (read from the installed metadata: no torch import)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import rlmt
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "not installed"
+    return f"rlmt {rlmt.__version__} (torch {torch_version}, Python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rlmt", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="rlmt: post-training for language models (SFT, rejection sampling, RL, preferences, GRAPE).",
         epilog=EPILOG)
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def with_config(sp, optional=False):
@@ -375,6 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         build_parser().print_help()
         return 0
+    if args.func is cmd_train and not (args.config or args.overrides or args.help_config):
+        args._sub.print_usage(sys.stderr)  # `rlmt train` alone: what to give it, not a missing-data error
+        print("rlmt train: give a config file and/or key=value overrides, e.g. `rlmt train examples/grpo.yaml`; "
+              "`rlmt train --help` for the options, `--help-config` for every key", file=sys.stderr)
+        return 2
     if getattr(args, "help_config", False):
         return cmd_help_config()
     if "torch" not in sys.modules and huge_pages_env(args):  # torch reads it at its first allocation

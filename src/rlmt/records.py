@@ -66,6 +66,13 @@ class RunRecorder:
             self._bar = tqdm(total=total_steps, initial=resume_step or 0, desc="train", unit="step",
                              dynamic_ncols=True, file=sys.stderr)
 
+    def start_steps(self) -> None:
+        """The training steps begin now: the progress bar's rate and ETA count from here, not from before the
+        model load and the evaluation that precede the first step."""
+        if self._bar is not None:
+            self._bar.start_t = self._bar.last_print_t = self._bar._time()
+            self._bar.refresh()
+
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(row) + "\n")
@@ -98,6 +105,9 @@ class RunRecorder:
 
 class QuietRecorder:
     """The recorder of a rank other than 0 on several processes: rank 0 writes the one record of the run."""
+
+    def start_steps(self) -> None:
+        pass
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         pass

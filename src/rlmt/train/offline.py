@@ -222,6 +222,7 @@ def train_offline(cfg: Config, task: OfflineTask, world: World = World()) -> Pat
     loss = partial(task.loss, run)
     save = partial(save_on_main, world, run_dir, model=modules.model, optimizer=opt, scheduler=sched,
                    keep=cfg.run.keep_checkpoints, extras=modules.extras, record=record, trainable=modules.trainable)
+    rec.start_steps()
     for step in range(start, total):
         idx = step_indices(step, per_step, len(examples), cfg.run.seed, cfg.data.shuffle)  # the global batch
         mbs = task.collate(run, [examples[i] for i in shard_rows(idx, world.rank, world.size)])

@@ -195,6 +195,7 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
     prompts = PromptSampler(cfg, len(rows), state.get("pass_rates"))
     save = partial(save_on_main, world, run_dir, model=policy, optimizer=opt, scheduler=sched,
                    keep=cfg.run.keep_checkpoints, extras=extras, record=record, trainable=trainable)
+    rec.start_steps()
     for step in range(state["step"], plan.steps):
         t_step = time.perf_counter()
         idx = prompts.draw(step, plan.prompts_per_step)  # the global step's prompts, the same on every rank
