@@ -132,6 +132,16 @@ def test_help_config_lists_every_key_with_its_doc_and_default():
         else:
             i = lines.index(f"  {key} = {default}")
             assert lines[i + 1].strip() == text
+    i = lines.index("  model.parallel = 'ddp'")
+    assert lines[i + 1].endswith("[one of: 'ddp', 'fsdp']")  # the choices of an enumerated key
+    i = lines.index("  pg.kl_estimator = None")
+    assert lines[i + 1].endswith("[one of: 'k3', 'k1']")  # an optional one too
+    from rlmt.rewards import REGISTRY
+
+    sources = out[out.index("reward sources (reward.source)"):]
+    for name in REGISTRY:  # every reward source with the reward.args it takes
+        assert f"\n  {name}: " in sources
+    assert "args: pattern, mode='search'" in sources
 
 
 def test_unknown_subcommand_exits_2():

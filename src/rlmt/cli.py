@@ -261,6 +261,19 @@ def cmd_help_config(_args=None) -> int:
             print(f"\n{key}:  {text}")
         else:
             print(f"  {key} = {default}\n      {text}")
+    import inspect
+
+    from rlmt.rewards import REGISTRY, reward_source_class
+
+    print("\nreward sources (reward.source) and the reward.args each takes:")
+    for name in sorted(REGISTRY):
+        cls = reward_source_class(name)
+        params = [p for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"]
+        shown = lambda v: repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."  # noqa: E731
+        args = ", ".join(p.name + ("" if p.default is inspect.Parameter.empty else f"={shown(p.default)}")
+                         for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+        summary = (inspect.getdoc(cls) or "").split("\n\n")[0].replace("\n", " ")
+        print(f"  {name}: {summary}\n      args: {args or '(none)'}")
     return 0
 
 

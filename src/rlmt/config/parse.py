@@ -323,5 +323,14 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]
             rows.extend(describe(tp, prefix + f.name + "."))
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            rows.append((prefix + f.name, repr(default), f.metadata.get("doc", "")))
+            choices = _choices(tp)
+            doc = f.metadata.get("doc", "") + (f" [one of: {', '.join(map(repr, choices))}]" if choices else "")
+            rows.append((prefix + f.name, repr(default), doc))
     return rows
+
+
+def _choices(tp: Any) -> tuple:
+    """The values a ``Literal`` (or optional ``Literal``) field takes; () for any other type."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return tuple(c for a in typing.get_args(tp) if a is not type(None) for c in _choices(a))
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else ()
