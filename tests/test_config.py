@@ -457,3 +457,27 @@ def test_allow_config_change_is_a_typed_documented_key():
     with pytest.raises(ConfigError, match="run.allow_config_change"):
         load_config(None, ["run.allow_config_change=maybe"])
     assert any(key == "run.allow_config_change" and doc for key, _, doc in describe())
+
+
+def test_a_bad_value_from_the_command_line_names_the_override_not_the_file(tmp_path):
+    from rlmt.config import ConfigError, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("algorithm: grpo\noptim: {lr: 1.0e-5}\n")
+    with pytest.raises(ConfigError, match=r"^override 'optim.lr=abc': optim.lr: expected float, got 'abc'$"):
+        load_config(path, ["optim.lr=abc"])
+    path.write_text("algorithm: grpo\noptim: {lr: abc}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: optim.lr: expected float"):  # from the file: the file
+        load_config(path, ["optim.batch_size=4"])
+
+
+def test_a_number_in_an_override_indexes_a_list_of_stages(tmp_path):
+    from rlmt.config import ConfigError, load_config
+
+    path = tmp_path / "p.yaml"
+    path.write_text("algorithm: pipeline\nstages:\n  - {name: a, algorithm: sft, optim: {max_steps: 20}}\n"
+                    "  - {name: b, algorithm: dpo}\n")
+    cfg = load_config(path, ["stages.0.optim.max_steps=2", "stages.1.dpo.beta=0.5"])
+    assert cfg.stages[0]["optim"]["max_steps"] == 2 and cfg.stages[1]["dpo"] == {"beta": 0.5}
+    with pytest.raises(ConfigError, match="stages is a list of 2 entries; '2' is not an index"):
+        load_config(path, ["stages.2.optim.max_steps=2"])

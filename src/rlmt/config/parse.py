@@ -129,12 +129,27 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_override(data: dict, path: list[str], value: Any) -> None:
-    node = data
-    for part in path[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[path[-1]] = value
+    """Set ``data[path[0]][path[1]]... = value``, creating mappings on the way; a number indexes into a list
+    (``stages.0.optim.max_steps``: the first pipeline stage's)."""
+    node: Any = data
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[:i])} is a list of {len(node)} "
+                                  f"entries; {part!r} is not an index into it")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[:i])} is a {type(node).__name__}, not a "
+                              "mapping or list")
+        if last:
+            node[part] = value
+        else:
+            child = node[part] if isinstance(node, list) else node.get(part)
+            if not isinstance(child, (dict, list)):
+                child = {}
+                node[part] = child
+            node = child
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -155,10 +170,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{where}top level must be a mapping of config keys")
         deep_merge(data, loaded)
+    given = {}
     for text in overrides or []:
         keys, value = parse_override(text)
         apply_override(data, keys, value)
-    return config_from_dict(data, "", where)
+        given[".".join(keys)] = text
+    try:
+        return config_from_dict(data, "", where)
+    except ConfigError as e:  # a value from the command line: name the override, not the file it overrides
+        message = str(e)
+        for key, text in given.items():
+            if where and message.startswith(f"{where}{key}:"):
+                raise ConfigError(f"override {text!r}: {message[len(where):]}") from None
+        raise
 
 
 def config_from_dict(data: dict, prefix: str = "", where: str = "") -> Config:
