@@ -101,7 +101,8 @@ def test_train_with_nothing_to_train_prints_its_usage():
 
 def test_the_progress_rate_counts_training_steps_only(tmp_path, monkeypatch):
     """The bar's rate and ETA start with the first training step, not with the model load and the evaluation
-    before it (which the loops run between creating the recorder and the first step)."""
+    before it (which the loops run between creating the recorder and the first step); the run ends with a
+    summary line."""
     import time
 
     from rlmt.records import RunRecorder
@@ -111,6 +112,9 @@ def test_the_progress_rate_counts_training_steps_only(tmp_path, monkeypatch):
     rec.start_steps()
     rec.log(1, {"loss": 1.0})
     elapsed = rec._bar.format_dict["elapsed"]
+    rec.evaluation("before", {"pass@1": 0.25}, "pass@1 0.250")
+    rec.evaluation("after", {"pass@1": 0.75}, "pass@1 0.750")
+    assert rec.summary().startswith("run: 1 steps in 0.0 min of training, 0.0 min in all; pass@1 0.250 -> 0.750")
     rec.close()
     assert elapsed < 0.3
 

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ class RunRecorder:
                  tensorboard: bool = False, log_every: int = 1, total_steps: int | None = None,
                  progress: bool = True):
         self.dir = Path(run_dir)
+        self._t0, self._t_steps, self._steps, self._evals = time.perf_counter(), None, 0, {}
         self.dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
         self.metrics_path = self.dir / "metrics.jsonl"
@@ -69,11 +71,20 @@ class RunRecorder:
     def start_steps(self) -> None:
         """The training steps begin now: the progress bar's rate and ETA count from here, not from before the
         model load and the evaluation that precede the first step."""
+        self._t_steps = time.perf_counter()
         if self._bar is not None:
             self._bar.start_t = self._bar.last_print_t = self._bar._time()
             self._bar.refresh()
 
+    def evaluation(self, tag: str, figures: dict[str, float], shown: str) -> None:
+        """A before/after evaluation's figures: a line now (``shown``), and the summary at :meth:`close`."""
+        self._evals[tag] = figures
+        self.note(f"eval {tag}: {shown}")
+
     def log(self, step: int, metrics: dict[str, Any]) -> None:
+        self._steps += 1
+        if self._t_steps is None:
+            self._t_steps = self._t0
         row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
@@ -95,18 +106,37 @@ class RunRecorder:
         else:
             print(text, file=sys.stderr)
 
+    def summary(self) -> str:
+        """One line: the steps this process ran, their time and the run's, and each figure evaluated before
+        and after (``pass@1``, ``accuracy``, ...)."""
+        wall = time.perf_counter() - self._t0
+        training = time.perf_counter() - self._t_steps if self._t_steps is not None else 0.0
+        line = f"run: {self._steps} steps in {training / 60:.1f} min of training, {wall / 60:.1f} min in all"
+        before, after = self._evals.get("before", {}), self._evals.get("after", {})
+        shared = [k for k in after if k in before and isinstance(after[k], (int, float))][:3]
+        if shared:
+            line += "; " + ", ".join(f"{k} {before[k]:.3f} -> {after[k]:.3f}" for k in shared)
+        elif after:
+            line += "; after: " + ", ".join(f"{k} {v:.3f}" for k, v in list(after.items())[:3]
+                                           if isinstance(v, (int, float)))
+        return line
+
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
         if self._bar is not None:
             self._bar.close()
+        print(self.summary(), file=sys.stderr, flush=True)
 
 
 class QuietRecorder:
     """The recorder of a rank other than 0 on several processes: rank 0 writes the one record of the run."""
 
     def start_steps(self) -> None:
+        pass
+
+    def evaluation(self, tag: str, figures: dict[str, float], shown: str) -> None:
         pass
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:

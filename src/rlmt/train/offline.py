@@ -181,7 +181,7 @@ def _evaluate(run: OfflineRun, task: OfflineTask, held: list, tag: str, rec: Run
         if world.is_main:
             metrics = task.evaluate(run, held)
             write_atomic(run.run_dir / f"eval-{tag}.json", json.dumps(metrics, indent=1))
-            rec.note(f"eval {tag}: {json.dumps(metrics)}")
+            rec.evaluation(tag, metrics, json.dumps(metrics))
         world.wait()
 
 

@@ -250,5 +250,6 @@ def _evaluate(cfg: Config, lm, fmt, tag: str, run_dir: Path, reward_source: str 
     with gathered(lm.model):
         if world.is_main:
             out = evaluate_run(cfg, lm, fmt, tag, run_dir, reward_source)
-            rec.note(f"eval {tag}: pass@1 {out['pass@1']:.3f}  reward/mean {out['reward/mean']:.3f}")
+            rec.evaluation(tag, {k: out[k] for k in ("pass@1", "reward/mean")},
+                           f"pass@1 {out['pass@1']:.3f}  reward/mean {out['reward/mean']:.3f}")
         world.wait()
