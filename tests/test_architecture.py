@@ -16,7 +16,7 @@ ALLOWED = {
     "runtime": {"config"},
     "tasks": set(),
     "curriculum": set(),
-    "checkpoint": {"parallel"},
+    "checkpoint": {"parallel", "records"},
     "data": {"objectives"},
     "rollout": {"runtime"},
     "models": {"data", "rollout", "records", "config", "runtime"},

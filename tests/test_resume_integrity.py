@@ -241,3 +241,18 @@ def test_step_in_backward_resumes_on_the_schedule(tmp_path):
     assert _comparable(read_metrics(out)) == _comparable(read_metrics(straight))
     a, b = _weights(straight), _weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoints_and_final_are_readable_by_the_group_as_mkdir_makes_them(tmp_path):
+    """mkdtemp makes 0700 directories; renamed into place they were the only outputs the group could not read."""
+    import os
+
+    data = _data(tmp_path / "sft.jsonl")
+    out = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        assert main(_args(data, out, "optim.max_steps=1")) == 0
+    finally:
+        os.umask(old)
+    for d in [out / "final", *(out / "checkpoints").glob("step-*")]:
+        assert d.stat().st_mode & 0o777 == 0o755, (d, oct(d.stat().st_mode))

@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlmt.records import as_made_by_mkdir
+
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"
 SHARDED = "sharded"  # the torch.distributed.checkpoint directory of a model.parallel=fsdp run
@@ -163,7 +165,7 @@ def checkpoint_tmp(run_dir: Path, step: int) -> Path:
     """A fresh temporary directory beside the checkpoints, where step ``step`` is written before its rename."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=root))
+    return as_made_by_mkdir(Path(tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=root)))
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None,

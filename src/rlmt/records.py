@@ -17,6 +17,15 @@ from typing import Any
 import yaml
 
 
+def as_made_by_mkdir(directory: Path) -> Path:
+    """Give a directory from ``tempfile.mkdtemp`` (mode 0700) the mode ``mkdir`` would have given it
+    (0777 less the umask), before it is renamed into place as an output the user's group may read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(directory, 0o777 & ~mask)
+    return directory
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)

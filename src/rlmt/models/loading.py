@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from rlmt.records import as_made_by_mkdir
+
 EMBEDDED = "smollm2-135m-instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -235,7 +237,7 @@ def save_pretrained_atomic(model: torch.nn.Module, tokenizer, target: Path, stat
     ``state_dict``: the weights to write instead of the model's own (a sharded model's gathered weights)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp = as_made_by_mkdir(Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent)))
     model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(tmp)
     (tmp / "rlmt.json").write_text(json.dumps({"format": 1}))
