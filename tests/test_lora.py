@@ -18,7 +18,9 @@ def test_lora_sft_and_grpo(tmp_path):
     common = ["model.name=tiny-random", "model.lora.r=4", "run.progress=false", "optim.lr=1e-2"]
     run = train(load_config(None, common + ["algorithm=sft", f"data.train={tmp_path / 'sft.jsonl'}",
                                             "optim.max_steps=3", f"run.output_dir={tmp_path / 'sft'}"]))
-    assert (run / "final" / "adapter" / "adapter_config.json").exists()
+    adapter = json.loads((run / "final" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "tiny-random"  # the name given, not a cache path
+    assert (run / "final" / "adapter" / "tokenizer_config.json").exists()  # the adapter carries the tokenizer
     merged = AutoModelForCausalLM.from_pretrained(run / "final")
     changed = [k for k, v in merged.state_dict().items() if k in base and not torch.equal(v, base[k])]
     assert changed and all("proj" in k for k in changed)  # only the adapted projections moved (merged)

@@ -263,6 +263,7 @@ def save_final(model: torch.nn.Module, tokenizer, run_dir: Path, state_dict: dic
         merged = copy.deepcopy(model).merge_and_unload()
         save_pretrained_atomic(merged, tokenizer, target)
         model.save_pretrained(target / "adapter")
+        tokenizer.save_pretrained(target / "adapter")  # an adapter directory that loads on its own
     else:
         save_pretrained_atomic(model, tokenizer, target, state_dict)
     return target

@@ -26,7 +26,9 @@ from rlmt.checkpoint import (SHARDED, capture_rng, checkpoint_tmp, file_sha256, 
                              save_checkpoint, set_aside, verify_checkpoint)
 from rlmt.config import Config, ModelConfig, to_dict, training_changes
 from rlmt.data import PromptFormat
-from rlmt.models import LoadedModel, load_model, pick_device
+from rlmt.models import EMBEDDED, LoadedModel, load_model, pick_device
+
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded model's name on the Hugging Face hub
 from rlmt.parallel import World, broadcast_weights, check_same_config, init_world
 from rlmt.records import QuietRecorder, RunRecorder
 from rlmt.rollout.precision import autocast_dtype
@@ -51,7 +53,12 @@ def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
         raise RunError("model.lora.r > 0 needs peft: pip install 'rlmt[lora]'") from e
     lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
-    return get_peft_model(model, lcfg)
+    peft_model = get_peft_model(model, lcfg)
+    # the adapters name the model as the user did (the embedded one by its hub id), not a path in rlmt's cache
+    base = EMBEDDED_HUB_ID if cfg.name == EMBEDDED else cfg.name
+    for adapter in peft_model.peft_config.values():
+        adapter.base_model_name_or_path = base
+    return peft_model
 
 
 def shard_model(cfg: Config, lm: LoadedModel, world: World, trainable: list[torch.nn.Module],
