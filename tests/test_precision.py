@@ -253,3 +253,24 @@ def test_reference_pass_casts_a_file_backed_reference_once_with_the_same_bits(lm
     with pytest.raises(RuntimeError, match="boom"), reference.passes():
         raise RuntimeError("boom")
     assert {n: (p.data_ptr(), p.dtype) for n, p in ref.named_parameters()} == before
+
+
+def test_bfloat16_on_a_cpu_that_emulates_it_warns_once_with_the_measured_slowdown(monkeypatch, capsys):
+    import rlmt.train.session as session
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    monkeypatch.setattr(precision, "bf16_slowdown", lambda: 87.0)  # as measured on an AVX2-only EPYC
+    monkeypatch.setattr(session, "_WARNED", {})
+    for _ in range(2):
+        prepare_model(load_config(None, ["model.name=tiny-random", "model.autocast=bfloat16"]))
+    err = capsys.readouterr().err
+    assert err.count("bfloat16 matrix product ran 87.0x slower than float32 here; model.autocast=none") == 1
+    prepare_model(load_config(None, ["model.name=tiny-random", "model.autocast=auto"]))  # auto: no warning
+    assert precision.autocast_dtype("auto", "cpu") is None and "slower" not in capsys.readouterr().err
+    monkeypatch.setattr(precision, "bf16_slowdown", lambda: 0.4)  # a CPU where bfloat16 is faster: quiet
+    assert precision.slow_bf16_warning("bfloat16", "cpu") is None
+
+
+def test_the_bf16_slowdown_is_measured():
+    ratio = precision.bf16_slowdown()
+    assert ratio > 0 and ratio == precision.bf16_slowdown()  # measured once per process

@@ -21,6 +21,7 @@ bfloat16 matrix units autocast is slower than float32, which is why ``auto`` che
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -35,6 +36,39 @@ def native_bf16(device: torch.device | str) -> bool:
         probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: absent in some builds
         return bool(probe()) if probe is not None else False
     return False
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_slowdown(n: int = 512, reps: int = 3) -> float:
+    """Measured on this CPU now: the time of an n x n x n bfloat16 matrix product over float32's (best of
+    ``reps`` after a warm-up; ~0.1 s where bfloat16 is emulated). Below 1 where bfloat16 runs faster; on CPUs
+    that emulate it, tens of times above."""
+    import time
+
+    def best(dtype: torch.dtype) -> float:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a @ b
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    return best(torch.bfloat16) / max(best(torch.float32), 1e-9)
+
+
+def slow_bf16_warning(setting: str, device: torch.device | str) -> str | None:
+    """For ``model.autocast=bfloat16`` on a CPU without bfloat16 matrix units: one line with the measured
+    slowdown and what to use instead, when bfloat16 products are slower than float32 here; else None."""
+    if setting != "bfloat16" or torch.device(device).type != "cpu" or native_bf16(device):
+        return None
+    slowdown = bf16_slowdown()
+    if slowdown <= 1.2:
+        return None
+    return (f"model.autocast=bfloat16: this CPU has no bfloat16 matrix units and a bfloat16 matrix product ran "
+            f"{slowdown:.1f}x slower than float32 here; model.autocast=none (or auto, which picks none here) is "
+            "faster")
 
 
 def autocast_dtype(setting: str, device: torch.device | str) -> torch.dtype | None:

@@ -31,8 +31,11 @@ from rlmt.models import EMBEDDED, LoadedModel, load_model, pick_device
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded model's name on the Hugging Face hub
 from rlmt.parallel import World, broadcast_weights, check_same_config, init_world
 from rlmt.records import QuietRecorder, RunRecorder
-from rlmt.rollout.precision import autocast_dtype
+from rlmt.rollout.precision import autocast_dtype, slow_bf16_warning
 from rlmt.runtime import apply_runtime
+
+
+_WARNED: dict[str, bool] = {}  # one-time warnings already given in this process
 
 
 class RunError(RuntimeError):
@@ -93,7 +96,12 @@ def prepare_model(cfg: Config) -> LoadedModel:
         lm.model.config.use_cache = False
     if cfg.model.lora.r > 0:
         lm.model = apply_lora(lm.model, cfg.model)
-    lm.autocast = autocast_dtype(cfg.model.autocast, next(lm.model.parameters()).device)
+    device = next(lm.model.parameters()).device
+    lm.autocast = autocast_dtype(cfg.model.autocast, device)
+    warning = slow_bf16_warning(cfg.model.autocast, device)  # measured once per process
+    if warning and not _WARNED.get("bf16"):
+        _WARNED["bf16"] = True
+        _warn(warning)
     return lm
 
 
