@@ -14,9 +14,42 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
+from pathlib import Path
 
 if sys.platform.startswith("linux"):
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what the platform says."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def matmul_gflops(dtype: str, n: int = 1024, reps: int = 4) -> float:
+    import torch
+
+    a, b = (torch.randn(n, n).to(getattr(torch, dtype)) for _ in range(2))
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return reps * 2 * n**3 / (time.perf_counter() - t) / 1e9
+
+
+def machine_header() -> str:
+    """The benchmark's first line: the CPU, its cores and its float32 and bfloat16 matmul rates measured now
+    (1024^3 and 512^3): these machines differ several-fold, and bfloat16 is emulated on some."""
+    return (f"CPU: {cpu_model()}, {os.cpu_count()} cores; matmul float32 {matmul_gflops('float32'):.0f} GFLOP/s, "
+            f"bfloat16 {matmul_gflops('bfloat16', 512, 2):.0f} GFLOP/s")
 
 
 def peak_rss_mb() -> float:
@@ -89,6 +122,7 @@ def side_by_side(script: str, doc: str, default_steps: int, run_rlmt, run_trl, t
     clip = 0.0 if a.step_in_backward else a.max_grad_norm
     os.environ["RLMT_BENCH_BF16"] = "1" if a.bf16 else "0"  # bf16() answers in this process too
     rlmt_set = ([*in_backward_set, "optim.step_in_backward=true"] if a.step_in_backward else []) + a.rlmt_set
+    print(machine_header(), flush=True)
     results = {w: run_child(script, w, a.steps, rlmt_set, clip, a.bf16)
                for w in (["rlmt", "trl"] if not a.only else [a.only])}
     print(title + f", {'bfloat16 autocast' if a.bf16 else 'float32'}, max_grad_norm {clip:g} (both)"

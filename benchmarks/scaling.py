@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,26 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def matmul_gflops(dtype: str, n: int = 1024, reps: int = 4) -> float:
-    import torch
-
-    a, b = (torch.randn(n, n).to(getattr(torch, dtype)) for _ in range(2))
-    a @ b
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return reps * 2 * n**3 / (time.perf_counter() - t) / 1e9
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine_header  # noqa: E402
 
 
 def configs(model: str, steps: int, data: Path) -> dict[str, list[str]]:
@@ -95,10 +76,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--only", choices=["grpo", "sft"], default=None)
     a = p.parse_args()
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; matmul float32 {matmul_gflops('float32'):.0f} GFLOP/s, "
-          f"bfloat16 {matmul_gflops('bfloat16', 512, 2):.0f} GFLOP/s")
-    print(f"model {a.model}, {a.steps} steps, same global batch on 1 and 2 processes (gloo, 1 thread each "
-          "with torchrun)")
+    print(machine_header())
+    print(f"model {a.model}, {a.steps} steps, same global batch on 1 and 2 processes (gloo, the cores shared "
+          "among the processes)")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for method, args in configs(a.model, a.steps, tmp).items():
