@@ -13,11 +13,11 @@ from rlmt.config.parse import (METHOD_DEFAULTS, apply_override, config_from_dict
                                load_config, parse_override, to_dict, validate, with_method_defaults)
 from rlmt.config.sections import (Config, ConfigError, CriticConfig, DataConfig, DPOConfig, EvalConfig, GrapeConfig, LoraConfig,
                                   ModelConfig, OptimConfig, PolicyGradientConfig, PPOConfig, RejectionConfig,
-                                  RewardConfig, RewardModelConfig, RolloutConfig, RunConfig, RuntimeConfig, DistConfig,
+                                  RewardConfig, RewardModelConfig, RolloutConfig, RunConfig, RuntimeConfig, DistConfig, EnvConfig,
                                   SFTConfig, TRPOConfig, doc, section)
 
 __all__ = ["METHOD_DEFAULTS", "RESUME_SAFE", "config_changes", "training_changes", "Config", "ConfigError", "CriticConfig", "DPOConfig", "DataConfig", "EvalConfig", "GrapeConfig",
            "LoraConfig", "ModelConfig", "OptimConfig", "PPOConfig", "PolicyGradientConfig", "RejectionConfig",
-           "RewardConfig", "RewardModelConfig", "RolloutConfig", "RunConfig", "RuntimeConfig", "DistConfig", "SFTConfig",
+           "RewardConfig", "RewardModelConfig", "RolloutConfig", "RunConfig", "RuntimeConfig", "DistConfig", "EnvConfig", "SFTConfig",
            "TRPOConfig", "apply_override", "config_from_dict", "critic_spec", "deep_merge", "describe", "doc", "load_config",
            "parse_override", "section", "to_dict", "validate", "with_method_defaults"]

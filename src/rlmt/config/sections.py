@@ -127,6 +127,21 @@ class RewardConfig:
 
 
 @dataclass(frozen=True)
+class EnvConfig:
+    source: str = doc("", "multi-turn environment (rlmt.envs.REGISTRY name or 'module:Class'); '' = the single-turn "
+                          "environment: one response per prompt, scored by reward.source")
+    args: dict = doc({}, "keyword arguments of the environment")
+    max_turns: int = doc(4, "most assistant turns in an episode; an episode still running after them is truncated")
+    max_total_tokens: int = doc(1024, "most tokens in an episode after its first prompt (assistant, tool and "
+                                      "environment turns together); reaching it truncates the episode")
+    tools: list = doc([], "tools the model may call: 'calculator', 'python' (in the sandbox), or 'module:function' "
+                          "(a user function with a `schema` attribute or a typed signature)")
+    tool_timeout_s: float = doc(5.0, "wall-clock limit of one tool call; a call past it is killed and reported to "
+                                     "the model as an error")
+    tool_output_chars: int = doc(2000, "a tool's reply is cut to this many characters before the model sees it")
+
+
+@dataclass(frozen=True)
 class RejectionConfig:
     rounds: int = doc(1, "R: sample -> score -> keep -> SFT rounds")
     prompts_per_round: int = doc(64, "prompts sampled each round (0: all training prompts)")
@@ -288,6 +303,7 @@ class Config:
     sft: SFTConfig = section(SFTConfig, "supervised fine-tuning options")
     rollout: RolloutConfig = section(RolloutConfig, "sampling for online methods")
     reward: RewardConfig = section(RewardConfig, "the reward source")
+    env: EnvConfig = section(EnvConfig, "multi-turn environments and tools for online methods (rlmt.envs)")
     rejection: RejectionConfig = section(RejectionConfig, "rejection sampling")
     pg: PolicyGradientConfig = section(PolicyGradientConfig, "policy-gradient methods (REINFORCE, GRPO, GSPO, PPO, TRPO, "
                                                                    "GRAPE)")
