@@ -234,7 +234,8 @@ def grouped_hidden_states(model: torch.nn.Module, prompt_ids: torch.Tensor, prom
     cache is repeated for its G responses; under gradient checkpointing too (the caches are replay-safe, see
     :class:`_RecordLayer`). Log-probs alone use the packed single pass of :func:`grouped_response_logprobs`.
 
-    Shapes as in :func:`grouped_response_logprobs`.
+    Shapes as in :func:`grouped_response_logprobs`, except that ``response_mask`` marks every token attended
+    to (multi-turn episodes: the environment's tokens too), not only the scored ones.
     """
     T = response_ids.shape[1]
     body = model.get_decoder()

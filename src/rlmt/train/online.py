@@ -31,7 +31,9 @@ from rlmt.curriculum import curriculum_weights, draw_prompts, update_pass_rates
 from rlmt.data import Row, check_prompt_lengths, encode_prompt, load_rows
 from rlmt.evaluate import evaluate_run
 from rlmt.models import Reference, frozen_reference, save_final
-from rlmt.rewards import check_reward_fields, check_reward_source, reward_source_for, score_checked
+from rlmt.envs.evaluate import env_parts, env_seed, evaluate_env_run
+from rlmt.envs.episodes import run_episodes
+from rlmt.rewards import RewardResult, check_reward_fields, check_reward_source, reward_source_for, score_checked
 from rlmt.parallel import World, check_divisible, shard_groups
 from rlmt.parallel.fsdp import full_state_dict, gathered, shard_layers
 from rlmt.rollout import RolloutBatch, SamplingParams, concat_batches, generate, sample_keys
@@ -128,7 +130,8 @@ def _rollout_metrics(batch: RolloutBatch, rewards: torch.Tensor, G: int, pass_th
         **{k: v for k, v in batch.stats.items() if k != "rollout/decode_steps"},
         "train/sequence_tokens": float(batch.attention_mask.sum()),
         # what the packed training pass computes: each prompt once, then its responses
-        "train/packed_tokens": float(batch.attention_mask[::G, :batch.prompt_len].sum() + batch.response_mask.sum()),
+        "train/packed_tokens": float(batch.attention_mask[::G, :batch.prompt_len].sum()
+                                     + batch.attention_mask[:, batch.prompt_len:].sum()),
     }
 
 
@@ -141,18 +144,25 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
     sample index) (:func:`rlmt.rollout.sample_keys`), so the samples do not depend on N. The update sums the
     gradients across ranks (:func:`rlmt.train.update.accumulate`); the rewards are gathered for the curriculum
     and the metrics; rank 0 writes records, checkpoints, ``final/`` and the evaluations."""
-    # before the model loads: the reward source and its args, the data and the fields the source reads
-    check_reward_source(cfg, method.reward_source)
+    # before the model loads: the reward source and its args (or the environment and its tools), the data and
+    # the fields the source reads
+    env_run = bool(cfg.env.source)
+    if env_run:
+        check_environment(cfg, method)
+    else:
+        check_reward_source(cfg, method.reward_source)
     report = load_rows(cfg.data.train, "prompt", cfg.data.on_invalid, cfg.data.limit)
-    rows = check_reward_fields(cfg, report.rows, report, method.reward_source)
-    if cfg.run.eval_before_after and cfg.data.eval:  # evaluation scores every row it reads
+    rows = report.rows if env_run else check_reward_fields(cfg, report.rows, report, method.reward_source)
+    if cfg.run.eval_before_after and cfg.data.eval and not env_run:  # evaluation scores every row it reads
         held = load_rows(cfg.data.eval, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts)
         check_reward_fields(cfg, held.rows, held, method.reward_source, on_invalid="error")
     ckpt, record = world.on_main(lambda: resume_checkpoint(cfg)), run_record(cfg)  # verified, config compared
     run_dir, lm, fmt = start_run(cfg)
     policy, tok = lm.model, lm.tokenizer
-    source = reward_source_for(cfg, method.reward_source)
+    source = None if env_run else reward_source_for(cfg, method.reward_source)
     rows = source.prepare_rows(rows) if hasattr(source, "prepare_rows") else rows
+    if env_run:  # rlmt.envs: a fresh environment per episode, the run's tools, token-in token-out turns
+        make_env, renderer, env_stop = env_parts(cfg, tok, fmt)
     rows = check_prompt_lengths(rows, tok, fmt, cfg.data.max_prompt_tokens, cfg.data.on_invalid, report)
     report.require(len(rows))
     pg, G = cfg.pg, cfg.rollout.num_samples
@@ -202,17 +212,32 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
         mine = shard_groups(len(idx), world.rank, world.size)  # this rank's positions in the step
         step_rows = [rows[idx[j]] for j in mine]
         with gathered(policy):  # model.parallel=fsdp: whole layers while each rank samples at its own pace
-            batch = rollout(policy, tok, fmt, step_rows, params, None, cfg.rollout.batch_prompts, lm.autocast,
-                            sample_keys(cfg.run.seed, step, mine, G))
+            if env_run:
+                episodes = run_episodes(policy, tok, renderer, make_env, [r.data for r in step_rows],
+                                        [env_seed(cfg.run.seed, step, j) for j in mine], params,
+                                        sample_keys(cfg.run.seed, step, mine, G), cfg.env.max_turns,
+                                        cfg.env.max_total_tokens, cfg.rollout.batch_prompts, lm.autocast, env_stop)
+                batch = episodes.batch
+            else:
+                batch = rollout(policy, tok, fmt, step_rows, params, None, cfg.rollout.batch_prompts, lm.autocast,
+                                sample_keys(cfg.run.seed, step, mine, G))
         rep_rows = [step_rows[int(i)].data for i in batch.prompt_index]
-        scored = score_checked(source, rep_rows, batch.texts, invalid_as_none=cfg.reward.invalid_as_none)
-        rewards = torch.tensor([float("nan") if s is None else s for s in scored.scores], device=device)
-        step_rewards = rewards if world.size == 1 else torch.cat(world.all_gather_object(rewards.cpu())).to(device)
+        if env_run:  # GRPO & co. train on the return; PPO and REINFORCE on the last turn's reward + dense ones
+            rewards, env_dense = episodes.dense() if method.dense_rewards else (episodes.returns, None)
+            returns, scored = episodes.returns, RewardResult([], metrics=episodes.metrics())
+        else:
+            scored = score_checked(source, rep_rows, batch.texts, invalid_as_none=cfg.reward.invalid_as_none)
+            rewards = torch.tensor([float("nan") if s is None else s for s in scored.scores], device=device)
+            returns = rewards
+        step_rewards = returns if world.size == 1 else torch.cat(world.all_gather_object(returns.cpu())).to(device)
         mask = batch.response_mask & torch.isfinite(rewards)[:, None]
         t_ref = time.perf_counter()
         ref_lp = reference_logprobs(reference, batch, G, train_t) if reference is not None else None
-        dense = dense_rewards_for(method.dense_rewards, batch.response_ids, batch.response_mask, tok,
-                                  scored.token_rewards, mask)
+        if env_run:
+            dense = None if env_dense is None else torch.where(mask, env_dense, torch.zeros_like(env_dense))
+        else:
+            dense = dense_rewards_for(method.dense_rewards, batch.response_ids, batch.response_mask, tok,
+                                      scored.token_rewards, mask)
         with gathered(policy):
             revised = (revise_step(ctx, base_demos, tok, fmt, rep_rows, batch, scored, source, params,
                                    (cfg.run.seed, step, mine.start)) if revise else {})
@@ -244,12 +269,32 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
     return run_dir
 
 
+ENV_METHODS = ("grpo", "gspo", "reinforce", "ppo")
+
+
+def check_environment(cfg: Config, method: OnlineMethod) -> None:
+    """The checks of an environment run that need no model: the method takes episodes, the environment and its
+    arguments, and the tools (:func:`rlmt.envs.env_factory`)."""
+    from rlmt.config import ConfigError
+    from rlmt.envs import env_factory, toolbox_for
+
+    if cfg.algorithm not in ENV_METHODS:
+        raise ConfigError(f"env.source: multi-turn environments train with {list(ENV_METHODS)}, not {cfg.algorithm!r}")
+    if cfg.pg.nll_coef > 0:
+        raise ConfigError("pg.nll_coef: demonstrations are not mixed into environment runs (env.source is set)")
+    for key, value in (("env.max_turns", cfg.env.max_turns), ("env.max_total_tokens", cfg.env.max_total_tokens)):
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    env_factory(cfg, toolbox_for(cfg))
+
+
 def _evaluate(cfg: Config, lm, fmt, tag: str, run_dir: Path, reward_source: str | None, rec, world: World) -> None:
     """The before/after evaluation (:func:`rlmt.evaluate.evaluate_run`), run and written by rank 0 while the
     other ranks wait."""
     with gathered(lm.model):
         if world.is_main:
-            out = evaluate_run(cfg, lm, fmt, tag, run_dir, reward_source)
+            out = (evaluate_env_run(cfg, lm, fmt, tag, run_dir) if cfg.env.source
+                   else evaluate_run(cfg, lm, fmt, tag, run_dir, reward_source))
             rec.evaluation(tag, {k: out[k] for k in ("pass@1", "reward/mean")},
                            f"pass@1 {out['pass@1']:.3f}  reward/mean {out['reward/mean']:.3f}")
         world.wait()

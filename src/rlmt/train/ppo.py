@@ -61,7 +61,7 @@ def _hidden_before_tokens(policy: nn.Module, batch: RolloutBatch, groups: Tensor
         return h[:, P - 1:-1]
     first = rows[::G]
     return grouped_hidden_states(policy, batch.input_ids[first, :P], batch.attention_mask[first, :P],
-                                 batch.response_ids[rows], batch.response_mask[rows], G, autocast)
+                                 batch.response_ids[rows], batch.attention_mask[rows, P:], G, autocast)
 
 
 def response_logprobs_and_values(policy: nn.Module, value_head: nn.Module, batch: RolloutBatch, groups: Tensor,

@@ -1,0 +1,132 @@
+"""The environment contract: an episode is a conversation the policy plays one assistant turn at a time.
+
+    messages = env.reset(row, seed)          # the opening messages (system/user), before the first turn
+    step = env.step(assistant_text)          # -> Step(messages, reward, done, info)
+    ...                                      # until step.done, env.max_turns or env.max_total_tokens
+    r_trunc = env.truncated()                # only when the limits ended the episode first
+
+One instance plays one episode; the loop builds a fresh one per episode (:func:`env_factory`). The G episodes
+of a group share the row and the seed, so ``reset`` must be a function of (row, seed) alone for the group's
+baseline to compare like with like.
+
+Rewards. ``Step.reward`` is the reward of the turn just played (None: none for this turn, counted as 0); the
+episode's return is the sum of its turn rewards, plus ``truncated()`` when the limits ended it (0.0 unless an
+environment says otherwise; None makes the episode unscored). Per-turn rewards reach PPO and REINFORCE as dense
+token rewards on the last token of their turn; GRPO, GSPO and GRAPE use the return. An environment that raises
+ends its episode unscored (the reward contract's None: excluded from the update, counted in ``env/errors``).
+
+A single-turn reward source is the trivial environment (:class:`SingleTurn`: one step, done, scored by the
+source). With ``env.source`` unset the online loop runs that case on its batched single-turn path, which
+scores all responses of a step in one call to the source.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from rlmt.config import ConfigError
+
+
+@dataclass
+class Step:
+    """What an environment returns for one assistant turn."""
+
+    messages: list[dict] = field(default_factory=list)  # appended after the assistant turn (tool/user/env)
+    reward: float | None = None  # this turn's reward (None: none, counted as 0)
+    done: bool = False
+    info: dict[str, Any] = field(default_factory=dict)  # counted: tool_calls, tool_errors; kept in the records
+
+
+class Environment:
+    """Base class of environments (see the module docstring). Subclasses implement ``reset`` and ``step``."""
+
+    name = "environment"
+
+    def reset(self, row: dict, seed: int) -> list[dict]:
+        raise NotImplementedError
+
+    def step(self, text: str) -> Step:
+        raise NotImplementedError
+
+    def truncated(self) -> float | None:
+        """The reward added when ``env.max_turns`` or ``env.max_total_tokens`` ended the episode before it was
+        done: 0.0 (no credit for an unfinished episode); None makes the episode unscored."""
+        return 0.0
+
+
+class SingleTurn(Environment):
+    """The trivial environment: the row's prompt, one response, scored by a reward source."""
+
+    name = "single_turn"
+
+    def __init__(self, source):
+        self.source = source
+
+    def reset(self, row: dict, seed: int) -> list[dict]:
+        self.row = row
+        prompt = row["prompt"]
+        return list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+    def step(self, text: str) -> Step:
+        from rlmt.rewards import score_checked
+
+        result = score_checked(self.source, [self.row], [text])
+        return Step([], result.scores[0], True, result.details[0] if result.details else {})
+
+
+# config name -> (module, class); anything else of the form 'module:Class' is imported as given
+REGISTRY: dict[str, tuple[str, str]] = {
+    "tool_arithmetic": ("rlmt.envs.arithmetic", "ToolArithmetic"),
+    "guess_number": ("rlmt.envs.guess", "GuessNumber"),
+}
+
+
+def env_class(name: str) -> type:
+    """The environment class named ``name`` (a registry name or 'module:Class'); a ConfigError naming
+    ``env.source`` when there is none."""
+    if name in REGISTRY:
+        module, cls_name = REGISTRY[name]
+    elif ":" in name:
+        module, cls_name = name.split(":", 1)
+    else:
+        close = difflib.get_close_matches(name, REGISTRY, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"env.source: unknown environment {name!r}{hint} (known: {sorted(REGISTRY)}, or "
+                          f"'module:Class')")
+    try:
+        cls = getattr(importlib.import_module(module), cls_name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"env.source: cannot import {name!r}: {e}") from e
+    if not (isinstance(cls, type) and callable(getattr(cls, "reset", None)) and callable(getattr(cls, "step", None))):
+        raise ConfigError(f"env.source: {name!r} is not an environment class (it needs reset and step methods)")
+    return cls
+
+
+def env_factory(cfg, toolbox=None) -> Callable[[], Environment]:
+    """A function building one fresh environment per episode from ``env.source`` and ``env.args``; a class that
+    takes ``toolbox`` gets the run's tools (``env.tools``). Arguments are checked against the constructor first
+    (a ConfigError naming ``env.args.ARG``)."""
+    cls = env_class(cfg.env.source)
+    args = dict(cfg.env.args)
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        known = [p for p in params if p not in ("self", "toolbox")]
+        for arg in args:
+            if arg not in known:
+                close = difflib.get_close_matches(str(arg), known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"env.args.{arg}: not an argument of environment {cfg.env.source!r}{hint} "
+                                  f"(it takes: {known})")
+    if "toolbox" in params:
+        args["toolbox"] = toolbox
+    elif cfg.env.tools:
+        raise ConfigError(f"env.tools: environment {cfg.env.source!r} does not use tools")
+    try:
+        cls(**args)  # the arguments are good now, not at the first episode
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"env.args: bad arguments for environment {cfg.env.source!r} {cfg.env.args}: {e}") from e
+    return lambda: cls(**args)

@@ -1,0 +1,257 @@
+"""Multi-turn rollouts: G episodes per row, played turn by turn in batches, as one :class:`RolloutBatch`.
+
+Turn 0 samples G first turns per row from one prefill of the row's opening (the G episodes share it); later
+turns sample one turn for every episode still running, ``batch_prompts * G`` episodes per engine call, each
+from its whole context so far (the opening, its sampled turns and the environment's replies, as token ids).
+Episodes that end drop out. Every sampled token is drawn with the key (seed, step, global prompt index, sample
+index, turn) (:func:`rlmt.rollout.keyed_uniforms`), so an episode does not depend on the batch it shared, the
+rank it ran on or the number of ranks.
+
+The batch an update sees, per episode (row i of N = prompts x G):
+
+    input_ids      [opening (left-padded) | turn 1 | env reply 1 | turn 2 | ... ]  (right-padded)
+    attention_mask 1 on every real token: the model attends to the environment's tokens
+    response_mask  1 on sampled tokens only: the loss, the KL and the advantages see the policy's turns
+    logprobs       the sampler's log-probs on sampled tokens (pi_old), 0 elsewhere
+
+so the packed training pass (:func:`rlmt.rollout.logprobs.grouped_response_logprobs`) scores exactly the sampled
+tokens in the context they were sampled in.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from rlmt.envs.base import Environment
+from rlmt.envs.render import Renderer
+from rlmt.rollout import RolloutBatch, SamplingParams, generate
+from rlmt.rollout.engine import _eos_ids, left_pad
+
+
+@dataclass
+class Episode:
+    """One episode's tokens after its opening and what happened in it."""
+
+    env: Environment | None
+    opening: list[int]
+    ids: list[int] = field(default_factory=list)
+    sampled: list[bool] = field(default_factory=list)  # True where the policy sampled the token
+    logps: list[float] = field(default_factory=list)
+    turn_ends: list[int] = field(default_factory=list)  # index in ids of each turn's last sampled token
+    turn_rewards: list[float] = field(default_factory=list)
+    transcript: list[dict] = field(default_factory=list)  # the messages, for the records
+    truncation_reward: float | None = 0.0
+    done: bool = False
+    truncated: bool = False
+    error: str | None = None
+    tool_calls: int = 0
+    tool_errors: int = 0
+
+    @property
+    def running(self) -> bool:
+        return not (self.done or self.truncated or self.error)
+
+    @property
+    def episode_return(self) -> float:
+        """The sum of the turn rewards (+ the truncation reward); NaN when unscored."""
+        if self.error is not None or (self.truncated and self.truncation_reward is None):
+            return float("nan")
+        return float(sum(self.turn_rewards)) + (float(self.truncation_reward) if self.truncated else 0.0)
+
+
+@dataclass
+class EpisodeBatch:
+    """The episodes of a rollout and the batch the update trains on (see the module docstring)."""
+
+    batch: RolloutBatch
+    episodes: list[Episode]
+    returns: torch.Tensor  # (N,) episode returns, NaN where unscored
+    turn_rewards: torch.Tensor  # (N, T) each turn's reward on its last sampled token (the truncation reward
+    # on the last one)
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final (N,), dense (N, T)): the last turn's reward with the truncation reward, and every earlier
+        turn's reward on its last token, so ``final + dense.sum(-1) == returns`` (for PPO and REINFORCE)."""
+        dense = self.turn_rewards.clone()
+        final = torch.full_like(self.returns, float("nan"))
+        for i, ep in enumerate(self.episodes):
+            if ep.turn_ends and torch.isfinite(self.returns[i]):
+                last = ep.turn_ends[-1]
+                final[i] = dense[i, last]
+                dense[i, last] = 0.0
+            elif torch.isfinite(self.returns[i]):
+                final[i] = self.returns[i]
+        return final, dense
+
+    def metrics(self) -> dict[str, float]:
+        eps, r = self.episodes, self.returns
+        ok = torch.isfinite(r)
+        return {"env/turns_mean": sum(len(e.turn_ends) for e in eps) / max(1, len(eps)),
+                "env/tool_calls": float(sum(e.tool_calls for e in eps)),
+                "env/tool_errors": float(sum(e.tool_errors for e in eps)),
+                "env/truncated": float(sum(e.truncated for e in eps)),
+                "env/errors": float(sum(e.error is not None for e in eps)),
+                "env/return_mean": float(r[ok].mean()) if ok.any() else float("nan")}
+
+
+def run_episodes(policy, tokenizer, renderer: Renderer, make_env: Callable[[], Environment], rows: Sequence[dict],
+                 env_seeds: Sequence[int], params: SamplingParams, keys: Sequence[tuple[int, ...]], max_turns: int,
+                 max_total_tokens: int, batch_prompts: int, autocast: torch.dtype | None = None,
+                 stop: Sequence[str] = ()) -> EpisodeBatch:
+    """Play ``params.num_samples`` (G) episodes of each row; ``keys`` (:func:`rlmt.rollout.sample_keys`, one per
+    episode, prompt-major) key each episode's draws, with the turn appended; ``env_seeds`` (one per row) seed
+    ``reset``; ``stop`` strings end a turn besides ``rollout.stop`` (the tool-call closer)."""
+    G = params.num_samples
+    if len(keys) != len(rows) * G or len(env_seeds) != len(rows):
+        raise ValueError(f"{len(keys)} keys and {len(env_seeds)} seeds for {len(rows)} rows x {G} episodes")
+    turn_params = SamplingParams(1, params.temperature, params.top_p, params.max_new_tokens,
+                                 tuple(params.stop) + tuple(s for s in stop if s not in params.stop))
+    eos = set(_eos_ids(policy, tokenizer))
+    t0, sampled_tokens = time.perf_counter(), 0
+    episodes = [_open(make_env, renderer, row, seed, G) for row, seed in zip(rows, env_seeds)]
+    flat = [ep for group in episodes for ep in group]
+    for turn in range(max_turns):
+        live = [i for i, ep in enumerate(flat) if ep.running]
+        if not live:
+            break
+        if turn == 0:  # the G episodes of a row share their opening: one prefill, G samples
+            groups = sorted({i // G for i in live})
+            for c in range(0, len(groups), batch_prompts):
+                chunk = groups[c:c + batch_prompts]
+                out = generate(policy, tokenizer, [flat[p * G].opening for p in chunk],
+                               SamplingParams(G, *_rest(turn_params)), None, autocast,
+                               [keys[p * G + g] + (0,) for p in chunk for g in range(G)])
+                sampled_tokens += _absorb(out, [p * G + g for p in chunk for g in range(G)], flat, renderer, eos,
+                                          max_turns, max_total_tokens, turn)
+        else:
+            per_call = batch_prompts * G
+            for c in range(0, len(live), per_call):
+                chunk = live[c:c + per_call]
+                out = generate(policy, tokenizer, [flat[i].opening + flat[i].ids for i in chunk], turn_params, None,
+                               autocast, [keys[i] + (turn,) for i in chunk])
+                sampled_tokens += _absorb(out, chunk, flat, renderer, eos, max_turns, max_total_tokens, turn)
+    for ep in flat:  # still running after max_turns
+        if ep.running:
+            _truncate(ep)
+    seconds = time.perf_counter() - t0
+    return _as_batch(flat, G, tokenizer, next(policy.parameters()).device, {"rollout/seconds": seconds, "rollout/tokens": float(sampled_tokens),
+                                          "rollout/tokens_per_s": sampled_tokens / max(seconds, 1e-9)})
+
+
+def _rest(p: SamplingParams) -> tuple:
+    return p.temperature, p.top_p, p.max_new_tokens, p.stop
+
+
+def _open(make_env, renderer: Renderer, row: dict, seed: int, G: int) -> list[Episode]:
+    """The G episodes of a row, reset; an environment that raises leaves the group unscored."""
+    out, first = [], None
+    for _ in range(G):
+        env = make_env()
+        try:
+            messages = env.reset(row, seed)
+            opening = renderer.opening(messages)
+        except Exception as e:  # noqa: BLE001 - counted, the episode unscored
+            prompt = row.get("prompt", "")
+            fallback = renderer.opening(prompt if isinstance(prompt, list) else [{"role": "user",
+                                                                                   "content": str(prompt)}])
+            out.append(Episode(None, fallback, error=f"reset raised {type(e).__name__}: {e}"))
+            continue
+        if first is None:
+            first = opening
+        elif opening != first:
+            raise ValueError(f"environment {getattr(env, 'name', type(env).__name__)!r}: reset(row, seed) gave "
+                             "different openings for the same row and seed; it must depend on them alone")
+        out.append(Episode(env, opening, transcript=list(messages)))
+    return out
+
+
+def _absorb(out: RolloutBatch, which: list[int], flat: list[Episode], renderer: Renderer, eos: set[int],
+            max_turns: int, max_total_tokens: int, turn: int) -> int:
+    """Append each episode's sampled turn, step its environment and append the reply's tokens."""
+    lengths = out.response_lengths.tolist()
+    n_sampled = 0
+    for row, i in enumerate(which):
+        ep = flat[i]
+        budget = max_total_tokens - len(ep.ids)
+        n = min(int(lengths[row]), budget)
+        toks = out.response_ids[row, :n].tolist()
+        ep.ids += toks
+        ep.sampled += [True] * n
+        ep.logps += out.logprobs[row, :n].tolist()
+        n_sampled += n
+        if n:
+            ep.turn_ends.append(len(ep.ids) - 1)
+        text = out.texts[row] if n == int(lengths[row]) else renderer.tok.decode(toks, skip_special_tokens=True)
+        ep.transcript.append({"role": "assistant", "content": text})
+        if n < int(lengths[row]) or len(ep.ids) >= max_total_tokens:  # the episode's token budget ran out
+            ep.turn_rewards.append(0.0)
+            _truncate(ep)
+            continue
+        try:
+            step = ep.env.step(text)
+        except Exception as e:  # noqa: BLE001 - counted, the episode unscored
+            ep.error = f"step raised {type(e).__name__}: {e}"
+            continue
+        ep.turn_rewards.append(0.0 if step.reward is None else float(step.reward))
+        ep.tool_calls += int(step.info.get("tool_calls", 0))
+        ep.tool_errors += int(step.info.get("tool_errors", 0))
+        ep.transcript += list(step.messages)
+        if step.done:
+            ep.done = True
+            continue
+        if turn + 1 >= max_turns:
+            _truncate(ep)
+            continue
+        reply = renderer.continuation(step.messages, bool(toks) and toks[-1] in eos)
+        if len(ep.ids) + len(reply) >= max_total_tokens:  # no room left for another turn
+            _truncate(ep)
+            continue
+        ep.ids += reply
+        ep.sampled += [False] * len(reply)
+        ep.logps += [0.0] * len(reply)
+    return n_sampled
+
+
+def _truncate(ep: Episode) -> None:
+    ep.truncated = True
+    try:
+        ep.truncation_reward = ep.env.truncated()
+    except Exception as e:  # noqa: BLE001 - counted, the episode unscored
+        ep.error = f"truncated raised {type(e).__name__}: {e}"
+
+
+def _as_batch(flat: list[Episode], G: int, tokenizer, device: torch.device, stats: dict[str, float]) -> EpisodeBatch:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    N = len(flat)
+    prompt_ids, prompt_mask = left_pad([ep.opening for ep in flat], pad)
+    T = max(1, max(len(ep.ids) for ep in flat))
+    ids = torch.full((N, T), pad, dtype=torch.long)
+    real = torch.zeros((N, T), dtype=torch.long)
+    sampled = torch.zeros((N, T), dtype=torch.bool)
+    logps = torch.zeros((N, T), dtype=torch.float32)
+    turn_rewards = torch.zeros((N, T), dtype=torch.float32)
+    for i, ep in enumerate(flat):
+        n = len(ep.ids)
+        if n:
+            ids[i, :n] = torch.tensor(ep.ids)
+            real[i, :n] = 1
+            sampled[i, :n] = torch.tensor(ep.sampled)
+            logps[i, :n] = torch.tensor(ep.logps)
+        for end, r in zip(ep.turn_ends, ep.turn_rewards):
+            turn_rewards[i, end] += r
+        if ep.truncated and ep.truncation_reward is not None and ep.turn_ends:
+            turn_rewards[i, ep.turn_ends[-1]] += float(ep.truncation_reward)
+    returns = torch.tensor([ep.episode_return for ep in flat], dtype=torch.float32)
+    texts = [next((m["content"] for m in reversed(ep.transcript) if m.get("role") == "assistant"), "")
+             for ep in flat]
+    batch = RolloutBatch(input_ids=torch.cat([prompt_ids, ids], 1).to(device),
+                         attention_mask=torch.cat([prompt_mask, real], 1).to(device), prompt_len=prompt_ids.shape[1],
+                         response_ids=ids.to(device), response_mask=sampled.to(device), logprobs=logps.to(device),
+                         prompt_index=torch.arange(N // G).repeat_interleave(G).to(device), texts=texts,
+                         finished=torch.tensor([ep.done for ep in flat]).to(device), stats=stats)
+    dense = torch.where(sampled, turn_rewards, torch.zeros_like(turn_rewards))
+    return EpisodeBatch(batch, flat, returns.to(device), dense.to(device))

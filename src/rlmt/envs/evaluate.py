@@ -1,0 +1,84 @@
+"""Evaluating a policy in an environment: K episodes per held-out row, success = return >= the pass threshold.
+
+``eval-{tag}.json`` holds pass@1 (the mean over rows of the fraction of K episodes that pass), reward/mean (the
+mean return) and the ``env/*`` figures; ``eval-{tag}.jsonl`` every episode's full transcript and return.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from rlmt.data import PromptFormat, load_rows
+from rlmt.envs.base import env_factory
+from rlmt.envs.episodes import EpisodeBatch, run_episodes
+from rlmt.envs.render import Renderer, tool_instructions
+from rlmt.envs.tools import toolbox_for
+from rlmt.records import write_atomic
+from rlmt.rollout import SamplingParams
+
+TOOL_STOP = "</tool_call>"
+
+
+def env_parts(cfg, tokenizer, fmt: PromptFormat):
+    """(make_env, renderer, extra stop strings) of the run's environment and tools."""
+    toolbox = toolbox_for(cfg)
+    make_env = env_factory(cfg, toolbox)
+    schemas = toolbox.schemas
+    renderer = Renderer(tokenizer, fmt, schemas, tool_instructions(schemas) if schemas else None)
+    return make_env, renderer, (TOOL_STOP,) if schemas else ()
+
+
+def env_seed(seed: int, step: int, prompt: int) -> int:
+    """The environment seed of a group: a function of (run seed, step, global prompt index)."""
+    return (seed * 1_000_003 + step) * 1_000_033 + prompt
+
+
+def summarize_episodes(eb: EpisodeBatch, K: int, pass_threshold: float) -> dict[str, float]:
+    r = eb.returns.cpu()
+    passed = (torch.nan_to_num(r, nan=-float("inf")) >= pass_threshold).float().reshape(-1, K)
+    ok = torch.isfinite(r)
+    return {"pass@1": float(passed.mean()) if len(r) else 0.0,
+            f"pass@{K}": float(passed.amax(-1).mean()) if len(r) else 0.0,
+            "reward/mean": float(r[ok].mean()) if ok.any() else float("nan"),
+            "unscored": float((~ok).sum()), "prompts": float(len(r) // K),
+            "response_length/mean": float(eb.batch.response_mask.sum(-1).float().mean()),
+            **eb.metrics(), **eb.batch.stats}
+
+
+def evaluate_env(cfg, lm, fmt: PromptFormat, rows: Sequence[dict], K: int, temperature: float,
+                 max_new_tokens: int, seed: int) -> tuple[dict[str, float], EpisodeBatch]:
+    make_env, renderer, stop = env_parts(cfg, lm.tokenizer, fmt)
+    params = SamplingParams(K, temperature, cfg.rollout.top_p, max_new_tokens, tuple(cfg.rollout.stop))
+    keys = [(seed, -1, p, g) for p in range(len(rows)) for g in range(K)]
+    eb = run_episodes(lm.model, lm.tokenizer, renderer, make_env, rows, [env_seed(seed, -1, p) for p in range(len(rows))],
+                      params, keys, cfg.env.max_turns, cfg.env.max_total_tokens, cfg.rollout.batch_prompts,
+                      lm.autocast, stop)
+    return summarize_episodes(eb, K, cfg.reward.pass_threshold), eb
+
+
+def evaluate_env_run(cfg, lm, fmt: PromptFormat, tag: str, run_dir: Path) -> dict[str, float]:
+    """The before/after evaluation of an environment run on ``data.eval`` (``eval.*`` settings)."""
+    rows = [r.data for r in load_rows(cfg.data.eval, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts).rows]
+    metrics, eb = evaluate_env(cfg, lm, fmt, rows, cfg.eval.num_samples, cfg.eval.temperature,
+                               cfg.eval.max_new_tokens, cfg.run.seed + 7919)
+    write_episodes(Path(run_dir) / f"eval-{tag}.jsonl", eb, [rows[i // cfg.eval.num_samples]
+                                                               for i in range(len(eb.episodes))])
+    write_atomic(Path(run_dir) / f"eval-{tag}.json", json.dumps(metrics, indent=1))
+    return metrics
+
+
+def write_episodes(path: Path, eb: EpisodeBatch, rows: Sequence[dict]) -> None:
+    """One JSON line per episode: the prompt, the final response, the return, and the whole transcript."""
+    lines = []
+    for row, ep, r, text in zip(rows, eb.episodes, eb.returns.tolist(), eb.batch.texts):
+        lines.append(json.dumps({"prompt": row.get("prompt"), "response": text,
+                                 "reward": None if r != r else r,
+                                 "details": {"turns": len(ep.turn_ends), "truncated": ep.truncated,
+                                             "error": ep.error, "tool_calls": ep.tool_calls,
+                                             "tool_errors": ep.tool_errors, "transcript": ep.transcript}},
+                                default=str))
+    write_atomic(path, "".join(line + "\n" for line in lines))

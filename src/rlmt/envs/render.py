@@ -1,0 +1,94 @@
+"""Conversations as token ids, appended to and never re-tokenized (token-in, token-out).
+
+An episode's tokens are its opening prompt, then alternately the tokens the policy sampled and the tokens of the
+messages the environment returned. Decoding the conversation and encoding it again between turns would change
+the tokens the policy is trained on (a different split of the same text, a dropped special token), so the
+environment's messages are rendered on their own as the chat template's *continuation* after an assistant turn:
+
+    close  = what the template writes after an assistant message's content (ChatML: "<|im_end|>\\n")
+    delta  = template(probe + new, add_generation_prompt) - template(probe)   (probe ends with an assistant turn)
+
+A turn that ended with the end-of-turn token already holds its first part (``<|im_end|>``); the rest of
+``close`` (the newline) and ``delta`` are encoded as the environment's tokens. A turn cut by the length limit
+or a stop string gets the whole ``close``. Plain-text prompts (``data.chat: false``) join messages by newlines.
+"""
+
+from __future__ import annotations
+
+import json
+
+from rlmt.data import PromptFormat
+
+PROBE = "\x00rlmt-probe\x00"
+
+
+class Renderer:
+    """Token ids of an episode's opening and of each continuation, for one tokenizer and prompt format.
+
+    ``tools`` (OpenAI function schemas) go to the chat template as ``tools=`` when the template reads them;
+    otherwise ``tool_instructions`` (the documented ``<tool_call>`` format and the schemas) is added to the
+    system message."""
+
+    def __init__(self, tokenizer, fmt: PromptFormat, tools: list[dict] | None = None,
+                 tool_instructions: str | None = None):
+        self.tok, self.fmt, self.tools = tokenizer, fmt, tools or None
+        template = getattr(tokenizer, "chat_template", None)
+        self.chat = bool(fmt.chat and template)
+        self.native_tools = bool(self.tools and self.chat and "tools" in str(template))
+        self.tool_instructions = None if self.native_tools else tool_instructions
+        eos = tokenizer.eos_token_id
+        self.eos_text = tokenizer.decode([eos]) if eos is not None else ""
+        if self.chat:
+            probe = [{"role": "user", "content": "u"}, {"role": "assistant", "content": PROBE}]
+            base = self._template(probe, generation_prompt=False)
+            self._probe, self._base = probe, base
+            self.close = base[base.rindex(PROBE) + len(PROBE):]
+        else:
+            self.close = "\n"
+
+    def _template(self, messages: list[dict], generation_prompt: bool) -> str:
+        kwargs = {"tools": self.tools} if self.native_tools else {}
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                            **kwargs)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def opening(self, messages: list[dict]) -> list[int]:
+        """Token ids of the opening messages with the generation prompt (the first turn's context)."""
+        messages = self._with_system(messages)
+        if self.chat:
+            return self._encode(self._template(messages, generation_prompt=True))
+        return self._encode("\n".join(str(m["content"]) for m in messages) + "\n")
+
+    def continuation(self, messages: list[dict], ended_with_eos: bool) -> list[int]:
+        """Token ids that close the assistant turn just sampled, then ``messages``, then the next generation
+        prompt. ``ended_with_eos``: the turn's last sampled token was the end-of-turn token."""
+        close = self.close
+        if ended_with_eos and self.eos_text and close.startswith(self.eos_text):
+            close = close[len(self.eos_text):]
+        if not self.chat:
+            return self._encode(close + "".join(f"{m['content']}\n" for m in messages))
+        full = self._template(self._probe + list(messages), generation_prompt=True)
+        if not full.startswith(self._base):
+            raise ValueError("the chat template renders an assistant turn differently when messages follow it; "
+                             "multi-turn episodes need a template whose earlier turns do not change")
+        return self._encode(close + full[len(self._base):])
+
+    def _with_system(self, messages: list[dict]) -> list[dict]:
+        """The row's messages with ``data.system_prompt`` and the tool instructions in the system message."""
+        extra = [t for t in (self.fmt.system_prompt, self.tool_instructions) if t]
+        if not extra:
+            return list(messages)
+        if messages and messages[0].get("role") == "system":
+            return [{"role": "system", "content": "\n\n".join([str(messages[0]["content"])] + extra)}] + list(messages[1:])
+        return [{"role": "system", "content": "\n\n".join(extra)}] + list(messages)
+
+
+def tool_instructions(schemas: list[dict]) -> str:
+    """The system-message text that teaches the documented tool-call format to a template without tools."""
+    listing = "\n".join(json.dumps(s, sort_keys=True) for s in schemas)
+    return ("You can call tools. To call one, write exactly\n"
+            '<tool_call>{"name": "TOOL", "arguments": {...}}</tool_call>\n'
+            "and stop; the result comes back in a tool message. Give the final answer without a tool call.\n"
+            f"Tools:\n{listing}")

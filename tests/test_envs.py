@@ -1,0 +1,216 @@
+"""Multi-turn episodes (rlmt.envs): token-in token-out turns, masks, groups, per-turn rewards, limits and errors,
+with scripted environments and the tiny random model."""
+
+import math
+
+import pytest
+import torch
+
+from rlmt.data import PromptFormat
+from rlmt.envs import Environment, Renderer, Step, run_episodes
+from rlmt.envs import episodes as episodes_mod
+from rlmt.models import load_model
+from rlmt.rollout import SamplingParams, sample_keys
+from rlmt.rollout.logprobs import grouped_response_logprobs, token_logprobs
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_model("tiny-random")
+
+
+class Scripted(Environment):
+    """Three turns: rewards 0.25, None, 1.0; replies name the turn and the seed."""
+
+    resets: list = []
+
+    def reset(self, row, seed):
+        Scripted.resets.append((row["prompt"], seed))
+        self.seed, self.turn = seed, 0
+        return [{"role": "user", "content": row["prompt"]}]
+
+    def step(self, text):
+        self.turn += 1
+        if self.turn == 3:
+            return Step([], 1.0, True)
+        return Step([{"role": "user", "content": f"turn {self.turn} of seed {self.seed}"}],
+                    0.25 if self.turn == 1 else None, False)
+
+
+def _play(lm, env=Scripted, rows=None, G=3, max_turns=4, max_total=400, max_new=6, spy=None, seeds=None):
+    rows = rows or [{"prompt": "a b"}, {"prompt": "c d e f"}]
+    renderer = Renderer(lm.tokenizer, PromptFormat())
+    return run_episodes(lm.model, lm.tokenizer, renderer, env, rows, seeds or list(range(10, 10 + len(rows))),
+                        SamplingParams(G, 1.0, 1.0, max_new), sample_keys(0, 0, range(len(rows)), G), max_turns,
+                        max_total, 2), renderer
+
+
+def _runs(mask: list[bool]) -> list[tuple[bool, int, int]]:
+    """Maximal runs of equal values: (value, start, end)."""
+    out, start = [], 0
+    for t in range(1, len(mask) + 1):
+        if t == len(mask) or mask[t] != mask[start]:
+            out.append((mask[start], start, t))
+            start = t
+    return out
+
+
+def test_trained_tokens_are_the_sampled_tokens_and_the_mask_covers_exactly_the_assistant_turns(lm, monkeypatch):
+    calls = []
+    real = episodes_mod.generate
+
+    def spy(model, tok, prompts, params, gen, autocast, keys):
+        out = real(model, tok, prompts, params, gen, autocast, keys)
+        for r, key in enumerate(keys):
+            n = int(out.response_lengths[r])
+            calls.append((key, prompts[r // params.num_samples], out.response_ids[r, :n].tolist()))
+        return out
+
+    monkeypatch.setattr(episodes_mod, "generate", spy)
+    eb, renderer = _play(lm)
+    sampled = {key: (context, toks) for key, context, toks in calls}
+    b = eb.batch
+    for i, ep in enumerate(eb.episodes):
+        n = len(ep.ids)
+        ids, mask = b.response_ids[i, :n].tolist(), b.response_mask[i, :n].tolist()
+        assert not any(b.response_mask[i, n:]) and b.attention_mask[i, b.prompt_len:].sum() == n
+        runs = _runs(mask)
+        turns = [r for r in runs if r[0]]
+        assert len(turns) == 3 and runs[0][0] and runs[-1][0]  # starts and ends with the policy's turns
+        key = sample_keys(0, 0, range(2), 3)[i]
+        for t, (_, s, e) in enumerate(turns):
+            context, toks = sampled[key + (t,)]
+            assert ids[s:e] == toks  # trained ids == sampled ids
+            assert context == ep.opening + ids[:s]  # sampled in exactly the context the update sees
+        for t, (_, s, e) in enumerate(r for r in runs if not r[0]):  # the environment's tokens, rendered alone
+            ended = ids[s - 1] == lm.tokenizer.eos_token_id
+            msg = [{"role": "user", "content": f"turn {t + 1} of seed {ep.env.seed}"}]
+            assert ids[s:e] == renderer.continuation(msg, ended)
+        assert b.logprobs[i, :n][~b.response_mask[i, :n]].abs().sum() == 0
+
+
+def test_groups_share_row_and_seed_and_returns_sum_turn_rewards(lm):
+    Scripted.resets = []
+    eb, _ = _play(lm, seeds=[7, 8])
+    assert Scripted.resets == [("a b", 7)] * 3 + [("c d e f", 8)] * 3
+    assert eb.batch.prompt_index.tolist() == [0, 0, 0, 1, 1, 1]
+    assert eb.returns.tolist() == [1.25] * 6
+    for i, ep in enumerate(eb.episodes):  # each turn's reward on its last sampled token
+        placed = {t: float(eb.turn_rewards[i, t]) for t in torch.nonzero(eb.turn_rewards[i]).flatten().tolist()}
+        assert placed == {ep.turn_ends[0]: 0.25, ep.turn_ends[2]: 1.0}
+        assert all(eb.batch.response_mask[i, t] for t in ep.turn_ends)
+        assert not eb.batch.response_mask[i, ep.turn_ends[0] + 1]  # the turn ends there
+    final, dense = eb.dense()
+    assert final.tolist() == [1.0] * 6 and dense.sum(-1).tolist() == [0.25] * 6
+    m = eb.metrics()
+    assert m["env/turns_mean"] == 3 and m["env/truncated"] == 0 and m["env/return_mean"] == 1.25
+
+
+def test_packed_logprobs_equal_a_naive_per_turn_recomputation_and_the_sampler(lm):
+    eb, _ = _play(lm)
+    b = eb.batch
+    P = b.prompt_len
+    with torch.no_grad():
+        packed = grouped_response_logprobs(lm.model, b.input_ids[::3, :P], b.attention_mask[::3, :P], b.response_ids,
+                                           b.response_mask, 3)
+    for i, ep in enumerate(eb.episodes):
+        for s, e in [(s, e) for v, s, e in _runs(b.response_mask[i, :len(ep.ids)].tolist()) if v]:
+            seq = torch.tensor([ep.opening + ep.ids[:e]])
+            target = torch.zeros_like(seq, dtype=torch.bool)
+            target[0, len(ep.opening) + s:] = True
+            with torch.no_grad():
+                naive = token_logprobs(lm.model, seq, torch.ones_like(seq), target)[0, len(ep.opening) + s:]
+            torch.testing.assert_close(packed[i, s:e], naive, atol=1e-5, rtol=0)
+            torch.testing.assert_close(b.logprobs[i, s:e], naive, atol=1e-4, rtol=0)
+
+
+def test_rendering_a_conversation_token_by_token_equals_the_chat_template(lm):
+    tok = lm.tokenizer
+    r = Renderer(tok, PromptFormat())
+    opening = [{"role": "user", "content": "What is 2 + 3?"}]
+    reply = [{"role": "tool", "content": "5"}, {"role": "user", "content": "and then?"}]
+    answer = tok("calling", add_special_tokens=False)["input_ids"]
+    ids = r.opening(opening) + answer + [tok.eos_token_id] + r.continuation(reply, True)
+    whole = tok.apply_chat_template(opening + [{"role": "assistant", "content": "calling"}] + reply, tokenize=False,
+                                    add_generation_prompt=True)
+    assert tok.decode(ids) == whole
+    cut = r.opening(opening) + answer + r.continuation(reply, False)  # a turn cut short gets the closing too
+    assert tok.decode(cut) == whole
+
+
+class Endless(Environment):
+    def __init__(self, credit=0.3):
+        self.credit = credit
+
+    def reset(self, row, seed):
+        return [{"role": "user", "content": row["prompt"]}]
+
+    def step(self, text):
+        return Step([{"role": "user", "content": "more"}], 0.1, False)
+
+    def truncated(self):
+        return self.credit
+
+
+def test_max_turns_truncates_with_the_environments_truncation_reward(lm):
+    eb, _ = _play(lm, env=Endless, max_turns=2)
+    assert all(ep.truncated and not ep.done and len(ep.turn_ends) == 2 for ep in eb.episodes)
+    assert torch.allclose(eb.returns, torch.full((6,), 0.1 + 0.1 + 0.3))
+    final, dense = eb.dense()
+    assert torch.allclose(final, torch.full((6,), 0.4)) and torch.allclose(dense.sum(-1), torch.full((6,), 0.1))
+    assert eb.metrics()["env/truncated"] == 6
+
+
+def test_max_total_tokens_truncates_and_none_at_truncation_is_unscored(lm):
+    eb, _ = _play(lm, env=lambda: Endless(credit=None), max_turns=10, max_total=20, max_new=6)
+    for ep in eb.episodes:
+        assert ep.truncated and len(ep.ids) <= 20
+    assert torch.isnan(eb.returns).all()
+    assert math.isnan(eb.metrics()["env/return_mean"])
+
+
+class Raising(Scripted):
+    def step(self, text):
+        if self.seed == 11:
+            raise RuntimeError("broken")
+        return super().step(text)
+
+
+class RaisingReset(Scripted):
+    def reset(self, row, seed):
+        if seed == 10:
+            raise KeyError("secret")
+        return super().reset(row, seed)
+
+
+def test_an_environment_that_raises_leaves_its_episodes_unscored_and_counted(lm):
+    eb, _ = _play(lm, env=Raising)
+    assert torch.isnan(eb.returns[3:]).all() and (eb.returns[:3] == 1.25).all()
+    assert eb.metrics()["env/errors"] == 3 and "broken" in eb.episodes[3].error
+    eb, _ = _play(lm, env=RaisingReset)
+    assert torch.isnan(eb.returns[:3]).all() and not eb.batch.response_mask[:3].any()
+    assert (eb.returns[3:] == 1.25).all() and "secret" in eb.episodes[0].error
+
+
+def test_reset_must_depend_on_row_and_seed_alone(lm):
+    class Drifting(Scripted):
+        count = 0
+
+        def reset(self, row, seed):
+            Drifting.count += 1
+            return [{"role": "user", "content": f"{row['prompt']} {Drifting.count}"}]
+
+    with pytest.raises(ValueError, match="same row and seed"):
+        _play(lm, env=Drifting)
+
+
+def test_episodes_are_keyed_not_batched(lm):
+    """An episode's tokens depend on its key alone, not on which other episodes shared its engine calls."""
+    rows = [{"prompt": "a b"}, {"prompt": "c d e f"}]
+    renderer = Renderer(lm.tokenizer, PromptFormat())
+    keys = sample_keys(0, 0, range(2), 3)
+    both = run_episodes(lm.model, lm.tokenizer, renderer, Scripted, rows, [10, 11], SamplingParams(3, 1.0, 1.0, 6),
+                        keys, 4, 400, 2)
+    second = run_episodes(lm.model, lm.tokenizer, renderer, Scripted, rows[1:], [11], SamplingParams(3, 1.0, 1.0, 6),
+                          keys[3:], 4, 400, 1)
+    assert [ep.ids for ep in both.episodes[3:]] == [ep.ids for ep in second.episodes]
