@@ -1,18 +1,29 @@
 """An HTML report of one run directory: header, before/after eval table, metric plots, sample responses.
 
-``write_report(run_dir)`` reads ``config.yaml``, ``metrics.jsonl`` and, when present, ``eval-{before,after}.json``
-and ``eval-{before,after}.jsonl``; it writes ``RUN_DIR/report.html`` and its PNGs under ``RUN_DIR/report/``.
-Missing pieces become a note in the page; only a missing run directory or ``metrics.jsonl`` is an error.
+``write_report(run_dir)`` reads ``config.yaml``, ``metrics.jsonl``, ``summary.json`` and, when present,
+``eval-{before,after}.json``, ``eval-{before,after}.jsonl`` and ``rounds/round-*.jsonl``; it writes one
+self-contained ``RUN_DIR/report.html``: the plots are inline PNG data URIs, so the page can be moved or mailed
+alone. Missing pieces become a note in the page; only a missing run directory or ``metrics.jsonl`` is an error.
 Every string from the run (prompts, responses, keys) is HTML-escaped: responses are untrusted model output.
+
+What the plots promise: the reward's mean ± std band is clipped to the range its scores can take (declared by
+the reward source, :func:`rlmt.rewards.declared_range`, else the lowest and highest reward the records hold),
+the response-length band to [0, ``rollout.max_new_tokens``]; the KL to the reference and ``approx_kl`` (to
+pi_old: how far one update moved the policy) are separate plots; steps are integer ticks; each y tick label
+is its own value (no offset or multiplier), and a near-constant series gets a fixed range around its value;
+legends sit outside the data. The wall time is the one measured (``summary.json``, else the last row's
+``time/elapsed_s``: :mod:`rlmt.records`), never a sum of step times.
 """
 
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
 import math
-import os
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +32,30 @@ import yaml
 from rlmt.records import read_metrics
 
 Series = dict[str, tuple[list[float], list[float]]]  # key -> (steps, values), finite values only
+Bounds = tuple[float | None, float | None]  # the lowest and highest value a series' band may reach
 MAX_SAMPLES = 8
 MAX_CHARS = 2000  # of one shown response or prompt
-# (file stem, title, keys drawn as lines); "reward/std" is drawn as a band around "reward/mean".
-FIXED_PLOTS = [("reward", "reward", ["reward/mean"]), ("kl", "KL to reference", ["kl", "approx_kl"]),
+NEAR_CONSTANT = 1e-3  # a series whose spread is below this fraction of its value is drawn in a fixed range
+FIXED_RANGE = 0.05  # that range: the value ± this fraction of it (± this itself around 0)
+# (stem, title, keys drawn as lines); each key of BANDS is drawn with its std as a band
+FIXED_PLOTS = [("reward", "reward", ["reward/mean"]), ("kl", "KL to the reference", ["kl"]),
+               ("approx_kl", "approx_kl: KL to pi_old within an update", ["approx_kl"]),
                ("response_length", "response length (tokens)", ["response_length/mean"]), ("loss", "loss", ["loss"])]
 BANDS = {"reward/mean": "reward/std", "response_length/mean": "response_length/std"}
 CSS = ("body{font-family:sans-serif;margin:2em;max-width:1300px}table{border-collapse:collapse;margin:1em 0}"
        "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left}"
-       "pre{white-space:pre-wrap;margin:0;max-width:560px}.note{color:#777;font-style:italic}img{max-width:100%}")
+       "pre{white-space:pre-wrap;margin:0;max-width:560px}.note{color:#777;font-style:italic}img{max-width:100%}"
+       "figure{margin:1em 0}figcaption{color:#555;font-size:90%}")
+
+
+@dataclass
+class Plot:
+    """One plot of the page: a matplotlib ``figure``, or None with a ``caption`` saying what is missing."""
+
+    stem: str
+    title: str
+    figure: Any | None
+    caption: str = ""
 
 
 def _number(v: Any) -> float | None:
@@ -75,19 +101,84 @@ def _read_config(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file, skipping lines that do not parse; [] when it is missing."""
+    out = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            out.append(row)
+    return out
+
+
 def _read_samples(path: Path) -> dict[str, dict[str, Any]]:
     """The first sample per prompt of an eval JSONL file, in file order."""
     first: dict[str, dict[str, Any]] = {}
-    if not path.exists():
-        return first
-    for line in path.read_text().splitlines():
-        try:
-            s = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(s, dict) and "prompt" in s:
+    for s in _read_jsonl(path):
+        if "prompt" in s:
             first.setdefault(str(s["prompt"]), s)
     return first
+
+
+def _section(config: dict[str, Any], name: str) -> dict[str, Any]:
+    value = config.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+def declared_reward_range(config: dict[str, Any]) -> tuple[float, float, str] | None:
+    """(lowest, highest, source name) of the scores the run's reward source can give, from its class
+    (:func:`rlmt.rewards.declared_range`); None for a source that declares none, a multi-turn environment
+    (``env.source``: its rewards are the environment's), or a config that does not name a known source."""
+    if _section(config, "env").get("source"):
+        return None
+    from rlmt.rewards import declared_range, reward_source_class
+
+    name, args = _section(config, "reward").get("source"), _section(config, "reward").get("args") or {}
+    algorithm = config.get("algorithm")
+    if algorithm:
+        from rlmt.train.methods import METHODS  # a method with a source of its own (GRAPE's rubric)
+
+        if algorithm in METHODS and METHODS[algorithm].reward_source:
+            name = METHODS[algorithm].reward_source
+    try:
+        bounds = declared_range(reward_source_class(str(name), args), args)
+    except Exception:  # noqa: BLE001 - an unknown source or bad args: the run's own error, not the report's
+        return None
+    return (float(bounds[0]), float(bounds[1]), str(name)) if bounds is not None else None
+
+
+def observed_rewards(run_dir: Path, series: Series) -> list[float]:
+    """Every reward value the run's records hold: the scored eval samples, the kept responses of rejection
+    rounds, and the logged ``reward/mean`` (and ``reward/min`` / ``reward/max`` where logged); a mean lies
+    between the lowest and the highest reward, so none widens the range."""
+    values = [v for k in ("reward/mean", "reward/min", "reward/max") for v in series.get(k, ([], []))[1]]
+    files = [run_dir / f"eval-{w}.jsonl" for w in ("before", "after")] + sorted(run_dir.glob("rounds/round-*.jsonl"))
+    for path in files:
+        values += [x for x in (_number(s.get("reward")) for s in _read_jsonl(path)) if x is not None]
+    return values
+
+
+def band_bounds(run_dir: Path, config: dict[str, Any], series: Series) -> tuple[dict[str, Bounds], dict[str, str]]:
+    """Per banded key, the (low, high) its band is clipped to, and a caption saying where they come from."""
+    bounds: dict[str, Bounds] = {}
+    captions: dict[str, str] = {}
+    declared = declared_reward_range(config) if "reward/mean" in series else None
+    seen = observed_rewards(run_dir, series) if "reward/mean" in series else []
+    if declared is not None and all(declared[0] <= v <= declared[1] for v in seen):
+        bounds["reward/mean"] = declared[:2]
+        captions["reward/mean"] = f"the range reward source {declared[2]!r} declares"
+    elif seen:  # no declared range, or records that contradict it: what the records hold
+        bounds["reward/mean"] = (min(seen), max(seen))
+        captions["reward/mean"] = "the lowest and highest reward in the run's records" + (
+            f"; they leave the range {declared[2]!r} declares, {_clip_text(declared[:2])}" if declared else "")
+    single_turn = not _section(config, "env").get("source")
+    cap = _number(_section(config, "rollout").get("max_new_tokens")) if single_turn else None
+    bounds["response_length/mean"] = (0.0, cap)
+    captions["response_length/mean"] = "0 and rollout.max_new_tokens" if cap is not None else "0"
+    return bounds, captions
 
 
 def _fmt(v: Any) -> str:
@@ -113,59 +204,99 @@ def _figure(ncols: int = 1, nrows: int = 1, size: tuple[float, float] = (7.0, 3.
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
-def _draw(ax: Any, series: Series, keys: list[str], title: str) -> None:
+def tick_labels(values: list[float]) -> list[str]:
+    """Each tick's own value with the fewest significant digits (2 to 10) that tell the ticks apart; a tick
+    within 1e-9 of the largest from 0 is "0" (float noise of the tick arithmetic)."""
+    scale = max((abs(v) for v in values), default=0.0)
+    values = [0.0 if abs(v) <= 1e-9 * scale else v for v in values]
+    labels = [f"{v:.2g}" for v in values]
+    for digits in range(2, 11):
+        labels = [f"{v:.{digits}g}" for v in values]
+        if len(set(labels)) == len(labels):
+            break
+    return labels
+
+
+def _style(ax: Any, xs: list[float], ys: list[float]) -> None:
+    """Integer step ticks; y labels by :func:`tick_labels`; a near-constant ``ys`` in a fixed range."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, Formatter
+
+    class Labels(Formatter):
+        def __call__(self, x, pos=None):
+            return tick_labels([x])[0]
+
+        def format_ticks(self, values):
+            return tick_labels(list(values))
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0f}"))
+    if xs and max(xs) - min(xs) < 2:
+        ax.set_xlim(min(xs) - 1, max(xs) + 1)
+    ax.yaxis.set_major_formatter(Labels())
+    if ys:
+        lo, hi = min(ys), max(ys)
+        mid = (lo + hi) / 2
+        if hi - lo <= NEAR_CONSTANT * abs(mid):  # includes an exactly constant series
+            half = FIXED_RANGE * abs(mid) if mid != 0 else FIXED_RANGE
+            ax.set_ylim(mid - half, mid + half)
+
+
+def _draw(ax: Any, series: Series, keys: list[str], title: str, bounds: dict[str, Bounds],
+          legend: bool = True) -> None:
+    all_x, all_y = [], []
     for k in keys:
         xs, ys = series[k]
-        style = "-o" if len(xs) <= 20 else "-"
-        ax.plot(xs, ys, style, markersize=3, label=k)
+        ax.plot(xs, ys, "-o" if len(xs) <= 20 else "-", markersize=3, label=k)
+        all_x += xs
+        all_y += ys
         band = BANDS.get(k)
         if band in series:
             std = dict(zip(*series[band]))
-            pts = [(x, y, std[x]) for x, y in zip(xs, ys) if x in std]
+            low, high = bounds.get(k, (None, None))
+            pts = [(x, y - std[x], y + std[x]) for x, y in zip(xs, ys) if x in std]
+            pts = [(x, lo if low is None else max(low, lo), hi if high is None else min(high, hi))
+                   for x, lo, hi in pts]
             if pts:
-                ax.fill_between([p[0] for p in pts], [p[1] - p[2] for p in pts], [p[1] + p[2] for p in pts],
-                                alpha=0.25, label=f"± {band}")
+                ax.fill_between([p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts], alpha=0.25,
+                                label=f"± {band}")
+                all_y += [p[1] for p in pts] + [p[2] for p in pts]
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-    if len(keys) > 1 or any(BANDS.get(k) in series for k in keys):
-        ax.legend(fontsize=7)
+    _style(ax, all_x, all_y)
+    if legend and (len(keys) > 1 or any(BANDS.get(k) in series for k in keys)):
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
+                  ncol=1 if len(keys) <= 12 else 2)
 
 
-def _save(fig: Any, plot_dir: Path, stem: str, html_dir: Path) -> str:
-    path = plot_dir / f"{stem}.png"
-    fig.savefig(path, dpi=90)
-    rel = os.path.relpath(path, html_dir).replace(os.sep, "/")
-    return f'<img src="{html.escape(rel)}" alt="{html.escape(stem)}">'
-
-
-def plot_metrics(series: Series, plot_dir: Path, html_dir: Path) -> list[str]:
-    """PNG plots of the metrics under ``plot_dir``; returns HTML fragments (images and notes) in page order.
-
-    Fixed plots (reward, KL, response length, loss), then one plot per ``rubric/<item>/<stat>`` statistic
-    (a line per item), then every other numeric key as small multiples.
-    """
-    plot_dir.mkdir(parents=True, exist_ok=True)
-    parts, used = [], set(BANDS.values())
+def plot_metrics(series: Series, bounds: dict[str, Bounds] | None = None,
+                 captions: dict[str, str] | None = None) -> list[Plot]:
+    """The plots of the page in order: fixed plots (reward, KL to the reference, approx_kl, response length,
+    loss), one per ``rubric/<item>/<stat>`` statistic (a line per item), then every other numeric key as small
+    multiples. ``bounds``: per banded key, the (low, high) its band is clipped to (:func:`band_bounds`)."""
+    bounds, captions = bounds or {}, captions or {}
+    plots, used = [], set(BANDS.values())
     for stem, title, keys in FIXED_PLOTS:
         present = [k for k in keys if k in series]
         used.update(keys)
         if not present:
-            parts.append(f'<p class="note">{html.escape(title)}: not logged in this run.</p>')
+            plots.append(Plot(stem, title, None, "not logged in this run"))
             continue
         fig, axes = _figure()
-        _draw(axes[0][0], series, present, title)
-        parts.append(_save(fig, plot_dir, stem, html_dir))
+        _draw(axes[0][0], series, present, title, bounds)
+        banded = [k for k in present if BANDS.get(k) in series]
+        caption = "; ".join(f"band: {k} ± {BANDS[k]}, clipped to {_clip_text(bounds.get(k))}"
+                            + (f" ({captions[k]})" if k in captions else "") for k in banded)
+        plots.append(Plot(stem, title, fig, caption))
     rubric: dict[str, list[str]] = defaultdict(list)
     for k in sorted(series):
         if k.startswith("rubric/"):
             rubric[k.rsplit("/", 1)[-1] if k.count("/") >= 2 else "value"].append(k)
             used.add(k)
     for stat, keys in rubric.items():
-        fig, axes = _figure(size=(7.0, 4.0))
-        _draw(axes[0][0], series, keys, f"rubric: {stat}")
-        axes[0][0].legend(fontsize=6, ncol=2)
-        parts.append(_save(fig, plot_dir, "rubric_" + "".join(c if c.isalnum() else "_" for c in stat), html_dir))
+        fig, axes = _figure(size=(8.0, 4.0))
+        _draw(axes[0][0], series, keys, f"rubric: {stat}", bounds)
+        plots.append(Plot("rubric_" + "".join(c if c.isalnum() else "_" for c in stat), f"rubric: {stat}", fig))
     rest = [k for k in sorted(series) if k not in used]
     if rest:
         ncols = min(4, len(rest))
@@ -173,11 +304,56 @@ def plot_metrics(series: Series, plot_dir: Path, html_dir: Path) -> list[str]:
         fig, axes = _figure(ncols, nrows, size=(3.2, 2.4))
         for i, ax in enumerate(ax for row in axes for ax in row):
             if i < len(rest):
-                _draw(ax, series, [rest[i]], rest[i])
+                _draw(ax, series, [rest[i]], rest[i], bounds, legend=False)
             else:
                 ax.set_visible(False)
-        parts.append(_save(fig, plot_dir, "other_metrics", html_dir))
-    return parts
+        plots.append(Plot("other_metrics", "other metrics", fig))
+    return plots
+
+
+def _clip_text(b: Bounds | None) -> str:
+    low, high = b or (None, None)
+    return f"[{'-inf' if low is None else f'{low:.4g}'}, {'inf' if high is None else f'{high:.4g}'}]"
+
+
+def _embed(plot: Plot) -> str:
+    """The plot as an ``<img>`` with an inline PNG data URI (or its note when it has no figure)."""
+    if plot.figure is None:
+        return f'<p class="note">{html.escape(plot.title)}: {html.escape(plot.caption)}.</p>'
+    buf = io.BytesIO()
+    plot.figure.savefig(buf, format="png", dpi=90)
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    caption = f"<figcaption>{html.escape(plot.caption)}</figcaption>" if plot.caption else ""
+    return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(plot.stem)}">{caption}</figure>'
+
+
+def duration(seconds: float) -> str:
+    """``42.0 s``, ``12.6 min`` or ``3.20 h``."""
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def wall_time(run_dir: Path, series: Series) -> str:
+    """The run's measured wall time: ``summary.json`` (written when the run ended), else the last row's
+    ``time/elapsed_s`` (a run still going, or killed); a run that recorded neither says so."""
+    summary = _read_json(run_dir / "summary.json")
+    wall = _number(summary.get("wall_s")) if isinstance(summary, dict) else None
+    if wall is not None:
+        parts = [f"from {summary.get('started', '?')} to {summary.get('ended', '?')}"]
+        training = _number(summary.get("training_s"))
+        if training is not None:
+            parts.append(f"training steps {duration(training)}")
+        resumed = _number(summary.get("resumed_at_s"))
+        if resumed:
+            parts.append(f"resumed: {duration(resumed)} recorded before the resume")
+        return f"{duration(wall)} ({'; '.join(parts)})"
+    if "time/elapsed_s" in series:
+        steps, values = series["time/elapsed_s"]
+        return f"{duration(values[-1])} to step {steps[-1]:.0f} (no summary.json: the run has not ended)"
+    return "not recorded"
 
 
 def _header(run_dir: Path, config: dict[str, Any], rows: list[dict[str, Any]], series: Series) -> str:
@@ -185,14 +361,8 @@ def _header(run_dir: Path, config: dict[str, Any], rows: list[dict[str, Any]], s
     model_name = model.get("name") if isinstance(model, dict) else model
     steps = [s for s in (_number(r.get("step")) for r in rows) if s is not None]
     items = [("run", str(run_dir)), ("algorithm", config.get("algorithm", "?")), ("model", model_name or "?"),
-             ("steps", f"{int(max(steps)) if steps else 0} ({len(rows)} logged rows)")]
-    for key in ("time/elapsed_s", "wall_time_s"):
-        if key in series:
-            items.append(("wall time", f"{series[key][1][-1] / 60:.1f} min"))
-            break
-    else:
-        if "time/step_s" in series:
-            items.append(("wall time", f"{sum(series['time/step_s'][1]) / 60:.1f} min (sum of step times)"))
+             ("steps", f"{int(max(steps)) if steps else 0} ({len(rows)} logged rows)"),
+             ("wall time", wall_time(run_dir, series))]
     body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in items)
     return f"<h1>rlmt run report</h1><table>{body}</table>"
 
@@ -250,7 +420,7 @@ def write_report(run_dir: Path, output: Path | None = None) -> Path:
     parts.append(_eval_table(run_dir))
     parts.append("<h2>Training metrics</h2>")
     if series:
-        parts += plot_metrics(series, (run_dir / "report").resolve(), output.parent.resolve())
+        parts += [_embed(p) for p in plot_metrics(series, *band_bounds(run_dir, config, series))]
     else:
         parts.append(f'<p class="note">{html.escape(str(metrics_path))} holds no numeric metrics.</p>')
     parts.append(_samples_table(run_dir))
@@ -259,4 +429,3 @@ def write_report(run_dir: Path, output: Path | None = None) -> Path:
                       f"{html.escape(run_dir.name)}</title><style>{CSS}</style></head><body>\n"
                       + "\n".join(parts) + "\n</body></html>\n")
     return output
-

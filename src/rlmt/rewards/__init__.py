@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from rlmt.rewards.base import RewardError, RewardResult, RewardSource, declared_fields, score_checked
+from rlmt.rewards.base import (RewardError, RewardResult, RewardSource, declared_fields, declared_range,
+                               score_checked)
 
 # config name -> (module, class). Each class takes its config ``args`` as keyword arguments.
 REGISTRY: dict[str, tuple[str, str]] = {
@@ -106,4 +107,4 @@ def check_reward_fields(cfg, rows, report, name: str | None = None, on_invalid: 
     return kept
 
 
-__all__ = ["check_reward_fields", "check_reward_source", "declared_fields", "reward_fields", "reward_source_class", "reward_source_for", "REGISTRY", "RewardError", "RewardResult", "RewardSource", "build_reward_source", "score_checked"]
+__all__ = ["check_reward_fields", "check_reward_source", "declared_fields", "declared_range", "reward_fields", "reward_source_class", "reward_source_for", "REGISTRY", "RewardError", "RewardResult", "RewardSource", "build_reward_source", "score_checked"]

@@ -23,6 +23,13 @@ def declared_fields(source_cls: type, args: dict[str, Any] | None = None) -> dic
     return dict(hook(dict(args or {}))) if hook is not None else {}
 
 
+def declared_range(source_cls: type, args: dict[str, Any] | None = None) -> tuple[float, float] | None:
+    """The (lowest, highest) score ``source_cls`` can give with ``args`` (its ``score_range`` classmethod);
+    None for a class that declares none (a reward model's scores have no fixed bounds). Nothing is built."""
+    hook = getattr(source_cls, "score_range", None)
+    return hook(dict(args or {})) if hook is not None else None
+
+
 class RewardError(RuntimeError):
     """A reward source misbehaved (raised, returned non-finite values or the wrong number of scores)."""
 
@@ -49,7 +56,9 @@ class RewardSource(Protocol):
     (GRAPE writes its rubric report there); and, on its class, ``required_fields(args: dict) -> {field: check}``
     (a classmethod taking its config ``args``): the row fields it reads, each with a check of the value that
     returns None or the problem in words (:data:`rlmt.data.FieldCheck`). The run checks them with the data,
-    naming file, line and field, before any model loads (:func:`declared_fields`).
+    naming file, line and field, before any model loads (:func:`declared_fields`); and
+    ``score_range(args: dict) -> (lowest, highest)``, the bounds of its scores (:func:`declared_range`; the
+    report clips the reward band to them).
     """
 
     name: str

@@ -126,6 +126,11 @@ class CodeTestsReward:
         """The tests field (``tests_field``) and its check."""
         return {args.get("tests_field", "tests"): tests_problem}
 
+    @classmethod
+    def score_range(cls, args: dict[str, Any]) -> tuple[float, float]:
+        """The share of tests passed: 0 to 1 (all-or-nothing gives only the ends)."""
+        return 0.0, 1.0
+
     def __init__(self, tests_field: str = "tests", extract_code: bool = True, partial_credit: bool = False,
                  max_workers: int = 2, isolation: str = "strict", **limits: Any) -> None:
         if max_workers < 1:

@@ -224,6 +224,12 @@ class MathAnswerReward:
         """The gold field (``answer_field``) and its check."""
         return {args.get("answer_field", "answer"): gold_answer_problem}
 
+    @classmethod
+    def score_range(cls, args: dict[str, Any]) -> tuple[float, float]:
+        """The lower and the higher of ``correct`` and ``incorrect``: the only scores it gives."""
+        scores = (float(args.get("correct", 1.0)), float(args.get("incorrect", 0.0)))
+        return min(scores), max(scores)
+
     def __init__(self, answer_field: str = "answer", mode: str = "auto", rel_tol: float = 0.0,
                  correct: float = 1.0, incorrect: float = 0.0) -> None:
         if mode not in MODES:

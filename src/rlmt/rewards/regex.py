@@ -39,6 +39,12 @@ class RegexReward:
 
     name = "regex"
 
+    @classmethod
+    def score_range(cls, args: dict[str, Any]) -> tuple[float, float]:
+        """The lower and the higher of ``reward`` and ``penalty``: the only scores it gives."""
+        scores = (float(args.get("reward", 1.0)), float(args.get("penalty", 0.0)))
+        return min(scores), max(scores)
+
     def __init__(self, pattern: str, mode: str = "search", flags: Sequence[str] | None = None,
                  reward: float = 1.0, penalty: float = 0.0, max_chars: int | None = None,
                  scan_chars: int = 20000) -> None:
