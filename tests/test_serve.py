@@ -1,5 +1,6 @@
-"""`rlmt serve`: request parsing and limits, the OpenAI response shape, 400/404 errors, and concurrent requests
-sharing decode steps, on a server in this process over tiny-random; LocalChat itself (order, cache, failures)."""
+"""`rlmt serve`: request parsing and limits, unsupported fields refused by name, the OpenAI response shape,
+400/404 errors, and concurrent requests sharing decode steps, on a server in this process over tiny-random;
+LocalChat itself (order, cache, failures). The OpenAI client against the server: tests/test_serve_openai.py."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from rlmt.serve import (
     fit_max_tokens,
     make_server,
     parse_chat_request,
+    parse_request,
 )
 
 
@@ -65,6 +67,25 @@ def test_parse_chat_request_accepts_openai_bodies():
     assert r == CompletionRequest(({"role": "user", "content": "hi"},), 5, 0.0)
     assert parse_chat_request(json.dumps({"messages": msgs("hi")}).encode()).max_tokens is None
     assert parse_chat_request(json.dumps({"messages": msgs("hi"), "max_completion_tokens": 7}).encode()).max_tokens == 7
+    full = {"model": "any name", "messages": msgs("hi"), "temperature": 0.5, "top_p": 0.9, "n": 3, "stop": "\n\n",
+            "seed": -5, "stream": True, "stream_options": {"include_usage": True}, "user": "u1",
+            "logprobs": False, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "tools": None}
+    assert parse_chat_request(json.dumps(full).encode()) == CompletionRequest(
+        ({"role": "user", "content": "hi"},), None, 0.5, 0.9, 3, ("\n\n",), -5, True, True)
+    assert parse_chat_request(json.dumps({"messages": msgs("hi"), "stop": ["a", "b", "a"]}).encode()).stop == ("a", "b")
+
+
+def test_parse_text_completion_request():
+    r = parse_request(json.dumps({"prompt": "Once upon", "max_tokens": 3, "n": 2}).encode(), chat=False)
+    assert r.prompts == ("Once upon",) and not r.chat and r.n == 2 and r.prompt_param == "prompt"
+    assert parse_request(json.dumps({"prompt": ["a", "b"]}).encode(), chat=False).prompts == ("a", "b")
+    for bad in ({"prompt": [1, 2]}, {"prompt": []}, {"messages": msgs("x")}, {"prompt": ["a"] * 5, "n": 4}):
+        with pytest.raises(BadRequest) as e:
+            parse_request(json.dumps(bad).encode(), chat=False)
+        assert e.value.param in ("prompt", "messages", "n")
+    with pytest.raises(BadRequest) as e:  # logprobs: 0 asks a text completion for the sampled tokens' log-probs
+        parse_request(json.dumps({"prompt": "a", "logprobs": 0}).encode(), chat=False)
+    assert e.value.param == "logprobs"
 
 
 @pytest.mark.parametrize("body,param", [
@@ -79,13 +100,47 @@ def test_parse_chat_request_accepts_openai_bodies():
     (json.dumps({"messages": msgs("x"), "max_tokens": 4097}).encode(), "max_tokens"),
     (json.dumps({"messages": msgs("x"), "max_tokens": "9"}).encode(), "max_tokens"),
     (json.dumps({"messages": msgs("x"), "temperature": 5}).encode(), "temperature"),
-    (json.dumps({"messages": msgs("x"), "stream": True}).encode(), "stream"),
-    (json.dumps({"messages": msgs("x"), "n": 3}).encode(), "n"),
+    (json.dumps({"messages": msgs("x"), "stream": "yes"}).encode(), "stream"),
+    (json.dumps({"messages": msgs("x"), "n": 17}).encode(), "n"),
+    (json.dumps({"messages": msgs("x"), "n": 0}).encode(), "n"),
+    (json.dumps({"messages": msgs("x"), "top_p": 1.5}).encode(), "top_p"),
+    (json.dumps({"messages": msgs("x"), "seed": 1.5}).encode(), "seed"),
+    (json.dumps({"messages": msgs("x"), "stop": ""}).encode(), "stop"),
+    (json.dumps({"messages": msgs("x"), "stop": ["a", "b", "c", "d", "e"]}).encode(), "stop"),
+    (json.dumps({"messages": msgs("x"), "stop": [1]}).encode(), "stop"),
+    (json.dumps({"messages": msgs("x"), "stream_options": {"include_usage": True}}).encode(), "stream_options"),
+    (json.dumps({"messages": msgs("x"), "stream": True, "stream_options": {"obfuscate": True}}).encode(),
+     "stream_options.obfuscate"),
 ])
 def test_parse_chat_request_rejects(body, param):
     with pytest.raises(BadRequest) as e:
         parse_chat_request(body)
     assert e.value.param == param
+
+
+@pytest.mark.parametrize("field,value,says", [
+    ("logprobs", True, "only False"),
+    ("top_logprobs", 3, "only 0"),
+    ("logit_bias", {"42": 5}, "only {}"),
+    ("tools", [{"type": "function", "function": {"name": "f"}}], "only []"),
+    ("tool_choice", "auto", "only 'none'"),
+    ("presence_penalty", 0.5, "only 0"),
+    ("response_format", {"type": "json_object"}, "only {'type': 'text'}"),
+    ("temprature", 0.5, "did you mean 'temperature'"),
+    ("prompt", "x", "not supported"),
+])
+def test_unsupported_fields_are_refused_by_name(field, value, says):
+    """A field the server does not implement is a 400 naming it, never dropped (a no-op value is accepted)."""
+    with pytest.raises(BadRequest) as e:
+        parse_chat_request(json.dumps({"messages": msgs("x"), field: value}).encode())
+    assert e.value.param == field and f"'{field}'" in str(e.value) and says in str(e.value)
+
+
+def test_unsupported_message_fields_are_refused_by_name():
+    with pytest.raises(BadRequest) as e:
+        parse_chat_request(json.dumps({"messages": [msgs("a")[0], {"role": "user", "content": "x", "name": "bob"}]
+                                       }).encode())
+    assert e.value.param == "messages" and "messages[1].name" in str(e.value)
 
 
 def test_prompt_limits_characters_then_tokens(tiny):
@@ -113,11 +168,15 @@ def test_prompt_limits_characters_then_tokens(tiny):
 
 
 def test_completion_body_shape():
-    body = completion_body("hi", "length", 4, 2, model="m")
+    body = completion_body([("hi", "length"), ("yo", "stop")], 4, 2, model="m")
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
-    assert body["choices"][0]["finish_reason"] == "length"
+    assert [c["finish_reason"] for c in body["choices"]] == ["length", "stop"]
+    assert [c["index"] for c in body["choices"]] == [0, 1]
     assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+    text = completion_body([("hi", "stop")], 4, 2, model="m", chat=False)
+    assert text["object"] == "text_completion" and text["id"].startswith("cmpl-")
+    assert text["choices"] == [{"index": 0, "text": "hi", "logprobs": None, "finish_reason": "stop"}]
 
 
 # ---------------------------------------------------------------------------------------------- the server
@@ -146,11 +205,14 @@ def test_models_health_and_404(server):
 
 
 def test_bad_request_is_400_with_openai_error(server):
-    url, _ = server
+    url, srv = server
     code, body = post(url, {"messages": msgs("x"), "temperature": -1})
     assert code == 400
     assert body["error"]["type"] == "invalid_request_error" and body["error"]["param"] == "temperature"
     assert post(url, b"garbage")[0] == 400
+    admitted = srv.scheduler.stats.admitted
+    code, body = post(url, {"messages": msgs("x"), "logprobs": True})
+    assert code == 400 and body["error"]["param"] == "logprobs" and srv.scheduler.stats.admitted == admitted
 
 
 def test_concurrent_requests_share_decode_steps(server):

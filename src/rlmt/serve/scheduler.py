@@ -10,20 +10,29 @@ The loop, once per decode step:
    tokens it already has are prefilled (recompute, as vLLM's preemption), and it continues. So a request that
    reaches the head of the queue waits at most ``quantum`` decode steps (plus prefills) for a row, however many
    long requests run; with free rows it waits for none.
-3. **Step**: one forward over all rows; each row's token is sampled at its own temperature and appended to its
-   job. A job ends at an EOS (``stop``), at ``max_tokens`` (``length``), or when its client has gone
+3. **Step**: one forward over all rows; each row's token is sampled with its own job's temperature, top-p and
+   random draw, appended to its job, and the job's ``news`` event is set. A job ends at an EOS (``stop``), at
+   ``max_tokens`` (``length``), or when its client has gone or a stop string was found
    (:meth:`Job.cancel`: ``cancelled``); ended rows leave at the next relayout.
 
 So a small request runs beside a long one from the next step on, one token a step each: the huge request delays
-it by at most one prefill and shares the steps, it never holds the batch. Per-step delivery is the natural unit
-here (a later streaming endpoint sends what step 3 appends). The step is one thread: the model is not re-entrant,
-and one batched forward is the fast path. The queue is bounded (``max_waiting``; :class:`Overloaded` beyond).
-Tokenizing happens in the callers' threads, never here.
+it by at most one prefill and shares the steps, it never holds the batch. Per-step delivery is the natural unit:
+a streaming handler sends what step 3 appends. The step is one thread: the model is not re-entrant, and one
+batched forward is the fast path. The queue is bounded (``max_waiting``; :class:`Overloaded` beyond).
+Tokenizing and detokenizing happen in the callers' threads, never here.
+
+Random draws: a token is sampled by inverse CDF from one uniform (:func:`rlmt.rollout.sample_tokens`), and each
+row's uniform comes from its own job's generator when the request gave a ``seed`` (choice ``i`` of a request
+seeded by ``(seed, i)``, :func:`choice_seed`), else from the scheduler's. So a seeded request draws the same
+uniforms whichever requests share its steps, and across a preemption (the generator travels with the job); its
+tokens are the same unless the batch's other rows move a logit (padding and matmul shapes change float
+rounding, ~1e-6) across one of its draws, which a draw meets with about that probability.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -48,6 +57,9 @@ class Job:
     prompt: list[int]
     max_tokens: int
     temperature: float
+    top_p: float = 1.0
+    generator: torch.Generator | None = None  # a CPU generator of this job's draws (a seeded request); None: the scheduler's
+    news: threading.Event = field(default_factory=threading.Event, repr=False)  # set when a token came or it ended
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # stop | length | cancelled | error
     error: str | None = None
@@ -70,6 +82,13 @@ class Job:
     def cancel(self) -> None:
         """Ask the scheduler to stop this job (its client left); it ends ``cancelled`` at the next step."""
         self.cancelled = True
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice ``index`` of a request seeded ``seed``: distinct choices draw independently, and
+    ``(seed, 1)`` is not ``(seed + 1, 0)``."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def eos_token_ids(model: torch.nn.Module, tokenizer) -> frozenset[int]:
@@ -106,8 +125,7 @@ class Scheduler:
         self.eos = frozenset(eos_token_ids(model, tokenizer) if eos_ids is None else eos_ids)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
-        device = next(model.parameters()).device
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)  # CPU: uniforms are drawn per row, then moved
         self.stats = SchedulerStats()
         self._cond = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
@@ -118,19 +136,30 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------- callers' side
 
-    def submit(self, prompt: list[int], max_tokens: int, temperature: float) -> Job:
+    def submit(self, prompt: list[int], max_tokens: int, temperature: float, top_p: float = 1.0,
+               seed: int | None = None) -> Job:
         """Queue a job (prompt token ids, already within the context) -> the :class:`Job` to wait on."""
-        if not prompt or max_tokens < 1:
+        return self.submit_all([(prompt, max_tokens)], temperature, top_p, seed)[0]
+
+    def submit_all(self, choices: list[tuple[list[int], int]], temperature: float, top_p: float = 1.0,
+                   seed: int | None = None) -> list[Job]:
+        """Queue one request's choices, each ``(prompt ids, max_tokens)``, all or none -> their jobs, which share
+        one ``news`` event. With a ``seed``, choice ``i`` draws from a generator seeded by :func:`choice_seed`."""
+        if not choices or any(not prompt or max_tokens < 1 for prompt, max_tokens in choices):
             raise ValueError("a job needs a non-empty prompt and max_tokens >= 1")
+        news = threading.Event()
         with self._cond:
             if self._closed:
                 raise Overloaded("the server is shutting down")
-            if len(self._waiting) >= self.max_waiting:
+            if len(self._waiting) + len(choices) > self.max_waiting:
                 raise Overloaded(f"{len(self._waiting)} requests are already waiting")
-            job = Job(list(prompt), int(max_tokens), float(temperature), submitted_step=self.stats.steps)
-            self._waiting.append(job)
+            jobs = [Job(list(prompt), int(max_tokens), float(temperature), float(top_p),
+                        None if seed is None else torch.Generator().manual_seed(choice_seed(seed, i)), news,
+                        submitted_step=self.stats.steps)
+                    for i, (prompt, max_tokens) in enumerate(choices)]
+            self._waiting.extend(jobs)
             self._cond.notify()
-        return job
+        return jobs
 
     def load(self) -> dict:
         """Rows decoding (live ones), jobs waiting, and the counters."""
@@ -154,6 +183,7 @@ class Scheduler:
         job.finish_reason, job.error, job.finished_step = reason, error, self.stats.steps
         self.stats.finished += 1
         job._ended.set()
+        job.news.set()
 
     def _plan(self) -> tuple[list[Job], list[Job]] | None:
         """Under the lock, between steps: (jobs to admit, rows to evict); blocks while idle; None once closed."""
@@ -183,14 +213,27 @@ class Scheduler:
             self._waiting.extend(evict)
             return admit, evict
 
-    def _sample(self, logits: torch.Tensor, jobs: list[Job]) -> torch.Tensor:
-        """(B, V) logits -> (B,) tokens, each row at its job's temperature."""
-        tokens = torch.empty(len(jobs), dtype=torch.long, device=logits.device)
-        by_temperature: dict[float, list[int]] = {}
+    def _uniforms(self, jobs: list[Job]) -> torch.Tensor:
+        """(B,) float64 draws on the CPU: a seeded job's from its own generator, the others' from the scheduler's;
+        none drawn for a greedy row."""
+        u = torch.zeros(len(jobs), dtype=torch.float64)
+        shared = [i for i, j in enumerate(jobs) if j.temperature > 0 and j.generator is None]
+        if shared:
+            u[shared] = torch.rand(len(shared), dtype=torch.float64, generator=self.generator)
         for i, job in enumerate(jobs):
-            by_temperature.setdefault(job.temperature, []).append(i)
-        for temperature, idx in by_temperature.items():
-            tokens[idx], _ = sample_tokens(logits[idx], temperature, 1.0, self.generator)
+            if job.temperature > 0 and job.generator is not None:
+                u[i] = torch.rand(1, dtype=torch.float64, generator=job.generator)[0]
+        return u
+
+    def _sample(self, logits: torch.Tensor, jobs: list[Job]) -> torch.Tensor:
+        """(B, V) logits -> (B,) tokens, each row with its job's temperature, top-p and draw."""
+        tokens = torch.empty(len(jobs), dtype=torch.long, device=logits.device)
+        uniforms = self._uniforms(jobs).to(logits.device)
+        groups: dict[tuple[float, float], list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault((job.temperature, job.top_p), []).append(i)
+        for (temperature, top_p), idx in groups.items():
+            tokens[idx], _ = sample_tokens(logits[idx], temperature, top_p, None, uniforms[idx])
         return tokens
 
     def _deliver(self, jobs: list[Job], tokens: torch.Tensor) -> None:
@@ -198,6 +241,7 @@ class Scheduler:
             if job.done:
                 continue
             job.tokens.append(tok)
+            job.news.set()
             if tok in self.eos:
                 self._end(job, "stop")
             elif len(job.tokens) >= job.max_tokens:

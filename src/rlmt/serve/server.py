@@ -8,8 +8,17 @@
   time holds a thread; it is dropped (a 408 when the headers had arrived). Writes have ``write_timeout_s``.
 - The handler thread parses, counts characters, tokenizes and checks the context (see
   :mod:`rlmt.serve.protocol`) before anything is queued, so a huge prompt costs its own thread microseconds
-  and the scheduler nothing. While its job runs, it checks every ``poll_s`` that the client is still there;
-  a client that has gone cancels its job, so abandoned requests stop costing decode steps.
+  and the scheduler nothing. It queues one job per choice (``n`` per prompt) and detokenizes their tokens as
+  they come (:class:`rlmt.serve.text.ChoiceText`), cancelling a job whose text reached a stop string. While
+  they run, it checks every ``poll_s`` that the client is still there; a client that has gone (or a stream
+  write that fails or takes over ``write_timeout_s``) cancels its jobs, so abandoned requests stop costing
+  decode steps.
+- ``stream: true`` is answered with server-sent events, one ``data: {chunk}`` per piece of text a step adds
+  (a chat stream opens each choice with its role and closes it with a chunk that holds only the
+  ``finish_reason``), then the usage chunk when asked for, then ``data: [DONE]``; the connection closes after.
+  A generation that fails mid-stream sends ``data: {"error": ...}`` (the OpenAI client raises it) and no
+  ``[DONE]``. A non-streaming handler wakes every ``poll_s`` or when a job ends, a streaming one at every
+  step it has text for.
 - The tokenizer is called under a lock: a Rust fast tokenizer used from many threads at once can fail with
   "RuntimeError: Already borrowed" (huggingface/tokenizers#537), and a call is short (the character check
   bounds its input).
@@ -31,18 +40,25 @@ from typing import TextIO
 from rlmt.serve.protocol import (
     DEFAULT_MAX_TOKENS,
     MAX_BODY_BYTES,
+    MAX_CHOICES,
     MAX_TOKENS_CAP,
     BadRequest,
+    CompletionRequest,
     chars_per_token_bound,
     check_prompt_chars,
+    chunk_body,
     completion_body,
     error_body,
     fit_max_tokens,
-    parse_chat_request,
+    parse_request,
+    response_id,
+    usage_body,
 )
-from rlmt.serve.scheduler import Overloaded, Scheduler
+from rlmt.serve.scheduler import Job, Overloaded, Scheduler
+from rlmt.serve.text import ChoiceText
 
 CHAT_ROUTE = "/v1/chat/completions"
+COMPLETIONS_ROUTE = "/v1/completions"
 
 
 @dataclass(frozen=True)
@@ -51,11 +67,12 @@ class ServeLimits:
 
     max_body_bytes: int = MAX_BODY_BYTES  # largest request body read (bytes); larger is a 413
     max_tokens_cap: int = MAX_TOKENS_CAP  # largest max_tokens a request may ask for
+    max_choices: int = MAX_CHOICES  # most choices (n x prompts) one request may ask for
     default_max_tokens: int = DEFAULT_MAX_TOKENS  # completion budget when a request gives none (clipped to the context)
     context_tokens: int | None = None  # prompt + completion tokens per request; None: the model's context
     read_timeout_s: float = 30.0  # a request's line, headers and body must arrive within this, in total
     write_timeout_s: float = 30.0  # each send of the response must complete within this
-    poll_s: float = 0.25  # how often a handler waiting on its job checks that the client is still connected
+    poll_s: float = 0.25  # how often a handler waiting on its jobs checks that the client is still connected
     backlog: int = 1024  # listen backlog (connections the kernel queues before they are accepted)
     max_connections: int = 1024  # connections handled at once; beyond, an immediate 503
 
@@ -101,6 +118,10 @@ def client_gone(sock: socket.socket) -> bool:
         return sock.recv(1, socket.MSG_PEEK) == b""
     except OSError:
         return True
+
+
+class ClientGone(Exception):
+    """The client of a request has disconnected (its jobs are cancelled)."""
 
 
 class RlmtServer(ThreadingHTTPServer):
@@ -159,13 +180,16 @@ def make_server(lm, host: str = "127.0.0.1", port: int = 0, model_name: str | No
     tokenizer_lock = threading.Lock()
     counter, count_lock = {"chat_requests": 0}, threading.Lock()
 
-    def encode(messages) -> list[int]:
+    def encode(request: CompletionRequest) -> list[list[int]]:
+        """The prompts' token ids: the messages under the chat template, or each prompt as plain text."""
         with tokenizer_lock:
-            return encode_prompt(tokenizer, PromptFormat(chat=True), [dict(m) for m in messages])
+            if request.chat:
+                return [encode_prompt(tokenizer, PromptFormat(chat=True), [dict(m) for m in request.messages])]
+            return [encode_prompt(tokenizer, PromptFormat(chat=False), p) for p in request.prompts]
 
     def decode(ids: list[int]) -> str:
         with tokenizer_lock:
-            return tokenizer.decode(ids, skip_special_tokens=True)
+            return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     class Handler(BaseHTTPRequestHandler):
         server_version = "rlmt-serve"
@@ -219,7 +243,8 @@ def make_server(lm, host: str = "127.0.0.1", port: int = 0, model_name: str | No
                 return None
 
         def do_POST(self):
-            if self.path.split("?")[0].rstrip("/") != CHAT_ROUTE:
+            route = self.path.split("?")[0].rstrip("/")
+            if route not in (CHAT_ROUTE, COMPLETIONS_ROUTE):
                 self._send(404, error_body(f"no route POST {self.path}", "not_found_error"))
                 return
             with count_lock:
@@ -228,38 +253,132 @@ def make_server(lm, host: str = "127.0.0.1", port: int = 0, model_name: str | No
             if body is None:
                 return
             try:
-                request = parse_chat_request(body, limits.max_tokens_cap)
+                request = parse_request(body, route == CHAT_ROUTE, limits.max_tokens_cap, limits.max_choices)
                 check_prompt_chars(request, context, chars_per_token)
-                prompt = encode(request.messages)
-                max_tokens = fit_max_tokens(request, len(prompt), context, limits.default_max_tokens)
+                prompts = encode(request)
+                if not all(prompts):
+                    raise BadRequest("a prompt has no tokens", request.prompt_param)
+                budgets = [fit_max_tokens(request, len(p), context, limits.default_max_tokens) for p in prompts]
             except BadRequest as e:
                 self._send(400, error_body(str(e), param=e.param, code=e.code))
                 return
-            try:
-                job = scheduler.submit(prompt, max_tokens, request.temperature)
+            try:  # choices prompt-major: choice i * n + j is sample j of prompt i
+                jobs = scheduler.submit_all([(p, b) for p, b in zip(prompts, budgets) for _ in range(request.n)],
+                                            request.temperature, request.top_p, request.seed)
             except Overloaded as e:
                 self._send(503, error_body(f"the server is overloaded: {e}", "server_error"))
                 return
-            while not job.wait(limits.poll_s):
-                if client_gone(self.connection):
+            texts = [ChoiceText(decode, request.stop) for _ in jobs]
+            prompt_tokens = sum(len(p) for p in prompts)
+            try:
+                if request.stream:
+                    self._stream(request, jobs, texts, prompt_tokens)
+                else:
+                    self._reply(request, jobs, texts, prompt_tokens)
+            except (ClientGone, OSError):
+                for job in jobs:
                     job.cancel()
-                    self.close_connection = True
-                    return
-            if job.finish_reason not in ("stop", "length"):
-                self._send(500, error_body(job.error or f"generation {job.finish_reason}", "server_error"))
+                self.close_connection = True
+
+        def _follow(self, jobs: list[Job], texts: list[ChoiceText], on_text=None) -> str | None:
+            """Feed each job's new tokens to its text until every text is finished -> None, or the error of a
+            job that failed (the others are cancelled). ``on_text(i)`` after choice ``i`` changed; it may
+            raise OSError (the client left). :class:`ClientGone` when the client disconnected."""
+            seen = [0] * len(jobs)
+            check_at = time.monotonic() + limits.poll_s
+            while True:
+                jobs[0].news.clear()
+                for i, (job, text) in enumerate(zip(jobs, texts)):
+                    if text.finished:
+                        continue
+                    done = job.done  # before the tokens: once done, no token is appended after this read
+                    new = job.tokens[seen[i]:]
+                    seen[i] += len(new)
+                    for token in new:
+                        if text.push(token):  # a stop string: the rest is not needed
+                            job.cancel()
+                            break
+                    if done and not text.finished:
+                        if job.finish_reason not in ("stop", "length"):
+                            for other in jobs:
+                                other.cancel()
+                            return job.error or f"generation {job.finish_reason}"
+                        text.finish()
+                    if on_text is not None and (new or text.finished):
+                        on_text(i)
+                if all(t.finished for t in texts):
+                    return None
+                left = max(0.0, check_at - time.monotonic())
+                if on_text is not None:
+                    jobs[0].news.wait(left)  # every job of a request sets this one event
+                else:
+                    next(j for j, t in zip(jobs, texts) if not t.finished).wait(left)
+                if time.monotonic() >= check_at:
+                    if client_gone(self.connection):
+                        raise ClientGone
+                    check_at = time.monotonic() + limits.poll_s
+
+        @staticmethod
+        def _finish_reason(job: Job, text: ChoiceText) -> str:
+            return "stop" if text.stopped or job.finish_reason == "stop" else "length"
+
+        def _reply(self, request: CompletionRequest, jobs: list[Job], texts: list[ChoiceText],
+                   prompt_tokens: int) -> None:
+            error = self._follow(jobs, texts)
+            if error is not None:
+                self._send(500, error_body(error, "server_error"))
                 return
-            self._send(200, completion_body(decode(job.tokens), job.finish_reason, len(prompt), len(job.tokens),
-                                            name))
+            choices = [(t.text, self._finish_reason(j, t)) for j, t in zip(jobs, texts)]
+            self._send(200, completion_body(choices, prompt_tokens, sum(t.tokens for t in texts), name,
+                                            request.chat))
+
+        def _stream(self, request: CompletionRequest, jobs: list[Job], texts: list[ChoiceText],
+                    prompt_tokens: int) -> None:
+            rid, created, sent = response_id(request.chat), int(time.time()), [0] * len(jobs)
+            self.connection.settimeout(limits.write_timeout_s)
+            self.close_connection = True
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+
+            def event(body: dict | bytes) -> None:
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self.wfile.write(b"data: " + data + b"\n\n")
+
+            def on_text(i: int) -> None:
+                ready = texts[i].ready()
+                if len(ready) > sent[i]:
+                    event(chunk_body(rid, created, name, request.chat, i, ready[sent[i]:]))
+                    sent[i] = len(ready)
+                if texts[i].finished:
+                    event(chunk_body(rid, created, name, request.chat, i,
+                                     finish_reason=self._finish_reason(jobs[i], texts[i])))
+
+            if request.chat:
+                for i in range(len(jobs)):
+                    event(chunk_body(rid, created, name, True, i, "", role=True))
+            error = self._follow(jobs, texts, on_text)
+            if error is not None:
+                event(error_body(error, "server_error"))
+                return
+            if request.include_usage:
+                event(chunk_body(rid, created, name, request.chat,
+                                 usage=usage_body(prompt_tokens, sum(t.tokens for t in texts))))
+            event(b"[DONE]")
 
     return RlmtServer((host, port), Handler, scheduler, limits)
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 0, max_batch: int = 16, seed: int = 0,
-          device: str = "cpu", out: TextIO = sys.stdout) -> int:
-    """Load ``model``, bind, print the listening line, serve until interrupted."""
-    from rlmt.models import load_model
+          device: str = "auto", out: TextIO = sys.stdout) -> int:
+    """Load ``model`` (on ``device``; 'auto': cuda when available, else cpu), bind, print the listening line,
+    serve until interrupted."""
+    from rlmt.models import load_model, pick_device
 
-    server = make_server(load_model(model, device=device, seed=seed), host, port, model, max_batch, seed=seed)
+    lm = load_model(model, device=pick_device(device), seed=seed)
+    server = make_server(lm, host, port, model, max_batch, seed=seed)
     bound_host, bound_port = server.server_address[:2]
     print(f"rlmt serve: listening on http://{bound_host}:{bound_port}/v1", file=out, flush=True)
     try:
