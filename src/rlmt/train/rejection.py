@@ -23,7 +23,7 @@ import torch
 
 from rlmt.data import SFTExample, make_micro_batches
 from rlmt.parallel import shard_rows
-from rlmt.records import write_atomic
+from rlmt.records import progress_bar, write_atomic
 from rlmt.train.experience import Advantages, Experience, UpdateContext
 from rlmt.train.metrics import MetricReduction
 from rlmt.data import step_indices
@@ -78,7 +78,8 @@ def kept_examples(exp: Experience, keep: list[int]) -> list[SFTExample]:
 
 def sft_on_kept(ctx: UpdateContext, exp: Experience, adv: Advantages) -> dict[str, float]:
     """SFT on the kept responses: ``rejection.sft_epochs`` passes, ``optim.batch_size * grad_accum`` examples
-    a step; metrics are means over the round's SFT steps (``sft/steps`` of them)."""
+    a step; metrics are means over the round's SFT steps (``sft/steps`` of them), counted by a bar
+    ``round R SFT`` on rank 0 unless ``run.progress`` is false."""
     cfg, r, world = ctx.cfg, exp.step, ctx.world
     keep = [int(i) for i in torch.nonzero(adv.values > 0).flatten()]
     mine = list(zip(kept_examples(exp, keep), [exp.batch.texts[i] for i in keep],
@@ -102,13 +103,15 @@ def sft_on_kept(ctx: UpdateContext, exp: Experience, adv: Advantages) -> dict[st
     device = next(ctx.policy.parameters()).device
     pad = ctx.policy.config.pad_token_id if ctx.policy.config.pad_token_id is not None else 0
     reduction = MetricReduction()
-    for s in range(n_steps):
-        idx = step_indices(s, per_step, len(examples), cfg.run.seed + r, cfg.data.shuffle)  # the global batch
-        mbs = make_micro_batches([examples[i] for i in shard_rows(idx, world.rank, world.size)],
-                                 cfg.optim.batch_size, pad)
-        reduction.add(sft_update(ctx.policy, mbs, ctx.optimizer, ctx.scheduler, cfg.optim.max_grad_norm, device,
-                                 ctx.autocast, world))
-        reduction.end_step()
+    with progress_bar(n_steps, f"round {r + 1} SFT", "step", cfg.run.progress and world.is_main) as bar:
+        for s in range(n_steps):
+            idx = step_indices(s, per_step, len(examples), cfg.run.seed + r, cfg.data.shuffle)  # the global batch
+            mbs = make_micro_batches([examples[i] for i in shard_rows(idx, world.rank, world.size)],
+                                     cfg.optim.batch_size, pad)
+            reduction.add(sft_update(ctx.policy, mbs, ctx.optimizer, ctx.scheduler, cfg.optim.max_grad_norm,
+                                     device, ctx.autocast, world))
+            reduction.end_step()
+            bar.update(1)
     return {**reduction.result(), **metrics, "sft/steps": float(n_steps)}
 
 
