@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from rlmt.data import PromptFormat, encode_prompt
-from rlmt.rollout import SamplingParams, generate
+from rlmt.rollout import SamplingParams, generate, sample_tokens
 from rlmt.serve import Overloaded, Scheduler
+from rlmt.serve.scheduler import choice_seed
 from rlmt.serve.batch import prefill, relayout
 
 WAIT_S = 120  # generous: only a hung scheduler takes this long
@@ -128,6 +129,38 @@ def test_temperatures_per_row_and_failures_end_jobs(tiny, make, monkeypatch):
     monkeypatch.setattr(s, "_sample", lambda logits, jobs: (_ for _ in ()).throw(RuntimeError("boom")))
     failed = s.submit(prompt(tiny, "x"), 5, 1.0)
     assert failed.wait(WAIT_S) and failed.finish_reason == "error" and "boom" in failed.error
+
+
+def test_top_p_and_seed_stay_per_row_within_a_batch(tiny, make):
+    """Rows of one batch sample with their own settings: top_p=0 at temperature 1 keeps only the likeliest token
+    (the greedy tokens) beside hot rows; a seeded job draws the same tokens alone and beside other jobs, and
+    after a preemption; choice 0 of a seeded request of 3 is the seeded request of 1, its other choices differ.
+    The seeded tokens are those a full forward over the prompt and the tokens so far samples with the job's
+    draws (before, every decode step fed the first sampled token again, which greedy tiny-random, repeating
+    one token, did not show)."""
+    ids = prompt(tiny, "same")
+    alone = make(max_batch=1, eos_ids=())
+    ref = alone.submit(ids, 24, 1.0, seed=7)
+    other_seed = alone.submit(ids, 24, 1.0, seed=8)
+    assert ref.wait(WAIT_S) and other_seed.wait(WAIT_S) and ref.tokens != other_seed.tokens
+    draws, seq = torch.Generator().manual_seed(choice_seed(7, 0)), list(ids)
+    with torch.inference_mode():
+        for _ in range(24):
+            logits = tiny.model(torch.tensor([seq])).logits[:, -1]
+            u = torch.rand(1, dtype=torch.float64, generator=draws)
+            seq.append(int(sample_tokens(logits, 1.0, 1.0, None, u)[0]))
+    assert ref.tokens == seq[len(ids):]
+    s = make(max_batch=3, quantum=5, eos_ids=())
+    hot = [s.submit(prompt(tiny, f"noise {i}"), 24, 1.5) for i in range(2)]
+    nucleus = s.submit(ids, 24, 1.0, top_p=0.0)
+    choices = s.submit_all([(ids, 24)] * 3, 1.0, seed=7)  # 5 jobs, 3 rows: rows are preempted and recomputed
+    for job in hot + [nucleus] + choices:
+        assert job.wait(WAIT_S) and job.finish_reason == "length"
+    assert s.stats.preempted > 0
+    assert nucleus.tokens == solo_greedy(tiny, ids, 24)
+    assert choices[0].tokens == ref.tokens
+    assert choices[1].tokens != choices[0].tokens != choices[2].tokens != choices[1].tokens
+    assert all(j.news.is_set() for j in choices) and len({id(j.news) for j in choices}) == 1
 
 
 def test_relayout_trims_to_the_longest_live_row(tiny):

@@ -286,7 +286,8 @@ class Scheduler:
         logits = batch.step()
         with self._cond:
             self.stats.steps += 1
-        self._deliver(batch.rows, self._sample(logits, batch.rows))
+        batch.last = self._sample(logits, batch.rows)  # each row feeds its new token at the next step
+        self._deliver(batch.rows, batch.last)
 
     def _fail(self, jobs: list[Job], error: Exception) -> None:
         for job in jobs:
