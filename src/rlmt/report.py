@@ -219,7 +219,7 @@ def tick_labels(values: list[float]) -> list[str]:
 
 def _style(ax: Any, xs: list[float], ys: list[float]) -> None:
     """Integer step ticks; y labels by :func:`tick_labels`; a near-constant ``ys`` in a fixed range."""
-    from matplotlib.ticker import FuncFormatter, MaxNLocator, Formatter
+    from matplotlib.ticker import Formatter, FuncFormatter, MaxNLocator
 
     class Labels(Formatter):
         def __call__(self, x, pos=None):
