@@ -92,3 +92,24 @@ def test_a_runs_evaluations_and_rejection_rounds_show_their_own_bars(tmp_path):
         steps = int(row["sft/steps"])
         assert steps > 0 and counts(err, f"round {r} SFT") == [(s, steps) for s in range(steps + 1)]
     assert counts(err, "train")[-1] == (2, 2)
+
+
+def test_the_training_bar_ends_with_the_steps_rate_not_the_evaluation_after(tmp_path):
+    """The bar closes at its last step: the evaluation after training (here 1.1 s) does not stretch its last
+    line's elapsed time or rate."""
+    import time
+
+    from rlmt.records import RunRecorder
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rec = RunRecorder(tmp_path, {}, total_steps=2, progress=True)
+        rec.start_steps()
+        rec.log(1, {"loss": 1.0})
+        rec.log(2, {"loss": 1.0})
+        time.sleep(1.1)  # the evaluation after training
+        rec.note("eval after: pass@1 0.5")
+        rec.close()
+    assert counts(err.getvalue(), "train")[-1] == (2, 2)
+    last = [line for line in re.split(r"[\r\n]", err.getvalue()) if line.startswith("train:")][-1]
+    assert "2/2 [00:00<00:00," in last, last
