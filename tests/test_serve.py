@@ -233,6 +233,30 @@ def test_concurrent_requests_share_decode_steps(server):
     assert srv.scheduler.stats.steps - before < 8 * 19 / 2
 
 
+def test_serve_device_defaults_to_auto_like_train(monkeypatch):
+    """`rlmt serve` without --device loads on cuda when there is one, else cpu (as model.device: auto)."""
+    import torch
+
+    import rlmt.models
+    from rlmt.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--model", "tiny-random"])
+    assert args.device == "auto"
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def load_model(name, device="cpu", **kw):
+        seen["device"] = device
+        raise Loaded
+
+    monkeypatch.setattr(rlmt.models, "load_model", load_model)
+    with pytest.raises(Loaded):
+        args.func(args)
+    assert seen["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 # ---------------------------------------------------------------------------------------------- LocalChat
 
 
