@@ -49,7 +49,8 @@ class Overloaded(RuntimeError):
 
 @dataclass(eq=False)
 class Job:
-    """One request in the scheduler: its prompt and budget in, its tokens and how it ended out.
+    """One choice of a request in the scheduler: its prompt, budget and sampling in, its tokens and how it ended
+    out.
 
     The ``*_step`` fields count decode steps of the scheduler (its clock): when the job was submitted, first
     admitted, and ended."""
@@ -58,8 +59,8 @@ class Job:
     max_tokens: int
     temperature: float
     top_p: float = 1.0
-    generator: torch.Generator | None = None  # a CPU generator of this job's draws (a seeded request); None: the scheduler's
-    news: threading.Event = field(default_factory=threading.Event, repr=False)  # set when a token came or it ended
+    generator: torch.Generator | None = field(default=None, repr=False)  # its own draws (seeded); None: the scheduler's
+    news: threading.Event = field(default_factory=threading.Event, repr=False)  # set at each token and at the end
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # stop | length | cancelled | error
     error: str | None = None
@@ -152,7 +153,8 @@ class Scheduler:
             if self._closed:
                 raise Overloaded("the server is shutting down")
             if len(self._waiting) + len(choices) > self.max_waiting:
-                raise Overloaded(f"{len(self._waiting)} requests are already waiting")
+                raise Overloaded(f"{len(self._waiting)} jobs are waiting; {len(choices)} more would pass the limit "
+                                 f"of {self.max_waiting}")
             jobs = [Job(list(prompt), int(max_tokens), float(temperature), float(top_p),
                         None if seed is None else torch.Generator().manual_seed(choice_seed(seed, i)), news,
                         submitted_step=self.stats.steps)
