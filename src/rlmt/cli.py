@@ -21,8 +21,9 @@ exit codes: 0 ok, 2 bad input (config, data, model), 1 an error inside rlmt
 
 
 def _quiet_transformers() -> None:
+    """Quieter transformers logs. The hub settings (HF_HUB_OFFLINE, the cache) stay the user's: local models
+    and data are read without the network (:mod:`rlmt.models.loading`), a hub id as transformers resolves it."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import transformers
 

@@ -8,7 +8,13 @@ Model names understood by :func:`load_model`:
   later loads read that checkpoint in seconds.
 - ``tiny-random`` (or ``tiny-random:LAYERS:HIDDEN``): a randomly initialised Llama built locally from a small
   config with a byte-level tokenizer. For tests; never touches the network.
-- anything else: a local directory readable by ``AutoModelForCausalLM.from_pretrained``.
+- a local directory readable by ``AutoModelForCausalLM.from_pretrained`` (read with ``local_files_only``);
+- a Hugging Face hub id (``org/name``, not an existing path): resolved by transformers as usual, through the
+  user's HF cache (``HF_HOME``, ``HF_HUB_CACHE``) and ``HF_HUB_OFFLINE``; nothing here sets or forces either.
+  A model that cannot be had (offline and not cached, no network, no such repository) is one
+  :class:`ModelError` line naming the id.
+
+Local names (the embedded model, a directory) never touch the network.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import importlib.util
 import json
 import functools
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -86,8 +93,9 @@ def embedded_model_dir() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                          local_files_only=True)
         config = gguf_model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # transformers refuses to save a GGUF-loaded model as is
@@ -155,17 +163,59 @@ def tiny_random_model(layers: int = 2, hidden: int = 64, seed: int = 0):
     return model, tok
 
 
+# org/name as the hub spells a repository id (huggingface_hub.utils.validate_repo_id): letters, digits, '-',
+# '_', '.'; no '--' or '..'; not ending in '.git'
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a hub model id (``org/name``) and names no existing local path."""
+    return (bool(_HUB_ID.match(name)) and "--" not in name and ".." not in name and not name.endswith(".git")
+            and not Path(name).expanduser().exists())
+
+
 def resolve_model_path(name: str) -> str:
-    """Map a model name to a directory (converting the embedded model if needed)."""
+    """Map a model name to a local directory (converting the embedded model if needed; for a hub id, its
+    snapshot in the HF cache, fetched there first when the hub is reachable)."""
     if name == EMBEDDED:
         return str(embedded_model_dir())
     path = Path(name).expanduser()
+    if is_hub_id(name):
+        return hub_snapshot_dir(name)
     if not (path / "config.json").exists():
-        raise ModelError(
-            f"model {name!r}: not a transformers model directory (no config.json) and not one of "
-            f"{EMBEDDED!r}, 'tiny-random'"
-        )
+        what = "not a transformers model directory (no config.json)" if path.is_dir() else "no such directory"
+        raise ModelError(f"model {name!r}: {what}, and not {EMBEDDED!r}, 'tiny-random' or a Hugging Face hub id "
+                         "(org/name)")
     return str(path)
+
+
+def hub_snapshot_dir(name: str) -> str:
+    """The directory of hub model ``name`` in the HF cache, by way of its ``config.json``: from the cache, or
+    downloaded into it, as transformers resolves any file (the user's ``HF_HUB_OFFLINE`` and cache apply).
+    One :class:`ModelError` line when it cannot be had."""
+    from transformers.utils import cached_file
+
+    try:
+        config = cached_file(name, "config.json")
+    except (OSError, ValueError) as e:
+        raise ModelError(_hub_problem(name, e)) from None
+    if config is None:  # a repository without config.json is no transformers model
+        raise ModelError(f"model {name!r}: the hub repository has no config.json (not a transformers model)")
+    return str(Path(config).parent)
+
+
+def _hub_problem(name: str, error: Exception, found: bool = False) -> str:
+    """One line for a hub model that could not be had: not found at all, or (``found``) its config was but
+    another of its files (weights, tokenizer) was not."""
+    from huggingface_hub import constants
+
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if found:
+        return f"model {name!r}: found in the Hugging Face cache or hub, but could not be loaded ({first})"
+    if constants.HF_HUB_OFFLINE:
+        return (f"model {name!r}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is "
+                "set; download it once with network access, or give a local directory")
+    return f"model {name!r}: not a local directory, and the Hugging Face hub could not provide it ({first})"
 
 
 def _parse_tiny(name: str) -> tuple[int, int]:
@@ -214,8 +264,14 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", seed: int
         model = model.to(dtype=torch_dtype, device=device)
         return LoadedModel(model, tok, name, name)
     path = resolve_model_path(name)
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
+    source, local = (name, False) if is_hub_id(name) else (path, True)  # a hub id: its other files as needed
+    try:
+        tok = AutoTokenizer.from_pretrained(source, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, local_files_only=local).to(device)
+    except OSError as e:
+        if local:
+            raise
+        raise ModelError(_hub_problem(name, e, found=True)) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return LoadedModel(model, tok, name, path)
