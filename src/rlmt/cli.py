@@ -128,7 +128,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from rlmt.config import ConfigError
-    from rlmt.data import check_prompt_lengths, load_rows
+    from rlmt.data import SourceOptions, check_prompt_lengths, load_rows
     from rlmt.rewards import build_reward_source, check_reward_fields, check_reward_source
     from rlmt.evaluate import write_samples
     from rlmt.evaluate import evaluate
@@ -139,7 +139,8 @@ def cmd_eval(args) -> int:
     if not path:
         raise ConfigError("data.eval: set data.eval (or data.train) to a prompt file")
     check_reward_source(cfg)
-    report = load_rows(path, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts)
+    report = load_rows(path, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts,
+                       SourceOptions.of(cfg.data, "eval" if cfg.data.eval else "train"))
     rows = check_reward_fields(cfg, report.rows, report)  # before the model loads
     _, lm, fmt = start_run(cfg)
     rows = check_prompt_lengths(rows, lm.tokenizer, fmt, cfg.data.max_prompt_tokens, cfg.data.on_invalid, report)
@@ -162,19 +163,20 @@ def cmd_generate(args) -> int:
     import torch
 
     from rlmt.config import ConfigError
-    from rlmt.data import encode_prompt, load_rows
+    from rlmt.data import SourceOptions, encode_prompt, load_rows
     from rlmt.rollout import SamplingParams, generate
     from rlmt.train.session import start_run
 
     cfg = _load(args)
-    _, lm, fmt = start_run(cfg)
     if args.prompt:
         prompts = [{"prompt": p} for p in args.prompt]
-    else:
+    else:  # read before the model loads
         path = cfg.data.eval or cfg.data.train
         if not path:
             raise ConfigError("data.eval: give --prompt TEXT or set data.eval / data.train")
-        prompts = [r.data for r in load_rows(path, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts).rows]
+        source = SourceOptions.of(cfg.data, "eval" if cfg.data.eval else "train")
+        prompts = [r.data for r in load_rows(path, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts, source).rows]
+    _, lm, fmt = start_run(cfg)
     params = SamplingParams(cfg.rollout.num_samples, cfg.rollout.temperature, cfg.rollout.top_p,
                             cfg.rollout.max_new_tokens, tuple(cfg.rollout.stop))
     gen = torch.Generator(device=next(lm.model.parameters()).device).manual_seed(cfg.run.seed)

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from rlmt.data import PromptFormat, Row, encode_prompt, load_rows
+from rlmt.data import PromptFormat, Row, SourceOptions, encode_prompt, load_rows
 from rlmt.records import write_atomic
 from rlmt.rewards import RewardSource, reward_source_for, score_checked
 from rlmt.rollout import RolloutBatch, SamplingParams, generate
@@ -95,7 +95,8 @@ def evaluate_run(cfg, lm, fmt: PromptFormat, tag: str, run_dir: Path, source_nam
     source (``source_name``: the method's own, else ``reward.source``); writes ``eval-{tag}.json`` and the
     scored samples ``eval-{tag}.jsonl`` into ``run_dir``. Adds ``reward/{category}/mean`` where the source
     reports categories."""
-    rows = load_rows(cfg.data.eval, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts).rows
+    rows = load_rows(cfg.data.eval, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts,
+                     SourceOptions.of(cfg.data, "eval")).rows
     source = reward_source_for(cfg, source_name)
     if hasattr(source, "prepare_rows"):
         rows = source.prepare_rows(rows)

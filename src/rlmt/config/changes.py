@@ -25,7 +25,7 @@ from typing import Any
 RESUME_SAFE: tuple[str, ...] = (
     "run.output_dir", "run.save_every", "run.keep_checkpoints", "run.resume", "run.allow_config_change",
     "run.log_every", "run.tensorboard", "run.progress", "run.eval_before_after",
-    "eval", "data.eval",
+    "eval", "data.eval", "data.eval_split",
     "runtime", "dist", "model.device", "model.fsdp_cpu_offload", "model.gradient_checkpointing",
     "grape.critic.base_url", "grape.critic.api_key_env", "grape.critic.concurrency", "grape.critic.timeout_s",
     "grape.critic.retries", "grape.critic.backoff_s", "grape.critic.cache_path", "grape.critic.price_input_per_1k",

@@ -243,6 +243,9 @@ def validate(cfg: Config, where: str = "") -> None:
     need(cfg.rollout.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
     need(cfg.eval.num_samples >= 1, "eval.num_samples", "must be >= 1")
     need(cfg.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1")
+    for name, column in cfg.data.columns.items():
+        need(isinstance(column, str) and bool(column), f"data.columns.{name}",
+             f"a source column name (a string), got {column!r}")
     need(cfg.rejection.keep_top_k >= 0, "rejection.keep_top_k", "must be >= 0")
     need(cfg.algorithm != "rejection_sampling" or cfg.optim.max_steps == 0, "optim.max_steps",
          "rejection sampling runs rejection.rounds rounds, each with the SFT steps its kept set needs "

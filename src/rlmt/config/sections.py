@@ -70,8 +70,14 @@ class RuntimeConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: str = doc("", "training data: JSONL path (or any file the `datasets` library reads)")
-    eval: str = doc("", "held-out data for `rlmt eval` and before/after numbers")
+    train: str = doc("", "training data: a .jsonl/.json/.csv/.parquet/.arrow file, a save_to_disk directory, or a "
+                         "Hugging Face hub dataset id (org/name)")
+    eval: str = doc("", "held-out data for `rlmt eval` and before/after numbers (read as data.train)")
+    split: str = doc("train", "split of data.train when it is a hub dataset or a DatasetDict directory")
+    eval_split: str = doc("test", "split of data.eval when it is a hub dataset or a DatasetDict directory")
+    subset: Optional[str] = doc(None, "hub dataset: the subset (config name) to load, e.g. 'main' for openai/gsm8k")
+    columns: dict = doc({}, "rename source columns to the fields rlmt reads, {field: column}, e.g. "
+                            "{prompt: question, answer: solution}")
     demonstrations: str = doc("", "SFT rows (prompt, completion, optional reward) for return-weighted optimization")
     chat: bool = doc(True, "format prompts with the tokenizer's chat template")
     system_prompt: Optional[str] = doc(None, "system message for chat prompts (None: the template's default)")

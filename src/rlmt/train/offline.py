@@ -1,6 +1,6 @@
 """The offline loop: SFT, DPO, the reward model and the process reward model are tasks of this one loop.
 
-    load + tokenize train / eval -> modules -> total steps, optimizer -> prepare (initial weights) -> resume
+    read + check train / eval rows -> load the model -> tokenize -> modules -> total steps, optimizer -> prepare (initial weights) -> resume
     -> eval before -> for each step: indices -> micro-batches -> sum_k loss_k backward -> guarded step -> log
     -> checkpoint -> final/ -> eval after
 
@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from rlmt.checkpoint import load_checkpoint
 from rlmt.config import Config, to_dict
-from rlmt.data import LoadReport, PromptFormat, load_rows
+from rlmt.data import LoadReport, PromptFormat, SourceOptions, load_rows
 from rlmt.data.order import step_indices
 from rlmt.models import LoadedModel, save_final
 from rlmt.records import RunRecorder, write_atomic
@@ -167,9 +167,18 @@ def offline_update(trainable: nn.Module, micro_batches: list, normalizer: float,
             "time/step_s": time.perf_counter() - t0}
 
 
-def _load(cfg: Config, task: OfflineTask, lm: LoadedModel, fmt: PromptFormat, path: str, limit: int,
-          ) -> tuple[list, LoadReport]:
-    report = load_rows(path, task.data_kind, cfg.data.on_invalid, limit)
+def _read(cfg: Config, task: OfflineTask) -> dict[str, LoadReport]:
+    """The rows of data.train (and data.eval when the task evaluates), read and checked: no model needed."""
+    reports = {"train": load_rows(cfg.data.train, task.data_kind, cfg.data.on_invalid, cfg.data.limit,
+                                  SourceOptions.of(cfg.data))}
+    if task.evaluate is not None and cfg.data.eval:
+        reports["eval"] = load_rows(cfg.data.eval, task.data_kind, cfg.data.on_invalid, cfg.eval.max_prompts,
+                                    SourceOptions.of(cfg.data, "eval"))
+    return reports
+
+
+def _tokenized(cfg: Config, task: OfflineTask, lm: LoadedModel, fmt: PromptFormat, report: LoadReport,
+               ) -> tuple[list, LoadReport]:
     examples = task.tokenize(cfg, lm.tokenizer, fmt, report)
     report.require(len(examples))  # a skip at tokenizing can leave none
     return examples, report
@@ -195,15 +204,16 @@ def train_offline(cfg: Config, task: OfflineTask, world: World = World()) -> Pat
     writes the records, checkpoints, ``final/`` and the evaluations."""
     per_step = examples_per_step(cfg)
     check_divisible(per_step, world.size, "optim.batch_size * optim.grad_accum")
+    reports = _read(cfg, task)  # before the model loads: a bad row costs no model load
     ckpt, record = world.on_main(lambda: resume_checkpoint(cfg)), run_record(cfg)  # verified, config compared
     run_dir, lm, fmt = start_run(cfg)
     modules = task.modules(lm, fmt)
     sharded = shard_model(cfg, lm, world, [modules.trainable], ckpt)  # rank 0's weights; fsdp: before the optimizer
     run = OfflineRun(cfg, lm, fmt, run_dir, modules, next(lm.model.parameters()).device)
-    examples, report = _load(cfg, task, lm, fmt, cfg.data.train, cfg.data.limit)
+    examples, report = _tokenized(cfg, task, lm, fmt, reports["train"])
     splits = {"train": examples}
-    if task.evaluate is not None and cfg.data.eval:
-        splits["eval"] = _load(cfg, task, lm, fmt, cfg.data.eval, cfg.eval.max_prompts)[0]
+    if "eval" in reports:
+        splits["eval"] = _tokenized(cfg, task, lm, fmt, reports["eval"])[0]
     total = total_steps_for(cfg, len(examples))
     opt, sched = build_optimizer(modules.trainable, cfg.optim, total, preallocate=not sharded)
     splits, prepare_note = task.prepare(run, splits) if task.prepare else (splits, None)  # initial weights

@@ -28,7 +28,7 @@ import torch
 from rlmt.checkpoint import load_checkpoint
 from rlmt.config import Config, to_dict
 from rlmt.curriculum import curriculum_weights, draw_prompts, update_pass_rates
-from rlmt.data import Row, check_prompt_lengths, encode_prompt, load_rows
+from rlmt.data import Row, SourceOptions, check_prompt_lengths, encode_prompt, load_rows
 from rlmt.evaluate import evaluate_run
 from rlmt.models import Reference, frozen_reference, save_final
 from rlmt.envs.evaluate import env_parts, env_seed, evaluate_env_run
@@ -151,10 +151,12 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
         check_environment(cfg, method)
     else:
         check_reward_source(cfg, method.reward_source)
-    report = load_rows(cfg.data.train, "prompt", cfg.data.on_invalid, cfg.data.limit)
+    report = load_rows(cfg.data.train, "prompt", cfg.data.on_invalid, cfg.data.limit,
+                       SourceOptions.of(cfg.data))
     rows = report.rows if env_run else check_reward_fields(cfg, report.rows, report, method.reward_source)
     if cfg.run.eval_before_after and cfg.data.eval and not env_run:  # evaluation scores every row it reads
-        held = load_rows(cfg.data.eval, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts)
+        held = load_rows(cfg.data.eval, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts,
+                         SourceOptions.of(cfg.data, "eval"))
         check_reward_fields(cfg, held.rows, held, method.reward_source, on_invalid="error")
     ckpt, record = world.on_main(lambda: resume_checkpoint(cfg)), run_record(cfg)  # verified, config compared
     run_dir, lm, fmt = start_run(cfg)
