@@ -177,7 +177,9 @@ def test_train_end_to_end_and_resume_reuses_reference(tmp_path, monkeypatch):
     assert rows[0]["loss"] == pytest.approx(math.log(2), rel=1e-4)
     before = json.loads((run / "eval-before.json").read_text())
     after = json.loads((run / "eval-after.json").read_text())
-    assert before["preference_accuracy"] == 0.0 and 0.0 <= after["preference_accuracy"] <= 1.0
+    # before training the policy is the reference: every margin is exactly 0, a tie counted half
+    assert before["preference_ties"] == 1.0 and before["preference_accuracy"] == 0.5
+    assert before["rewards/margin"] == 0.0 and 0.0 <= after["preference_accuracy"] <= 1.0
     # reference: train (8) + eval (3) once; then eval before and after (3 each)
     assert calls == [8, 3, 3, 3]
 
@@ -198,6 +200,16 @@ def test_likelihood_accuracy_is_the_models_own_preference_by_hand(monkeypatch):
     # per token: pair 0 -1 vs -3 (yes); pair 1 -2 vs -4 (yes); pair 2 -2 vs -2 (tie: no)
     assert out["likelihood_accuracy_per_token"] == pytest.approx(2 / 3)
     assert out["preference_accuracy"] == pytest.approx(1 / 3)  # h = pol margin with a zero reference
+    assert out["preference_ties"] == 0.0
+
+
+def test_preference_accuracy_counts_a_tied_margin_half(monkeypatch):
+    pol = torch.tensor([[-2.0, -3.0], [-5.0, -4.0], [-4.0, -4.0], [-1.0, -1.0]])  # h = 1, -1, 0, 0 (zero ref)
+    monkeypatch.setattr(dpo_mod, "pair_logprobs", lambda *a, **k: pol)
+    pairs = [dpo_mod.PreferencePair([1], [5], [7])] * 4
+    out = dpo_mod.preference_accuracy(None, pairs, torch.zeros(4, 2), beta=0.1, batch_size=2, pad_id=0, device="cpu")
+    assert out["preference_accuracy"] == pytest.approx((1 + 0 + 0.5 + 0.5) / 4)
+    assert out["preference_ties"] == 0.5
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

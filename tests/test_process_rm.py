@@ -13,7 +13,7 @@ import torch
 from rlmt.config import load_config
 from rlmt.data import DataError, load_rows
 from rlmt.models import load_model, tiny_tokenizer
-from rlmt.objectives.process import (agreement, aggregate_steps, process_step_loss, split_steps,
+from rlmt.objectives.process import (agreement, aggregate_steps, majority_rate, process_step_loss, split_steps,
                                      step_end_positions)
 from rlmt.records import read_metrics
 from rlmt.rewards import build_reward_source, score_checked
@@ -57,6 +57,14 @@ def test_process_step_loss_by_hand():
     parts = [process_step_loss(logits.detach()[:, i:i + 1], labels[:, i:i + 1], mask[:, i:i + 1], 2)[0] for i in (0, 1)]
     assert float(sum(parts)) == pytest.approx(float(loss.detach()), abs=1e-6)
     assert agreement(T([0.9, 0.5, 0.2, 0.2]), T([1.0, 1.0, 0.0, 1.0])).tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert agreement(T([0.9, 0.5, 0.2, 0.5]), T([1.0, 1.0, 0.0, 0.0]), tie=0.5).tolist() == [1.0, 0.5, 1.0, 0.5]
+
+
+def test_majority_rate_is_the_better_constant_prediction():
+    assert majority_rate(T([1.0, 0.0, 1.0, 1.0])) == 0.75
+    assert majority_rate(T([0.0, 0.0, 0.0, 1.0, 0.2])) == pytest.approx(0.8)  # soft label 0.2 is on the 0 side
+    assert majority_rate(T([1.0, 0.0])) == 0.5
+    assert math.isnan(majority_rate(T([])))
 
 
 def test_aggregate_steps_by_hand():
@@ -147,7 +155,15 @@ def test_training_learns_step_labels_and_resumes_exactly(prm_run):
     tmp, run_dir = prm_run
     before = json.loads((run_dir / "eval-before.json").read_text())
     after = json.loads((run_dir / "eval-after.json").read_text())
-    assert before["step_accuracy"] == 0.0 and before["step_loss"] == pytest.approx(math.log(2), abs=1e-5)  # p = 0.5
+    assert before["step_loss"] == pytest.approx(math.log(2), abs=1e-5)  # p = 0.5 everywhere
+    # the fresh head ties on every step: half credit each, not 0; the majority rates from the file itself
+    held = [json.loads(line) for line in (tmp / "eval.jsonl").read_text().splitlines()]
+    labels = [y for r in held for y in r["labels"]]
+    solved = [all(r["labels"]) for r in held]
+    assert before["step_accuracy"] == 0.5 and before["outcome_accuracy"] == 0.5 and before["step_ties"] == 1.0
+    assert before["step_accuracy_majority"] == pytest.approx(max(sum(labels), len(labels) - sum(labels)) / len(labels))
+    assert before["outcome_accuracy_majority"] == pytest.approx(max(sum(solved), len(solved) - sum(solved)) / len(solved))
+    assert after["step_accuracy_majority"] == before["step_accuracy_majority"] and after["step_ties"] < 1.0
     assert after["step_accuracy"] >= 0.9 and after["outcome_accuracy"] >= 0.9
     assert after["step_loss"] < 0.5 * before["step_loss"]
     rows = read_metrics(run_dir)

@@ -78,9 +78,21 @@ def process_step_loss(logits: Tensor, labels: Tensor, mask: Tensor, normalizer: 
 
 
 @torch.no_grad()
-def agreement(scores: Tensor, labels: Tensor, threshold: float = 0.5) -> Tensor:
-    """1 where a score and a label fall on the same side of ``threshold``, else 0 (ties count as wrong)."""
-    return ((scores - threshold) * (labels.to(scores.dtype) - threshold) > 0).float()
+def agreement(scores: Tensor, labels: Tensor, threshold: float = 0.5, tie: float = 0.0) -> Tensor:
+    """1 where a score and a label fall on the same side of ``threshold``, else 0; a score exactly at the
+    threshold gets ``tie`` (0: wrong; 0.5: the expected credit of breaking the tie with a fair coin)."""
+    agree = ((scores - threshold) * (labels.to(scores.dtype) - threshold) > 0).float()
+    return torch.where(scores == threshold, torch.full_like(agree, tie), agree)
+
+
+@torch.no_grad()
+def majority_rate(labels: Tensor, threshold: float = 0.5) -> float:
+    """The accuracy of the better constant prediction (always above ``threshold``, or always below) on
+    ``labels`` (N,): the share of the more common side, the figure a classifier must beat."""
+    if not labels.numel():
+        return float("nan")
+    y = labels.float()
+    return max(float((y > threshold).float().mean()), float((y < threshold).float().mean()))
 
 
 @torch.no_grad()

@@ -121,20 +121,23 @@ def preference_accuracy(model: torch.nn.Module, pairs: list[PreferencePair], ref
                         batch_size: int, pad_id: int, device, autocast: torch.dtype | None = None) -> dict[str, float]:
     """Held-out preference figures of ``model``.
 
-    ``preference_accuracy``: share of pairs whose implicit reward margin h is > 0 (ties, e.g. before training
-    where policy = reference, count as wrong). ``likelihood_accuracy``: share of pairs where the model itself
-    gives the chosen completion the higher log-probability, summed (``likelihood_accuracy``) or per token
-    (``likelihood_accuracy_per_token``): the base model's own preference, meaningful before training too.
+    ``preference_accuracy``: share of pairs whose implicit reward margin h is > 0, a tie (h = 0 exactly)
+    counting half: before training the policy is the reference, every margin is 0 and the figure is 0.5, the
+    chance rate, not 0. ``preference_ties``: the share of tied pairs (1 before training).
+    ``likelihood_accuracy``: share of pairs where the model itself gives the chosen completion the higher
+    log-probability, summed (``likelihood_accuracy``) or per token (``likelihood_accuracy_per_token``): the
+    base model's own preference, meaningful before training too.
     """
     pol = pair_logprobs(model, pairs, batch_size, pad_id, device, autocast)
     h = log_ratio_margin(pol[:, 0], pol[:, 1], ref[:, 0], ref[:, 1])  # (N,)
     lengths = torch.tensor([[len(p.chosen_ids), len(p.rejected_ids)] for p in pairs], dtype=pol.dtype,
                            device=pol.device)  # (N, 2)
     per_token = pol / lengths.clamp_min(1)
-    return {"preference_accuracy": float((h > 0).float().mean()), "rewards/margin": float(beta * h.mean()),
+    return {"preference_accuracy": float(((h > 0).float() + 0.5 * (h == 0).float()).mean()),
+            "rewards/margin": float(beta * h.mean()),
             "likelihood_accuracy": float((pol[:, 0] > pol[:, 1]).float().mean()),
             "likelihood_accuracy_per_token": float((per_token[:, 0] > per_token[:, 1]).float().mean()),
-            "pairs": float(len(pairs))}
+            "preference_ties": float((h == 0).float().mean()), "pairs": float(len(pairs))}
 
 
 # ------------------------------------------------------------------------------------------ the task

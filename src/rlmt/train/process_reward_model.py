@@ -11,11 +11,15 @@ so the accumulated gradient does not depend on how a step is split into micro-ba
 configured model (all weights, or LoRA adapters) and trains with the head.
 
 Held-out numbers (``eval-before.json``, ``eval-after.json``): ``step_accuracy`` (p_k on the label's side of
-0.5; ties count as wrong), ``outcome_accuracy`` (the ``rm.step_aggregate`` of a row's scores against its
-minimum label: a solution is correct when every step is), ``step_loss``. ``final/`` holds the trunk,
-``process_head.pt`` and ``process_reward_model.json`` (separator, aggregate, prompt format), which
-:class:`rlmt.rewards.process_reward_model.ProcessRewardModelReward` loads. ``rm.normalize`` does not apply:
-step scores are probabilities.
+0.5; a score of exactly 0.5 counts half, so the zero-initialised head scores 0.5 before training, not 0),
+``outcome_accuracy`` (the ``rm.step_aggregate`` of a row's scores against its minimum label: a solution is
+correct when every step is; ties count half too), ``step_loss``, and the figures to read them against:
+``step_accuracy_majority`` and ``outcome_accuracy_majority`` (always answering the held-out set's more common
+label) and ``step_ties`` (the share of steps scored exactly 0.5: 1 for a fresh head). The training steps'
+``step_accuracy`` metric counts a tie as wrong (:func:`rlmt.objectives.process.step_accuracy`). ``final/``
+holds the trunk, ``process_head.pt`` and ``process_reward_model.json`` (separator, aggregate, prompt format),
+which :class:`rlmt.rewards.process_reward_model.ProcessRewardModelReward` loads. ``rm.normalize`` does not
+apply: step scores are probabilities.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from rlmt.config import Config
 from rlmt.data import PromptFormat, StepBatch, StepExample, collate_steps, tokenize_steps
 from rlmt.models import LoadedModel, ProcessHead, save_final
 from rlmt.models.process_reward_model import save_process_head, step_logits, step_scores
-from rlmt.objectives.process import agreement, aggregate_steps, process_step_loss
+from rlmt.objectives.process import agreement, aggregate_steps, majority_rate, process_step_loss
 from rlmt.train.offline import OfflineModules, OfflineRun, OfflineTask, chunks, offline_update
 
 HEAD_MODULE = "process_head"  # its name among a checkpoint's extra modules
@@ -60,7 +64,8 @@ def process_update(model: nn.Module, head: nn.Module, trainable: nn.Module, micr
 
 def process_accuracy(model: nn.Module, head: nn.Module, examples: Sequence[StepExample], aggregate: str,
                      batch_size: int, pad_id: int, device) -> dict[str, float]:
-    """Held-out ``step_accuracy``, ``outcome_accuracy`` (aggregate vs. min label), ``step_loss``, counts."""
+    """Held-out ``step_accuracy`` and ``outcome_accuracy`` (aggregate vs. min label; a score of exactly 0.5
+    counts half), ``step_loss``, their majority-label baselines, the share of tied steps, counts."""
     scores = step_scores(model, head, examples, batch_size, pad_id, device)
     S = max(len(e.labels) for e in examples)
     p = torch.full((len(examples), S), 0.5)
@@ -72,8 +77,11 @@ def process_accuracy(model: nn.Module, head: nn.Module, examples: Sequence[StepE
     _, met = process_step_loss(logit, y, m)
     outcome = aggregate_steps(p, m, aggregate)
     min_label = torch.where(m, y, torch.ones_like(y)).amin(-1)
-    return {"step_accuracy": met["step_accuracy"], "outcome_accuracy": float(agreement(outcome, min_label).mean()),
-            "step_loss": met["step_loss"], "steps": float(m.sum()), "rows": float(len(examples))}
+    return {"step_accuracy": float(agreement(p[m], y[m], tie=0.5).mean()),
+            "outcome_accuracy": float(agreement(outcome, min_label, tie=0.5).mean()),
+            "step_loss": met["step_loss"],
+            "step_accuracy_majority": majority_rate(y[m]), "outcome_accuracy_majority": majority_rate(min_label),
+            "step_ties": float((p[m] == 0.5).float().mean()), "steps": float(m.sum()), "rows": float(len(examples))}
 
 
 # ------------------------------------------------------------------------------------------ the task
