@@ -131,9 +131,23 @@ def plan_stages(cfg: Config, where: str = "") -> list[Stage]:
         data["run"]["output_dir"] = str(root / name)
         data["run"]["resume"] = "true"
         stage_cfg = config_from_dict(data, f"{at}.", where)
+        _check_reward_source(stage_cfg, at, where)
         stages.append(Stage(name, stage_cfg))
         finals[name] = str(root / name / "final")
     return stages
+
+
+def _check_reward_source(cfg: Config, at: str, where: str) -> None:
+    """An online stage's reward source exists and takes its ``reward.args``: known from the config alone, so a
+    typo in the last stage stops the pipeline before the first one trains."""
+    from rlmt.rewards import check_reward_source
+    from rlmt.train.methods import METHODS
+
+    if cfg.algorithm in METHODS:
+        try:
+            check_reward_source(cfg, METHODS[cfg.algorithm].reward_source)
+        except ConfigError as e:
+            raise ConfigError(f"{where}{at}.{e}") from None
 
 
 def config_hash(cfg: Config) -> str:
