@@ -117,6 +117,10 @@ BAD = {
     "nested pipeline": (lambda b: b["stages"][0].update(algorithm="pipeline"), r"stages\[0\]\.algorithm"),
     "own output dir": (lambda b: b["stages"][1].update(run={"output_dir": "x"}), r"stages\[1\]\.run\.output_dir"),
     "ref outside a stage": (lambda b: b["model"].update(name="${sft}"), r"model\.name: .* inside a stage"),
+    "unknown reward source": (lambda b: b["stages"][2].update(reward={"source": "reward_modle"}),
+                              r"stages\[2\]\.reward\.source: unknown reward source 'reward_modle'; did you mean"),
+    "bad reward arg": (lambda b: b["stages"][2]["reward"]["args"].update(pathh="x"),
+                       r"stages\[2\]\.reward\.args\.pathh: not an argument"),
 }
 
 
