@@ -353,16 +353,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--output", metavar="FILE", help="write the HTML here instead of RUN_DIR/report.html")
     r.set_defaults(func=cmd_report)
 
-    s = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible /v1/chat/completions endpoint",
-                       description="Load MODEL and answer POST /v1/chat/completions and GET /v1/models, batching "
-                                   "concurrent requests. Prints one line `rlmt serve: listening on "
-                                   "http://HOST:PORT/v1` once ready; --port 0 picks a free port.")
+    s = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible API (chat and text completions)",
+                       description="Load MODEL and answer POST /v1/chat/completions, POST /v1/completions and "
+                                   "GET /v1/models (stream, n, stop, top_p, seed; an unsupported field is a 400 "
+                                   "naming it), batching concurrent requests. Prints one line `rlmt serve: "
+                                   "listening on http://HOST:PORT/v1` once ready; --port 0 picks a free port.")
     s.add_argument("--model", required=True, help="tiny-random, smollm2-135m-instruct or a model directory")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     s.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
     s.add_argument("--max-batch", type=int, default=16, help="most requests generated together (default 16)")
-    s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    s.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    s.add_argument("--seed", type=int, default=0, help="seed of requests that give none (default 0)")
+    s.add_argument("--device", default="auto", help="torch device: auto (cuda if available, else cpu; the default), "
+                                                    "cpu, cuda, cuda:N")
     s.set_defaults(func=cmd_serve)
 
     j = sub.add_parser("judge", help="RLAIF: judge response pairs in both orders, write DPO preference JSONL",
