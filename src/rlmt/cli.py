@@ -149,7 +149,8 @@ def cmd_eval(args) -> int:
     metrics, samples = evaluate(lm.model, lm.tokenizer, fmt, rows, source, cfg.eval.num_samples,
                                 cfg.eval.temperature, cfg.eval.max_new_tokens, cfg.run.seed,
                                 cfg.rollout.batch_prompts, cfg.reward.pass_threshold, stop=cfg.rollout.stop,
-                                invalid_as_none=cfg.reward.invalid_as_none, autocast=lm.autocast)
+                                invalid_as_none=cfg.reward.invalid_as_none, autocast=lm.autocast,
+                                progress=cfg.run.progress)
     out = Path(cfg.eval.output) if cfg.eval.output else None
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -164,6 +165,7 @@ def cmd_generate(args) -> int:
 
     from rlmt.config import ConfigError
     from rlmt.data import SourceOptions, encode_prompt, load_rows
+    from rlmt.records import progress_bar
     from rlmt.rollout import SamplingParams, generate
     from rlmt.train.session import start_run
 
@@ -181,13 +183,18 @@ def cmd_generate(args) -> int:
                             cfg.rollout.max_new_tokens, tuple(cfg.rollout.stop))
     gen = torch.Generator(device=next(lm.model.parameters()).device).manual_seed(cfg.run.seed)
     out = open(args.output, "w") if args.output else sys.stdout
-    for start in range(0, len(prompts), cfg.rollout.batch_prompts):
-        chunk = prompts[start:start + cfg.rollout.batch_prompts]
-        batch = generate(lm.model, lm.tokenizer, [encode_prompt(lm.tokenizer, fmt, p["prompt"]) for p in chunk], params, gen,
-                         lm.autocast)
-        for i, text in enumerate(batch.texts):
-            row = chunk[int(batch.prompt_index[i])]
-            out.write(json.dumps({"prompt": row["prompt"], "response": text}) + "\n")
+    with progress_bar(len(prompts), "generate", "prompt", cfg.run.progress) as bar:
+        for start in range(0, len(prompts), cfg.rollout.batch_prompts):
+            chunk = prompts[start:start + cfg.rollout.batch_prompts]
+            batch = generate(lm.model, lm.tokenizer, [encode_prompt(lm.tokenizer, fmt, p["prompt"]) for p in chunk],
+                             params, gen, lm.autocast)
+            lines = "".join(json.dumps({"prompt": chunk[int(batch.prompt_index[i])]["prompt"], "response": text})
+                            + "\n" for i, text in enumerate(batch.texts))
+            if out is sys.stdout:  # above the bar, not through it
+                bar.write(lines, file=out, end="")
+            else:
+                out.write(lines)
+            bar.update(len(chunk))
     if out is not sys.stdout:
         out.close()
     _print_runtime_note()
@@ -346,9 +353,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     r = sub.add_parser("report", help="an HTML report of a run directory: eval before/after, metric plots, samples",
-                       description="Write RUN_DIR/report.html (plots under RUN_DIR/report/) from config.yaml, "
-                                   "metrics.jsonl and, when present, eval-before/after.json and .jsonl: header, "
-                                   "before/after table, reward/KL/length/loss/rubric plots, sample responses.")
+                       description="Write RUN_DIR/report.html, one self-contained page (plots inline), from "
+                                   "config.yaml, metrics.jsonl, summary.json and, when present, "
+                                   "eval-before/after.json and .jsonl: header with the measured wall time, "
+                                   "before/after table, reward/KL/approx_kl/length/loss/rubric plots, sample "
+                                   "responses.")
     r.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (run.output_dir of a training run)")
     r.add_argument("--output", metavar="FILE", help="write the HTML here instead of RUN_DIR/report.html")
     r.set_defaults(func=cmd_report)
