@@ -110,6 +110,19 @@ def test_missing_hub_model_offline_is_one_line_naming_the_id(hub, capsys):
     assert err.startswith("error: model 'acme/missing':") and one_line(err)
 
 
+def test_cached_hub_model_without_weights_is_one_line(hub):
+    model, tok = tiny_random_model()
+    snapshot = hub / "models--acme--half" / "snapshots" / REV
+    model.config.save_pretrained(snapshot)
+    tok.save_pretrained(snapshot)
+    (hub / "models--acme--half" / "refs").mkdir()
+    (hub / "models--acme--half" / "refs" / "main").write_text(REV)
+    with pytest.raises(ModelError) as e:
+        load_model("acme/half")
+    assert str(e.value).startswith("model 'acme/half': found in the Hugging Face cache or hub, but could not be "
+                                   "loaded (") and "model.safetensors" in str(e.value) and one_line(str(e.value))
+
+
 def test_unreachable_hub_is_one_line_naming_the_id(monkeypatch):
     """Online, but the hub cannot be reached: transformers' two-line OSError becomes one line with the id."""
     import transformers.utils
@@ -277,6 +290,9 @@ def test_hub_dataset_from_the_local_datasets_cache(datasets_cache):
     with pytest.raises(DataError) as e:
         load_rows("acme/toy", "prompt", source=SourceOptions("validation", "main", options.columns))
     assert str(e.value).startswith("acme/toy: data.split='validation': Unknown split") and one_line(str(e.value))
+    with pytest.raises(DataError) as e:
+        load_rows("acme/toy", "prompt", source=SourceOptions("test", "other", options.columns))
+    assert str(e.value).startswith("acme/toy: data.subset='other': ") and one_line(str(e.value))
 
 
 def test_missing_hub_dataset_offline_is_one_line_naming_the_id(datasets_cache):

@@ -366,8 +366,8 @@ def _hub_problem(name: str, options: SourceOptions, error: Exception, datasets) 
     text = _first_line(error)
     if "unknown split" in text.lower():
         return f"{options.split_key}={options.split!r}: {text}"
-    if "config" in text.lower() and options.subset and options.subset in text:
-        return f"data.subset={options.subset!r}: {text}"
+    if "config" in text.lower():  # no such subset, or one is needed
+        return f"{f'data.subset={options.subset!r}' if options.subset else 'data.subset (not set)'}: {text}"
     offline = getattr(datasets.config, "HF_HUB_OFFLINE", False)
     where = (f" (offline, and not in the datasets cache {datasets.config.HF_DATASETS_CACHE})" if offline else "")
     return f"not a local file or directory, and the hub dataset could not be loaded{where}: {text}"
