@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from rlmt.data import PromptFormat, Row, SourceOptions, encode_prompt, load_rows
-from rlmt.records import write_atomic
+from rlmt.records import progress_bar, write_atomic
 from rlmt.rewards import RewardSource, reward_source_for, score_checked
 from rlmt.rollout import RolloutBatch, SamplingParams, generate
 
@@ -80,13 +80,16 @@ def summarize(samples: ScoredSamples, num_samples: int, pass_threshold: float) -
 def evaluate(model, tokenizer, fmt: PromptFormat, rows: Sequence[Row], source: RewardSource, num_samples: int,
              temperature: float, max_new_tokens: int, seed: int, batch_prompts: int = 8,
              pass_threshold: float = 1.0, top_p: float = 1.0, stop: Sequence[str] = (),
-             invalid_as_none: bool = False, autocast=None) -> tuple[dict[str, float], ScoredSamples]:
-    """Sample K responses per prompt at ``temperature`` and return (metrics, samples)."""
+             invalid_as_none: bool = False, autocast=None, progress: bool = False,
+             label: str = "eval") -> tuple[dict[str, float], ScoredSamples]:
+    """Sample K responses per prompt at ``temperature`` and return (metrics, samples); ``progress``: a bar
+    named ``label`` counting the prompts done (:func:`rlmt.records.progress_bar`)."""
     params = SamplingParams(num_samples=num_samples, temperature=temperature, top_p=top_p,
                             max_new_tokens=max_new_tokens, stop=tuple(stop))
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    samples = sample_and_score(model, tokenizer, fmt, rows, source, params, gen, batch_prompts, invalid_as_none,
-                               autocast=autocast)
+    with progress_bar(len(rows), label, "prompt", progress) as bar:
+        samples = sample_and_score(model, tokenizer, fmt, rows, source, params, gen, batch_prompts, invalid_as_none,
+                                   progress=bar.update, autocast=autocast)
     return summarize(samples, num_samples, pass_threshold), samples
 
 
@@ -94,7 +97,7 @@ def evaluate_run(cfg, lm, fmt: PromptFormat, tag: str, run_dir: Path, source_nam
     """Evaluate ``lm`` on ``data.eval`` as configured (``eval.*``), with a fresh instance of the run's reward
     source (``source_name``: the method's own, else ``reward.source``); writes ``eval-{tag}.json`` and the
     scored samples ``eval-{tag}.jsonl`` into ``run_dir``. Adds ``reward/{category}/mean`` where the source
-    reports categories."""
+    reports categories. A bar ``eval {tag}`` counts the prompts unless ``run.progress`` is false."""
     rows = load_rows(cfg.data.eval, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts,
                      SourceOptions.of(cfg.data, "eval")).rows
     source = reward_source_for(cfg, source_name)
@@ -103,7 +106,8 @@ def evaluate_run(cfg, lm, fmt: PromptFormat, tag: str, run_dir: Path, source_nam
     metrics, samples = evaluate(lm.model, lm.tokenizer, fmt, rows, source, cfg.eval.num_samples,
                                 cfg.eval.temperature, cfg.eval.max_new_tokens, cfg.run.seed + 7919,
                                 cfg.rollout.batch_prompts, cfg.reward.pass_threshold, stop=cfg.rollout.stop,
-                                invalid_as_none=cfg.reward.invalid_as_none, autocast=lm.autocast)
+                                invalid_as_none=cfg.reward.invalid_as_none, autocast=lm.autocast,
+                                progress=cfg.run.progress, label=f"eval {tag}")
     by_category: dict[str, list[float]] = {}
     for s, d in zip(samples.scores, samples.details):
         if s is not None and "category" in d:
