@@ -125,7 +125,7 @@ def test_two_ranks_equal_one_rank(tmp_path, kind):
     if kind.endswith("-fsdp"):  # the checkpoints hold each rank's shards (torch.distributed.checkpoint)
         manifest = json.loads((tmp_path / "two" / "checkpoints" / "step-3" / "manifest.json").read_text())
         assert "sharded/.metadata" in json.dumps(manifest)  # the manifest vouches for the shards' index too
-        assert not (tmp_path / "two" / "checkpoints" / "step-3" / "model.pt").exists()
+        assert not (tmp_path / "two" / "checkpoints" / "step-3" / "model.safetensors").exists()
     assert [r["step"] for r in m1] == [r["step"] for r in m2] == list(range(1, steps + 1))  # written once
     for a, b in zip(m1, m2):
         trained = a.get("trpo/accepted", 0) > 0 or (a["grad_norm"] > 0 and a["lr"] > 0 and not a["skipped_steps"])

@@ -1,6 +1,8 @@
-"""LoRA: base weights untouched, adapters saved separately, final/ loadable, reference = adapters off."""
+"""LoRA: base weights untouched, adapters saved separately, final/ loadable, reference = adapters off;
+checkpoints are peft adapter directories that load in peft and resume exactly."""
 
 import json
+import shutil
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -17,15 +19,16 @@ def test_lora_sft_and_grpo(tmp_path):
     base = load_model("tiny-random").model.state_dict()
     common = ["model.name=tiny-random", "model.lora.r=4", "run.progress=false", "optim.lr=1e-2"]
     run = train(load_config(None, common + ["algorithm=sft", f"data.train={tmp_path / 'sft.jsonl'}",
-                                            "optim.max_steps=3", f"run.output_dir={tmp_path / 'sft'}"]))
+                                            "optim.max_steps=3", "run.save_every=1",
+                                            f"run.output_dir={tmp_path / 'sft'}"]))
     adapter = json.loads((run / "final" / "adapter" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == "tiny-random"  # the name given, not a cache path
     assert (run / "final" / "adapter" / "tokenizer_config.json").exists()  # the adapter carries the tokenizer
     merged = AutoModelForCausalLM.from_pretrained(run / "final")
     changed = [k for k, v in merged.state_dict().items() if k in base and not torch.equal(v, base[k])]
     assert changed and all("proj" in k for k in changed)  # only the adapted projections moved (merged)
-    ckpt = torch.load(run / "checkpoints" / "step-3" / "model.pt", weights_only=True)
-    assert all("lora_" in k for k in ckpt["tensors"])  # checkpoints hold the adapters only
+    _checkpoint_is_the_adapter(run, merged)
+    _resume_equals_straight(run, common, tmp_path)
 
     prompts = [{"prompt": f"Write {c}"} for c in "abcd"]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
@@ -36,3 +39,40 @@ def test_lora_sft_and_grpo(tmp_path):
     rows = read_metrics(run)
     assert rows[0]["kl"] == 0.0 or abs(rows[0]["kl"]) < 1e-6  # LoRA B starts at 0: policy == reference
     assert len(rows) == 2
+
+
+def _checkpoint_is_the_adapter(run, merged) -> None:
+    """checkpoints/step-3 is a peft adapter directory holding the adapters only (and the tokenizer); peft loads it
+    over the base model into the policy final/ holds merged."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    ckpt = run / "checkpoints" / "step-3"
+    assert not (ckpt / "model.safetensors").exists() and not (ckpt / "model.pt").exists()
+    adapters = load_file(ckpt / "adapter_model.safetensors")
+    assert adapters and all("lora_" in k for k in adapters)  # the adapters only
+    assert json.loads((ckpt / "adapter_config.json").read_text())["r"] == 4
+    assert AutoTokenizer.from_pretrained(ckpt)("Say 3").input_ids == load_model("tiny-random").tokenizer("Say 3").input_ids
+    peft = PeftModel.from_pretrained(load_model("tiny-random").model, ckpt).eval()
+    ids = torch.tensor([[5, 60, 70, 80, 90, 100]])
+    with torch.no_grad():
+        a, b = peft(ids).logits, merged.eval()(ids).logits
+    assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+
+
+def _resume_equals_straight(run, common, tmp_path) -> None:
+    """Resuming the LoRA run from step-2 (as if killed after it) ends with the same adapters as the straight run."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "resumed"
+    shutil.copytree(run, out)
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / "checkpoints" / "step-3")
+    train(load_config(None, common + ["algorithm=sft", f"data.train={tmp_path / 'sft.jsonl'}", "optim.max_steps=3",
+                                      f"run.output_dir={out}", "run.resume=true"]))
+    a = load_file(run / "final" / "adapter" / "adapter_model.safetensors")
+    b = load_file(out / "final" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    untimed = [[{k: v for k, v in r.items() if not k.startswith("time/")} for r in read_metrics(d)] for d in (run, out)]
+    assert untimed[0] == untimed[1] and len(untimed[0]) == 3

@@ -62,12 +62,16 @@ def _copy(finished, tmp_path: Path) -> Path:
 def test_manifest_lists_every_file_with_size_and_sha256(tmp_path):
     import hashlib
 
-    model = torch.nn.Linear(3, 2)
+    from rlmt.models import tiny_random_model
+
+    model, tok = tiny_random_model()
     opt = torch.optim.AdamW(model.parameters())
-    path = save_checkpoint(tmp_path, 1, model, opt, None, {"x": 1}, record={"config": {"a": 1}})
+    path = save_checkpoint(tmp_path, 1, model, opt, None, {"x": 1}, record={"config": {"a": 1}}, tokenizer=tok)
     listed = json.loads((path / MANIFEST).read_text())["files"]
     on_disk = {f.name for f in path.iterdir() if f.name != MANIFEST}
-    assert set(listed) == on_disk == {"model.pt", "optimizer.pt", "rng.pt", "state.json", "run.json"}
+    model_dir = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "chat_template.jinja"}
+    assert set(listed) == on_disk == model_dir | {"optimizer.pt", "rng.pt", "state.json", "run.json"}
     for name, entry in listed.items():
         data = (path / name).read_bytes()
         assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -85,7 +89,8 @@ def _flip(f: Path) -> None:
 
 
 CORRUPTIONS = {
-    "model.pt truncated": ("model.pt", _truncate, "model.pt is"),
+    "model.safetensors truncated": ("model.safetensors", _truncate, "model.safetensors is"),
+    "model.safetensors bit flipped": ("model.safetensors", _flip, "model.safetensors does not match its sha256"),
     "optimizer.pt bit flipped": ("optimizer.pt", _flip, "optimizer.pt does not match its sha256"),
     "state.json cut": ("state.json", lambda f: f.write_text('{"step": 6'), "state.json is"),
     "rng.pt missing": ("rng.pt", lambda f: f.unlink(), "rng.pt is missing"),
@@ -114,11 +119,11 @@ def test_corrupt_newest_checkpoint_falls_back_with_one_warning_and_resumes_exact
 def test_no_complete_checkpoint_is_an_error_naming_each(finished, tmp_path, capsys):
     out = _copy(finished, tmp_path)
     for step in (4, 5, 6):
-        _truncate(out / "checkpoints" / f"step-{step}" / "model.pt")
+        _truncate(out / "checkpoints" / f"step-{step}" / "model.safetensors")
     assert main(_args(finished[0], out, "optim.max_steps=6", "run.resume=true")) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: run.resume=true: no complete checkpoint in")
-    assert all(f"step-{s}: model.pt is" in err for s in (4, 5, 6)) and "Traceback" not in err
+    assert all(f"step-{s}: model.safetensors is" in err for s in (4, 5, 6)) and "Traceback" not in err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-4", "step-5", "step-6"]
 
 
@@ -244,15 +249,23 @@ def test_step_in_backward_resumes_on_the_schedule(tmp_path):
 
 
 def test_checkpoints_and_final_are_readable_by_the_group_as_mkdir_makes_them(tmp_path):
-    """mkdtemp makes 0700 directories; renamed into place they were the only outputs the group could not read."""
+    """mkdtemp makes 0700 directories and safetensors writes 0600 files; renamed into place they were the only
+    outputs the group could not read. Every directory and file of final/ and the checkpoints gets the mode the
+    umask gives (here 027: 0750 and 0640)."""
     import os
 
     data = _data(tmp_path / "sft.jsonl")
     out = tmp_path / "run"
-    old = os.umask(0o022)
+    old = os.umask(0o027)
     try:
         assert main(_args(data, out, "optim.max_steps=1")) == 0
     finally:
         os.umask(old)
-    for d in [out / "final", *(out / "checkpoints").glob("step-*")]:
-        assert d.stat().st_mode & 0o777 == 0o755, (d, oct(d.stat().st_mode))
+    dirs = [out / "final", *(out / "checkpoints").glob("step-*")]
+    assert len(dirs) == 2 and (out / "final" / "model.safetensors").is_file()
+    for d in dirs:
+        assert d.stat().st_mode & 0o777 == 0o750, (d, oct(d.stat().st_mode))
+        files = list(d.rglob("*"))
+        assert "model.safetensors" in {f.name for f in files}
+        for f in files:
+            assert f.stat().st_mode & 0o777 == (0o750 if f.is_dir() else 0o640), (f, oct(f.stat().st_mode))

@@ -46,7 +46,9 @@ def _poisoned_on_call(real, k: int, value: float, mask_of):
 
 
 def _weights_and_adam_steps(ckpt: Path) -> tuple[dict, list]:
-    model = torch.load(ckpt / "model.pt", weights_only=True)["tensors"]
+    from safetensors.torch import load_file
+
+    model = load_file(ckpt / "model.safetensors")
     opt = torch.load(ckpt / "optimizer.pt", weights_only=False)
     return model, [float(s["step"]) for s in opt["state"].values()]
 

@@ -1,10 +1,17 @@
 """Atomic, verified checkpoints with everything needed to resume exactly.
 
-``checkpoints/step-N/`` holds the model weights (only the trainable adapters with LoRA), optimizer and
-scheduler states, every RNG state, ``state.json`` (step, data position and the method's own counters),
-``run.json`` (the run's config and data fingerprints, for the resume check of :mod:`rlmt.config.changes`) and,
-written last, ``manifest.json``: the size and sha256 of every other file. The directory is written to a
-temporary sibling, flushed to disk, the manifest written (atomically, then flushed), and renamed into place.
+``checkpoints/step-N/`` is a Hugging Face model directory: ``model.safetensors`` (a tied output projection
+stored once, as ``save_pretrained`` writes it), ``config.json``, ``generation_config.json`` and the tokenizer,
+so ``AutoModelForCausalLM.from_pretrained(step_dir)`` (and ``rlmt eval model.name=step_dir``) loads the policy
+at that step. With LoRA it is a peft adapter directory instead (``adapter_model.safetensors`` with the trainable
+adapters only, ``adapter_config.json``, the tokenizer): ``PeftModel.from_pretrained(base, step_dir)``. A
+``model.parallel=fsdp`` run keeps each rank's shards of the weights and the optimizer under ``sharded/``
+(torch.distributed.checkpoint), not a model directory. Beside the model: optimizer and scheduler states, every
+RNG state, ``state.json`` (step, data position and the method's own counters), ``run.json`` (the run's config
+and data fingerprints, for the resume check of :mod:`rlmt.config.changes`) and, written last,
+``manifest.json``: the size and sha256 of every other file. The directory is written to a temporary sibling,
+its files given the modes ``mkdir`` and ``open`` give under the umask, flushed to disk, the manifest written
+(atomically, then flushed), and renamed into place.
 
 A directory named ``step-N`` is complete when its manifest verifies (:func:`verify_checkpoint`): every file
 listed, none shorter, longer or different. That catches what the atomic rename cannot: a file cut or altered
@@ -35,11 +42,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlmt.records import as_made_by_mkdir
+from rlmt.records import as_made_by_mkdir, as_made_by_umask, save_pretrained_quietly
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 MANIFEST = "manifest.json"
 SHARDED = "sharded"  # the torch.distributed.checkpoint directory of a model.parallel=fsdp run
+ADAPTER_CONFIG = "adapter_config.json"  # peft's: the checkpoint of a LoRA run
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+WEIGHTS, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"  # transformers' (one file or shards)
+LEGACY_WEIGHTS = "model.pt"  # checkpoints written before they were model directories
 
 
 def capture_rng() -> dict[str, Any]:
@@ -73,37 +84,51 @@ def _fsync_tree(path: Path) -> None:
     _fsync_dir(path)
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights a checkpoint must hold: all of them, or only the trainable ones with LoRA."""
-    if getattr(model, "peft_config", None):
-        return {k: v for k, v in model.named_parameters() if v.requires_grad}
-    return model.state_dict()
+def write_model(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
+    """``model.save_pretrained(directory)`` (a peft model writes its adapters only) and the tokenizer beside it."""
+    save_pretrained_quietly(model, directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
 
 
-def write_model_weights(model: torch.nn.Module, path: Path) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in trainable_state(model).items()}
-    # tied weights appear under two names; keep one copy of each storage
-    seen: dict[int, str] = {}
-    unique, aliases = {}, {}
-    for k, v in state.items():
-        key = v.untyped_storage().data_ptr() if v.numel() else id(v)
-        if key in seen:
-            aliases[k] = seen[key]
-        else:
-            seen[key] = k
-            unique[k] = v
-    torch.save({"tensors": unique, "aliases": aliases}, path)
+def _mismatch(directory: Path, missing: list[str], unexpected: list[str]) -> RuntimeError:
+    return RuntimeError(f"checkpoint {directory} does not match the model (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]})")
 
 
-def read_model_weights(model: torch.nn.Module, path: Path) -> None:
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    state = dict(blob["tensors"])
-    for alias, src in blob["aliases"].items():
-        state[alias] = state[src]
-    strict = not getattr(model, "peft_config", None)
+def read_model(model: torch.nn.Module, directory: Path) -> None:
+    """Load the weights :func:`write_model` wrote (or a legacy ``model.pt``) into ``model``, exactly.
+
+    A whole model: every tensor of the model must be in the files, or share its storage with one that is (the
+    tied output projection). LoRA: the adapters in the file must be exactly the model's."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if (directory / ADAPTER_CONFIG).exists():
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        state = load_file(directory / ADAPTER_WEIGHTS)
+        expected = set(get_peft_model_state_dict(model, save_embedding_layers=False))
+        if set(state) != expected:
+            raise _mismatch(directory, sorted(expected - set(state)), sorted(set(state) - expected))
+        set_peft_model_state_dict(model, state)
+        return
+    if (directory / LEGACY_WEIGHTS).exists():
+        blob = torch.load(directory / LEGACY_WEIGHTS, map_location="cpu", weights_only=True)
+        state = dict(blob["tensors"])
+        state.update({alias: state[src] for alias, src in blob["aliases"].items()})
+    elif (directory / WEIGHTS_INDEX).exists():
+        shards = sorted(set(json.loads((directory / WEIGHTS_INDEX).read_text())["weight_map"].values()))
+        state = {k: v for shard in shards for k, v in load_file(directory / shard).items()}
+    else:
+        state = load_file(directory / WEIGHTS)
+    peft = bool(getattr(model, "peft_config", None))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or (strict and missing):
-        raise RuntimeError(f"checkpoint {path} does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    own = model.state_dict()
+    loaded = {own[k].untyped_storage().data_ptr() for k in state if k in own}
+    untied = [k for k in missing if own[k].untyped_storage().data_ptr() not in loaded]
+    if unexpected or (untied and not peft):
+        raise _mismatch(directory, untied, unexpected)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -172,20 +197,22 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module | None, opt
                     scheduler: Any, state: dict[str, Any], keep: int = 2,
                     extra_modules: dict[str, torch.nn.Module] | None = None,
                     record: dict[str, Any] | None = None, tmp: Path | None = None,
-                    rank_rngs: list[dict[str, Any]] | None = None) -> Path:
+                    rank_rngs: list[dict[str, Any]] | None = None, tokenizer: Any = None) -> Path:
     """Write ``run_dir/checkpoints/step-{step}`` atomically, its manifest last; prune to the ``keep`` newest.
 
-    ``extra_modules`` (e.g. PPO's value head) are saved beside the model as ``{name}.pt``; ``record`` (the run's
-    config and data fingerprints, :func:`rlmt.train.session.run_record`) as ``run.json``. ``tmp``: a directory
-    from :func:`checkpoint_tmp` that already holds part of the checkpoint (the sharded state every rank wrote,
-    :func:`rlmt.parallel.fsdp.save_sharded`; then ``model`` and ``optimizer`` are None). ``rank_rngs``: on
-    several ranks, every rank's RNG states (:func:`capture_rng`), rank r's written as ``rng-r.pt`` (r > 0).
+    ``model`` (a transformers causal LM, or a peft model over one) and ``tokenizer`` are written as a model
+    directory (:func:`write_model`); ``extra_modules`` (e.g. PPO's value head) beside them as ``{name}.pt``;
+    ``record`` (the run's config and data fingerprints, :func:`rlmt.train.session.run_record`) as ``run.json``.
+    ``tmp``: a directory from :func:`checkpoint_tmp` that already holds part of the checkpoint (the sharded
+    state every rank wrote, :func:`rlmt.parallel.fsdp.save_sharded`; then ``model`` and ``optimizer`` are
+    None). ``rank_rngs``: on several ranks, every rank's RNG states (:func:`capture_rng`), rank r's written as
+    ``rng-r.pt`` (r > 0).
     """
     root = Path(run_dir) / "checkpoints"
     target = root / f"step-{step}"
     tmp = tmp if tmp is not None else checkpoint_tmp(run_dir, step)
     if model is not None:
-        write_model_weights(model, tmp / "model.pt")
+        write_model(model, tokenizer, tmp)
     for name, module in (extra_modules or {}).items():
         torch.save(module.state_dict(), tmp / f"{name}.pt")
     if optimizer is not None:
@@ -199,6 +226,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module | None, opt
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
     if record is not None:
         (tmp / "run.json").write_text(json.dumps(record, indent=1, default=str))
+    as_made_by_umask(tmp)
     _fsync_tree(tmp)
     write_manifest(tmp)  # last: a manifest vouches for files already on disk
     if target.exists():  # a re-save of the same step (e.g. final == last periodic): replace it
@@ -281,7 +309,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
         load_sharded(trainable if trainable is not None else model, optimizer, path / SHARDED)
     else:
-        read_model_weights(model, path / "model.pt")
+        read_model(model, path)
     for name, module in (extra_modules or {}).items():
         module.load_state_dict(torch.load(path / f"{name}.pt", map_location="cpu", weights_only=True))
     if optimizer is not None and (path / "optimizer.pt").exists():

@@ -26,6 +26,36 @@ def as_made_by_mkdir(directory: Path) -> Path:
     return directory
 
 
+def as_made_by_umask(directory: Path) -> Path:
+    """Give ``directory`` and everything under it the modes ``mkdir`` and ``open`` would have given them under
+    the umask (0777 / 0666 less it): writers that go through a private temporary file (safetensors,
+    ``mkdtemp``) leave 0600 / 0700 behind."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [directory, *Path(directory).rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+    return directory
+
+
+def save_pretrained_quietly(model: Any, directory: Path, **kwargs) -> None:
+    """``model.save_pretrained(directory, **kwargs)`` without transformers' "Writing model shards" progress bar,
+    which would otherwise interleave with the training bar at every checkpoint. A peft model saves its adapters
+    only: the vocabulary is never resized here, and peft's check for that would look the base model's config up
+    on the hub at every save."""
+    from transformers.utils import logging as hf_logging
+
+    if getattr(model, "peft_config", None):
+        kwargs.setdefault("save_embedding_layers", False)
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(directory, **kwargs)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)

@@ -29,10 +29,11 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from rlmt.records import as_made_by_mkdir
+from rlmt.records import as_made_by_umask, save_pretrained_quietly
 
 EMBEDDED = "smollm2-135m-instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -288,15 +289,20 @@ def is_tiny(name: str) -> bool:
     return name.startswith("tiny-random")
 
 
-def save_pretrained_atomic(model: torch.nn.Module, tokenizer, target: Path, state_dict: dict | None = None) -> None:
-    """Save a model + tokenizer directory, renamed into place so readers never see a partial one.
-    ``state_dict``: the weights to write instead of the model's own (a sharded model's gathered weights)."""
+def save_pretrained_atomic(model: torch.nn.Module, tokenizer, target: Path, state_dict: dict | None = None,
+                           also: Callable[[Path], None] | None = None) -> None:
+    """Save a model + tokenizer directory, renamed into place so readers never see a partial one; its files get
+    the modes the umask gives. ``state_dict``: the weights to write instead of the model's own (a sharded
+    model's gathered weights). ``also``: writes more into the directory before the rename."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = as_made_by_mkdir(Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent)))
-    model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    save_pretrained_quietly(model, tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(tmp)
     (tmp / "rlmt.json").write_text(json.dumps({"format": 1}))
+    if also is not None:
+        also(tmp)
+    as_made_by_umask(tmp)
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old")
@@ -311,15 +317,16 @@ def save_final(model: torch.nn.Module, tokenizer, run_dir: Path, state_dict: dic
     """Write ``final/``, loadable by ``AutoModelForCausalLM.from_pretrained``. ``state_dict``: the model's whole
     weights when its own are sharded (``model.parallel=fsdp``: :func:`rlmt.parallel.fsdp.full_state_dict`).
 
-    With LoRA the adapters go to ``final/adapter`` and ``final/`` holds a merged copy; the live model and
-    the base weights on disk are untouched.
+    With LoRA the adapters go to ``final/adapter`` (with the tokenizer: a directory that loads on its own) and
+    ``final/`` holds a merged copy; the live model and the base weights on disk are untouched.
     """
     target = Path(run_dir) / "final"
     if getattr(model, "peft_config", None):
-        merged = copy.deepcopy(model).merge_and_unload()
-        save_pretrained_atomic(merged, tokenizer, target)
-        model.save_pretrained(target / "adapter")
-        tokenizer.save_pretrained(target / "adapter")  # an adapter directory that loads on its own
+        def adapter(tmp: Path) -> None:
+            save_pretrained_quietly(model, tmp / "adapter")
+            tokenizer.save_pretrained(tmp / "adapter")
+
+        save_pretrained_atomic(copy.deepcopy(model).merge_and_unload(), tokenizer, target, also=adapter)
     else:
         save_pretrained_atomic(model, tokenizer, target, state_dict)
     return target

@@ -60,7 +60,7 @@ weight: the units it holds)."""
 class OfflineModules:
     """The modules of one run."""
 
-    model: nn.Module  # the causal LM: a checkpoint's model.pt and, by default, final/
+    model: nn.Module  # the causal LM: a checkpoint's model directory and, by default, final/
     trainable: nn.Module  # what the optimizer updates and the step clips: the model, or the model and a head
     extras: dict[str, nn.Module] = field(default_factory=dict)  # saved beside the model in checkpoints as {name}.pt
 
@@ -231,7 +231,8 @@ def train_offline(cfg: Config, task: OfflineTask, world: World = World()) -> Pat
 
     loss = partial(task.loss, run)
     save = partial(save_on_main, world, run_dir, model=modules.model, optimizer=opt, scheduler=sched,
-                   keep=cfg.run.keep_checkpoints, extras=modules.extras, record=record, trainable=modules.trainable)
+                   keep=cfg.run.keep_checkpoints, extras=modules.extras, record=record, trainable=modules.trainable,
+                   tokenizer=lm.tokenizer)
     rec.start_steps()
     for step in range(start, total):
         idx = step_indices(step, per_step, len(examples), cfg.run.seed, cfg.data.shuffle)  # the global batch

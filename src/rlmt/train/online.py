@@ -206,7 +206,7 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
         ctx.demos = revision_demonstrations(ctx.state, base_demos)
     prompts = PromptSampler(cfg, len(rows), state.get("pass_rates"))
     save = partial(save_on_main, world, run_dir, model=policy, optimizer=opt, scheduler=sched,
-                   keep=cfg.run.keep_checkpoints, extras=extras, record=record, trainable=trainable)
+                   keep=cfg.run.keep_checkpoints, extras=extras, record=record, trainable=trainable, tokenizer=tok)
     rec.start_steps()
     for step in range(state["step"], plan.steps):
         t_step = time.perf_counter()

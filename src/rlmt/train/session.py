@@ -283,13 +283,14 @@ def recorder(world: World, run_dir: Path, config: dict, resume_step: int | None,
 
 
 def save_on_main(world: World, run_dir: Path, step: int, state: dict[str, Any], *, model, optimizer, scheduler,
-                 keep: int, extras: dict | None, record: dict[str, Any], trainable=None) -> None:
+                 keep: int, extras: dict | None, record: dict[str, Any], trainable=None, tokenizer=None) -> None:
     """A checkpoint, written by rank 0; every rank waits until it is complete, so a rank killed afterwards
     leaves a checkpoint every rank has passed. A sharded model (``model.parallel=fsdp``): every rank first
     writes its shards of the weights and the optimizer into the checkpoint's temporary directory
     (:func:`rlmt.parallel.fsdp.save_sharded`), then rank 0 the rest, the manifest and the rename, so the
     checkpoint is complete or absent as on one process. ``trainable``: the module the optimizer steps (the
-    model and its heads), whose state the shards hold."""
+    model and its heads), whose state the shards hold; ``tokenizer``: saved with the model (a model directory,
+    :func:`rlmt.checkpoint.write_model`)."""
     from rlmt.parallel.fsdp import is_sharded, save_sharded
 
     rngs = world.all_gather_object(capture_rng()) if world.size > 1 else None  # every rank's, rank 0 writes
@@ -301,5 +302,6 @@ def save_on_main(world: World, run_dir: Path, step: int, state: dict[str, Any], 
         if world.is_main:
             save_checkpoint(run_dir, step, None, None, scheduler, state, keep, extras, record, tmp, rngs)
     elif world.is_main:
-        save_checkpoint(run_dir, step, model, optimizer, scheduler, state, keep, extras, record, rank_rngs=rngs)
+        save_checkpoint(run_dir, step, model, optimizer, scheduler, state, keep, extras, record, rank_rngs=rngs,
+                        tokenizer=tokenizer)
     world.wait()
