@@ -13,6 +13,7 @@ ALLOWED = {
     "objectives": set(),
     "config": set(),
     "records": set(),
+    "trackers": {"config"},
     "runtime": {"config"},
     "tasks": set(),
     "curriculum": set(),

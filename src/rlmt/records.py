@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -62,6 +62,12 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _scalars(row: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of a metrics row, ``step`` left out: what the trackers plot."""
+    return {k: float(v) for k, v in row.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
 def _jsonable(v: Any) -> Any:
     if hasattr(v, "item"):
         v = v.item()
@@ -74,7 +80,7 @@ class RunRecorder:
     """Writes the records of one run; ``log(step, metrics)`` appends one JSON object per step."""
 
     def __init__(self, run_dir: str | Path, config: dict, resume_step: int | None = None,
-                 tensorboard: bool = False, log_every: int = 1, total_steps: int | None = None,
+                 trackers: Sequence[Any] = (), log_every: int = 1, total_steps: int | None = None,
                  progress: bool = True):
         self.dir = Path(run_dir)
         self._t0, self._t_steps, self._steps, self._evals = time.perf_counter(), None, 0, {}
@@ -93,13 +99,7 @@ class RunRecorder:
         write_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
         self._file = open(self.metrics_path, "a")
         self.log_every = max(1, log_every)
-        self._tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise RuntimeError("run.tensorboard=true needs `pip install tensorboard`") from e
-            self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+        self._trackers = list(trackers)  # open TensorBoard, W&B, MLflow runs (rlmt.trackers.open_trackers)
         self._bar = None
         if progress and total_steps:
             from tqdm import tqdm
@@ -127,10 +127,10 @@ class RunRecorder:
         row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self._tb.add_scalar(k, v, step)
+        if self._trackers:
+            values = _scalars(row)
+            for tracker in self._trackers:
+                tracker.log(step, values)
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix({k: row[k] for k in ("loss", "reward/mean") if isinstance(row.get(k), float)})
@@ -162,8 +162,8 @@ class RunRecorder:
 
     def close(self) -> None:
         self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()
         if self._bar is not None:
             self._bar.close()
         print(self.summary(), file=sys.stderr, flush=True)

@@ -24,7 +24,7 @@ from typing import Any
 
 RESUME_SAFE: tuple[str, ...] = (
     "run.output_dir", "run.save_every", "run.keep_checkpoints", "run.resume", "run.allow_config_change",
-    "run.log_every", "run.tensorboard", "run.progress", "run.eval_before_after",
+    "run.log_every", "run.tensorboard", "run.trackers", "run.tracker_args", "run.progress", "run.eval_before_after",
     "eval", "data.eval", "data.eval_split",
     "runtime", "dist", "model.device", "model.fsdp_cpu_offload", "model.gradient_checkpointing",
     "grape.critic.base_url", "grape.critic.api_key_env", "grape.critic.concurrency", "grape.critic.timeout_s",

@@ -14,7 +14,7 @@ from typing import Any, Callable, Literal
 
 import yaml
 
-from rlmt.config.sections import Config, ConfigError
+from rlmt.config.sections import TRACKER_SETTINGS, Config, ConfigError
 
 
 def _is_section(tp: Any) -> bool:
@@ -255,6 +255,7 @@ def validate(cfg: Config, where: str = "") -> None:
     need(cfg.run.resume.lower() in ("true", "false") or Path(cfg.run.resume).exists(), "run.resume",
          f"'true', 'false' or an existing checkpoint path, got {cfg.run.resume!r}")
     need(cfg.model.lora.r >= 0, "model.lora.r", "must be >= 0")
+    _validate_trackers(cfg, where)
     need(cfg.pg.epochs >= 1, "pg.epochs", "must be >= 1")
     need(cfg.pg.minibatches >= 1, "pg.minibatches", "must be >= 1")
     need(cfg.pg.beta >= 0, "pg.beta", "must be >= 0")
@@ -317,6 +318,30 @@ def critic_spec(cfg: Config, where: str = "") -> dict:
     if mode == "logprobs" and c.backend != "local":
         raise ConfigError(f"{where}grape.critic_mode: logprobs needs a local critic (grape.critic.backend: local)")
     return spec
+
+
+def _validate_trackers(cfg: Config, where: str) -> None:
+    """``run.trackers`` names known trackers, once each; ``run.tracker_args`` maps tracker names to mappings of
+    the keys each takes (:data:`TRACKER_SETTINGS`; W&B's are checked against ``wandb.init`` when the run starts)."""
+    names = list(TRACKER_SETTINGS)
+    for name in cfg.run.trackers:
+        if name not in TRACKER_SETTINGS:
+            close = difflib.get_close_matches(str(name), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}run.trackers: {name!r} is not one of {names}{hint}")
+        if cfg.run.trackers.count(name) > 1:
+            raise ConfigError(f"{where}run.trackers: {name!r} is listed twice")
+    for name, args in cfg.run.tracker_args.items():
+        if name not in TRACKER_SETTINGS:
+            close = difflib.get_close_matches(str(name), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}run.tracker_args: {name!r} is not one of {names}{hint}")
+        if not isinstance(args, dict):
+            raise ConfigError(f"{where}run.tracker_args.{name}: expected a mapping of settings, got {args!r}")
+        takes = TRACKER_SETTINGS[name]
+        unknown = sorted(set(args) - set(takes)) if takes is not None else []
+        if unknown:
+            raise ConfigError(f"{where}run.tracker_args.{name}: unknown keys {unknown}; it takes {', '.join(takes)}")
 
 
 def _validate_step_in_backward(cfg: Config, need: Callable[[bool, str, str], None]) -> None:

@@ -272,6 +272,15 @@ class EvalConfig:
                                "with run.eval_before_after write RUN_DIR/eval-before.jsonl and eval-after.jsonl)")
 
 
+# run.trackers: each tracker's name -> the keys run.tracker_args.<name> takes (None: wandb.init's, checked when
+# the run starts, rlmt.trackers.check_trackers)
+TRACKER_SETTINGS: dict[str, Optional[tuple[str, ...]]] = {
+    "tensorboard": ("log_dir",),
+    "wandb": None,
+    "mlflow": ("tracking_uri", "experiment_name", "run_name", "tags"),
+}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     output_dir: str = doc("runs/run", "run directory (config, metrics.jsonl, checkpoints/, final/)")
@@ -286,7 +295,14 @@ class RunConfig:
                "printed and take effect; false refuses such a resume. A longer run (optim.max_steps or optim.epochs "
                "grown) under a constant schedule is always allowed")
     log_every: int = doc(1, "print a metrics line every N steps")
-    tensorboard: bool = doc(False, "also log metrics to TensorBoard (needs the tensorboard package)")
+    trackers: list = doc([], "experiment trackers that also get each step's metrics and the resolved config as the "
+                             "run's parameters, any of 'tensorboard', 'wandb', 'mlflow' (extras .[tensorboard], "
+                             ".[wandb], .[mlflow]); rank 0 logs")
+    tracker_args: dict = doc({}, "per tracker, its settings: wandb: keyword arguments of wandb.init (mode: offline, "
+                                 "project, entity, dir, tags, ...); mlflow: tracking_uri (default: a file store "
+                                 "<output_dir>/mlruns, or MLFLOW_TRACKING_URI), experiment_name, run_name, tags; "
+                                 "tensorboard: log_dir")
+    tensorboard: bool = doc(False, "true: the same as listing 'tensorboard' in run.trackers")
     progress: bool = doc(True, "show a progress bar with ETA")
     eval_before_after: bool = doc(False, "evaluate on data.eval before and after training")
 

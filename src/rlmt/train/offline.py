@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from rlmt.checkpoint import load_checkpoint
-from rlmt.config import Config, to_dict
+from rlmt.config import Config
 from rlmt.data import LoadReport, PromptFormat, SourceOptions, load_rows
 from rlmt.data.order import step_indices
 from rlmt.models import LoadedModel, save_final
@@ -220,8 +220,7 @@ def train_offline(cfg: Config, task: OfflineTask, world: World = World()) -> Pat
     examples, held = splits["train"], splits.get("eval", [])
     start = (load_checkpoint(ckpt, modules.model, opt, sched, modules.extras, modules.trainable, world.rank)["step"]
              if ckpt else 0)
-    rec = recorder(world, run_dir, to_dict(cfg), start if ckpt else None, cfg.run.tensorboard, cfg.run.log_every,
-                   total, cfg.run.progress)
+    rec = recorder(world, run_dir, cfg, start if ckpt else None, total)
     if prepare_note:
         rec.note(prepare_note)
     if report.skipped:

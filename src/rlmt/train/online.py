@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from rlmt.checkpoint import load_checkpoint
-from rlmt.config import Config, to_dict
+from rlmt.config import Config
 from rlmt.curriculum import curriculum_weights, draw_prompts, update_pass_rates
 from rlmt.data import Row, SourceOptions, check_prompt_lengths, encode_prompt, load_rows
 from rlmt.evaluate import evaluate_run
@@ -185,8 +185,7 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
     extras = {"critic": critic} if critic is not None else None
     state = (load_checkpoint(ckpt, policy, opt, sched, extras, trainable, world.rank) if ckpt
              else {"step": 0, "update": {}})
-    rec = recorder(world, run_dir, to_dict(cfg), state["step"] if ckpt else None, cfg.run.tensorboard,
-                   cfg.run.log_every, plan.steps, cfg.run.progress)
+    rec = recorder(world, run_dir, cfg, state["step"] if ckpt else None, plan.steps)
     if report.skipped:
         rec.note(f"data: {len(rows)} prompts; filtered/adjusted: {report.skipped}")
     evaluating = cfg.run.eval_before_after and cfg.data.eval

@@ -41,7 +41,7 @@ PIPELINE_FILE = "pipeline.json"
 _REF = re.compile(r"\$\{([^}]*)\}")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 # run keys that change how a run is shown or kept, not what it computes: not part of a stage's identity
-_COSMETIC = ("progress", "log_every", "tensorboard", "save_every", "keep_checkpoints")
+_COSMETIC = ("progress", "log_every", "tensorboard", "trackers", "tracker_args", "save_every", "keep_checkpoints")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rlmt.config import Config, with_method_defaults
 from rlmt.parallel import World, close_world
+from rlmt.trackers import check_trackers
 from rlmt.train.session import check_output_dir, join_world
 
 
@@ -51,7 +52,7 @@ def train(cfg: Config, world: World | None = None) -> Path:
 
 
 def _run(cfg: Config, world: World) -> Path:
-    world.on_main(lambda: check_output_dir(cfg))  # before any data or model loads
+    world.on_main(lambda: (check_output_dir(cfg), check_trackers(cfg.run)))  # before any data or model loads
     if cfg.algorithm == "pipeline":
         from rlmt.train.pipeline import train_pipeline
 

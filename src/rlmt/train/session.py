@@ -31,6 +31,7 @@ from rlmt.models import EMBEDDED, LoadedModel, load_model, pick_device
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the embedded model's name on the Hugging Face hub
 from rlmt.parallel import World, broadcast_weights, check_same_config, init_world
 from rlmt.records import QuietRecorder, RunRecorder
+from rlmt.trackers import open_trackers, tracker_names
 from rlmt.rollout.precision import autocast_dtype, slow_bf16_warning
 from rlmt.runtime import apply_runtime
 
@@ -274,12 +275,15 @@ def join_world(cfg: Config) -> World:
     return world
 
 
-def recorder(world: World, run_dir: Path, config: dict, resume_step: int | None, tensorboard: bool, log_every: int,
-             total_steps: int | None, progress: bool) -> RunRecorder | QuietRecorder:
-    """The run's recorder on rank 0 (:class:`RunRecorder`); one that writes nothing on the other ranks."""
+def recorder(world: World, run_dir: Path, cfg: Config, resume_step: int | None,
+             total_steps: int | None) -> RunRecorder | QuietRecorder:
+    """The run's recorder on rank 0 (:class:`RunRecorder`, with the trackers of ``run.trackers``); one that
+    writes nothing on the other ranks."""
     if not world.is_main:
         return QuietRecorder()
-    return RunRecorder(run_dir, config, resume_step, tensorboard, log_every, total_steps, progress)
+    config = to_dict(cfg)
+    trackers = open_trackers(tracker_names(cfg.run), cfg.run.tracker_args, run_dir, config, resume_step)
+    return RunRecorder(run_dir, config, resume_step, trackers, cfg.run.log_every, total_steps, cfg.run.progress)
 
 
 def save_on_main(world: World, run_dir: Path, step: int, state: dict[str, Any], *, model, optimizer, scheduler,
