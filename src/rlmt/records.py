@@ -1,7 +1,15 @@
-"""A run directory: resolved config, ``metrics.jsonl``, optional TensorBoard, a progress bar with ETA.
+"""A run directory: resolved config, ``metrics.jsonl``, the trackers (``run.trackers``), a progress bar with ETA, and at
+the end ``summary.json`` (steps, measured wall and training time).
 
 On resume from step k, ``metrics.jsonl`` is rewritten (atomically) to the rows with ``step <= k``, so the
-file of a resumed run equals the file of an uninterrupted one.
+file of a resumed run equals the file of an uninterrupted one (up to the ``time/`` keys).
+
+Time is measured, never summed from step times: each row's ``time/elapsed_s`` is the wall time from the
+recorder's start (after the model load, before the evaluation that precedes training) to the row; a resumed
+run continues from the last kept row's value, so the time a kill lost after its checkpoint is not counted.
+``summary.json`` holds the last step, the same clock read at :meth:`RunRecorder.close` (``wall_s``; on resume
+it includes ``resumed_at_s``, the time recorded up to the checkpoint), and this session's time from its first
+training step to its last (``training_s``) and its wall-clock start and end (UTC, ISO 8601).
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ import math
 import os
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -76,6 +85,21 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def progress_bar(total: int, desc: str, unit: str, enabled: bool = True, leave: bool | None = None):
+    """A tqdm bar on stderr in the style of the training bar, counting ``total`` ``unit``s (a no-op when not
+    ``enabled``: ``run.progress: false``). Every update is drawn (the units are whole batches of prompts or
+    steps, seconds apart). ``leave=None``: kept when it is the only bar, cleared when it sits under another
+    (an evaluation inside a training run, whose result the recorder prints as a line)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr, disable=not enabled,
+                leave=leave, mininterval=0, miniters=1)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 class RunRecorder:
     """Writes the records of one run; ``log(step, metrics)`` appends one JSON object per step."""
 
@@ -84,6 +108,8 @@ class RunRecorder:
                  progress: bool = True):
         self.dir = Path(run_dir)
         self._t0, self._t_steps, self._steps, self._evals = time.perf_counter(), None, 0, {}
+        self._t_last = None  # when the last step was logged
+        self._started, self._elapsed0 = _now(), 0.0  # this session's start; the time before it (resumed)
         self.dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
         self.metrics_path = self.dir / "metrics.jsonl"
@@ -96,6 +122,8 @@ class RunRecorder:
                     continue
                 if row.get("step", math.inf) <= resume_step:
                     kept.append(line)
+                    if isinstance(row.get("time/elapsed_s"), (int, float)):
+                        self._elapsed0 = float(row["time/elapsed_s"])
         write_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
         self._file = open(self.metrics_path, "a")
         self.log_every = max(1, log_every)
@@ -106,6 +134,7 @@ class RunRecorder:
 
             self._bar = tqdm(total=total_steps, initial=resume_step or 0, desc="train", unit="step",
                              dynamic_ncols=True, file=sys.stderr)
+        self._last_step = resume_step or 0
 
     def start_steps(self) -> None:
         """The training steps begin now: the progress bar's rate and ETA count from here, not from before the
@@ -124,7 +153,8 @@ class RunRecorder:
         self._steps += 1
         if self._t_steps is None:
             self._t_steps = self._t0
-        row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._last_step, self._t_last = step, time.perf_counter()
+        row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}, "time/elapsed_s": self.elapsed()}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         if self._trackers:
@@ -134,6 +164,8 @@ class RunRecorder:
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix({k: row[k] for k in ("loss", "reward/mean") if isinstance(row.get(k), float)})
+            if self._bar.n >= self._bar.total:  # closed now: its last rate is the steps', not the evaluation's after
+                self._bar.close()
         elif step % self.log_every == 0:
             shown = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in row.items() if not k.startswith("time/")}
             print(json.dumps(shown), file=sys.stderr)
@@ -145,11 +177,18 @@ class RunRecorder:
         else:
             print(text, file=sys.stderr)
 
+    def elapsed(self) -> float:
+        """Seconds of the run's wall time so far (see the module docstring)."""
+        return self._elapsed0 + time.perf_counter() - self._t0
+
+    def _training_s(self) -> float:
+        """This session's seconds from :meth:`start_steps` to the last step logged."""
+        return self._t_last - self._t_steps if self._t_last is not None and self._t_steps is not None else 0.0
+
     def summary(self) -> str:
         """One line: the steps this process ran, their time and the run's, and each figure evaluated before
         and after (``pass@1``, ``accuracy``, ...)."""
-        wall = time.perf_counter() - self._t0
-        training = time.perf_counter() - self._t_steps if self._t_steps is not None else 0.0
+        wall, training = time.perf_counter() - self._t0, self._training_s()
         line = f"run: {self._steps} steps in {training / 60:.1f} min of training, {wall / 60:.1f} min in all"
         before, after = self._evals.get("before", {}), self._evals.get("after", {})
         shared = [k for k in after if k in before and isinstance(after[k], (int, float))][:3]
@@ -161,7 +200,11 @@ class RunRecorder:
         return line
 
     def close(self) -> None:
+        """Close the files and bar, write ``summary.json`` and print :meth:`summary`."""
         self._file.close()
+        write_atomic(self.dir / "summary.json", json.dumps({
+            "steps": self._last_step, "wall_s": self.elapsed(), "resumed_at_s": self._elapsed0,
+            "training_s": self._training_s(), "started": self._started, "ended": _now()}, indent=1) + "\n")
         for tracker in self._trackers:
             tracker.close()
         if self._bar is not None:

@@ -1,6 +1,7 @@
 """The offline loop: SFT, DPO, the reward model and the process reward model are tasks of this one loop.
 
-    read + check train / eval rows -> load the model -> tokenize -> modules -> total steps, optimizer -> prepare (initial weights) -> resume
+    read + check train / eval rows -> load the model -> tokenize -> modules -> total steps, optimizer
+    -> prepare (initial weights) -> resume
     -> eval before -> for each step: indices -> micro-batches -> sum_k loss_k backward -> guarded step -> log
     -> checkpoint -> final/ -> eval after
 
