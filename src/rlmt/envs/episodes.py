@@ -165,7 +165,7 @@ def _open(make_env, renderer: Renderer, row: dict, seed: int, G: int) -> list[Ep
         elif opening != first:
             raise ValueError(f"environment {getattr(env, 'name', type(env).__name__)!r}: reset(row, seed) gave "
                              "different openings for the same row and seed; it must depend on them alone")
-        out.append(Episode(env, opening, transcript=list(messages)))
+        out.append(Episode(env, opening, transcript=renderer.with_system(messages)))
     return out
 
 

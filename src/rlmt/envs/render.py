@@ -56,7 +56,7 @@ class Renderer:
 
     def opening(self, messages: list[dict]) -> list[int]:
         """Token ids of the opening messages with the generation prompt (the first turn's context)."""
-        messages = self._with_system(messages)
+        messages = self.with_system(messages)
         if self.chat:
             return self._encode(self._template(messages, generation_prompt=True))
         return self._encode("\n".join(str(m["content"]) for m in messages) + "\n")
@@ -75,7 +75,7 @@ class Renderer:
                              "multi-turn episodes need a template whose earlier turns do not change")
         return self._encode(close + full[len(self._base):])
 
-    def _with_system(self, messages: list[dict]) -> list[dict]:
+    def with_system(self, messages: list[dict]) -> list[dict]:
         """The row's messages with ``data.system_prompt`` and the tool instructions in the system message."""
         extra = [t for t in (self.fmt.system_prompt, self.tool_instructions) if t]
         if not extra:
