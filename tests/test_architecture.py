@@ -27,6 +27,7 @@ ALLOWED = {
     "evaluate": {"data", "records", "rewards", "rollout"},
     "report": {"records"},
     "serve": {"models", "data", "rollout"},
+    "envs": {"config", "data", "rollout", "records", "rewards"},
     "parallel": set(),
 }
 

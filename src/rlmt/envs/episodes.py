@@ -29,7 +29,7 @@ import torch
 from rlmt.envs.base import Environment
 from rlmt.envs.render import Renderer
 from rlmt.rollout import RolloutBatch, SamplingParams, generate
-from rlmt.rollout.engine import _eos_ids, left_pad
+from rlmt.rollout.engine import eos_ids, left_pad
 
 
 @dataclass
@@ -110,7 +110,7 @@ def run_episodes(policy, tokenizer, renderer: Renderer, make_env: Callable[[], E
         raise ValueError(f"{len(keys)} keys and {len(env_seeds)} seeds for {len(rows)} rows x {G} episodes")
     turn_params = SamplingParams(1, params.temperature, params.top_p, params.max_new_tokens,
                                  tuple(params.stop) + tuple(s for s in stop if s not in params.stop))
-    eos = set(_eos_ids(policy, tokenizer))
+    eos = set(eos_ids(policy, tokenizer))
     t0, sampled_tokens = time.perf_counter(), 0
     episodes = [_open(make_env, renderer, row, seed, G) for row, seed in zip(rows, env_seeds)]
     flat = [ep for group in episodes for ep in group]

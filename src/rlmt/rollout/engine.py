@@ -125,7 +125,7 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_ids(model, tokenizer) -> list[int]:
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
@@ -167,7 +167,7 @@ def _generate(model: torch.nn.Module, tokenizer, prompts: list[list[int]], param
     device = next(model.parameters()).device
     G, T = params.num_samples, params.max_new_tokens
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = torch.tensor(_eos_ids(model, tokenizer), dtype=torch.long, device=device)
+    eos = torch.tensor(eos_ids(model, tokenizer), dtype=torch.long, device=device)
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     P = prompt_ids.shape[1]
