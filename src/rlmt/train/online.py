@@ -206,6 +206,7 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
     save = partial(save_on_main, world, run_dir, model=policy, optimizer=opt, scheduler=sched,
                    keep=cfg.run.keep_checkpoints, extras=extras, record=record, trainable=trainable)
     rec.start_steps()
+    env_errors_noted = False
     for step in range(state["step"], plan.steps):
         t_step = time.perf_counter()
         idx = prompts.draw(step, plan.prompts_per_step)  # the global step's prompts, the same on every rank
@@ -225,6 +226,10 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
         if env_run:  # GRPO & co. train on the return; PPO and REINFORCE on the last turn's reward + dense ones
             rewards, env_dense = episodes.dense() if method.dense_rewards else (episodes.returns, None)
             returns, scored = episodes.returns, RewardResult([], metrics=episodes.metrics())
+            failed = [ep.error for ep in episodes.episodes if ep.error]
+            if failed and not env_errors_noted:  # counted every step in env/errors; the first one shown once
+                rec.note(f"env: {len(failed)} episode(s) unscored at step {step + 1}; the first: {failed[0]}")
+                env_errors_noted = True
         else:
             scored = score_checked(source, rep_rows, batch.texts, invalid_as_none=cfg.reward.invalid_as_none)
             rewards = torch.tensor([float("nan") if s is None else s for s in scored.scores], device=device)
@@ -276,7 +281,7 @@ def check_environment(cfg: Config, method: OnlineMethod) -> None:
     """The checks of an environment run that need no model: the method takes episodes, the environment and its
     arguments, and the tools (:func:`rlmt.envs.env_factory`)."""
     from rlmt.config import ConfigError
-    from rlmt.envs import env_factory, toolbox_for
+    from rlmt.envs import env_class, env_factory, toolbox_for
 
     if cfg.algorithm not in ENV_METHODS:
         raise ConfigError(f"env.source: multi-turn environments train with {list(ENV_METHODS)}, not {cfg.algorithm!r}")
@@ -286,6 +291,10 @@ def check_environment(cfg: Config, method: OnlineMethod) -> None:
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
     env_factory(cfg, toolbox_for(cfg))
+    multiple = getattr(env_class(cfg.env.source), "group_multiple", 1)  # debate: episodes come in pairs
+    for key, n in (("rollout.num_samples", cfg.rollout.num_samples), ("eval.num_samples", cfg.eval.num_samples)):
+        if n % multiple:
+            raise ConfigError(f"{key}: environment {cfg.env.source!r} needs a multiple of {multiple}, got {n}")
 
 
 def _evaluate(cfg: Config, lm, fmt, tag: str, run_dir: Path, reward_source: str | None, rec, world: World) -> None:
