@@ -254,6 +254,9 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
         metrics.update(prompts.observe(idx, step_rewards, G))
         metrics.update({**rollout_metrics(batch, step_rewards, G, cfg.reward.pass_threshold, world),
                         "time/step_s": time.perf_counter() - t_step, **reduce_across(world, scored.metrics)})
+        if env_run:  # over every rank's episodes
+            ok = torch.isfinite(step_rewards)
+            metrics["env/return_mean"] = float(step_rewards[ok].mean()) if ok.any() else float("nan")
         rec.log(step + 1, metrics)
         if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < plan.steps:
             save(step + 1, {"update": ctx.state, "pass_rates": prompts.pass_rates.tolist()})
