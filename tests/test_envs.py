@@ -59,11 +59,13 @@ def test_trained_tokens_are_the_sampled_tokens_and_the_mask_covers_exactly_the_a
     calls = []
     real = episodes_mod.generate
 
-    def spy(model, tok, prompts, params, gen, autocast, keys):
-        out = real(model, tok, prompts, params, gen, autocast, keys)
+    def spy(model, tok, prompts, params, gen, autocast, keys, continuation=None):
+        out = real(model, tok, prompts, params, gen, autocast, keys, continuation)
         for r, key in enumerate(keys):
             n = int(out.response_lengths[r])
-            calls.append((key, prompts[r // params.num_samples], out.response_ids[r, :n].tolist()))
+            context = (prompts[r // params.num_samples] if continuation is None
+                       else prompts[continuation.row_prompt[r]] + continuation.suffix[r])
+            calls.append((key, context, out.response_ids[r, :n].tolist()))
         return out
 
     monkeypatch.setattr(episodes_mod, "generate", spy)

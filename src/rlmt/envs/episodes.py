@@ -2,7 +2,9 @@
 
 Turn 0 samples G first turns per row from one prefill of the row's opening (the G episodes share it); later
 turns sample one turn for every episode still running, ``batch_prompts * G`` episodes per engine call, each
-from its whole context so far (the opening, its sampled turns and the environment's replies, as token ids).
+from its whole context so far (the opening, its sampled turns and the environment's replies, as token ids):
+the opening is prefilled once per group and each episode's own tokens are computed on top of its copy of the
+opening's cache (:class:`rlmt.rollout.engine.Continuation`).
 Episodes that end drop out. Every sampled token is drawn with the key (seed, step, global prompt index, sample
 index, turn) (:func:`rlmt.rollout.keyed_uniforms`), so an episode does not depend on the batch it shared, the
 rank it ran on or the number of ranks.
@@ -29,7 +31,7 @@ import torch
 from rlmt.envs.base import Environment, Step
 from rlmt.envs.render import Renderer
 from rlmt.rollout import RolloutBatch, SamplingParams, generate
-from rlmt.rollout.engine import eos_ids, left_pad
+from rlmt.rollout.engine import Continuation, eos_ids, left_pad
 
 
 @dataclass
@@ -131,11 +133,15 @@ def run_episodes(policy, tokenizer, renderer: Renderer, make_env: Callable[[], E
                            SamplingParams(G, *_rest(turn_params)), None, autocast,
                            [keys[p * G + g] + (turn,) for p in chunk for g in range(G)])
             _collect(out, [p * G + g for p in chunk for g in range(G)], turns)
+        # the rest continue their turns so far: each group's opening prefilled once, each episode's own
+        # tokens on top of it (rlmt.rollout.Continuation), instead of prefilling every context whole
         alone = [i for i in live if i // G not in set(shared)]
         for c in range(0, len(alone), batch_prompts * G):
             chunk = alone[c:c + batch_prompts * G]
-            out = generate(policy, tokenizer, [flat[i].opening + flat[i].ids for i in chunk], turn_params, None,
-                           autocast, [keys[i] + (turn,) for i in chunk])
+            groups = sorted({i // G for i in chunk})
+            out = generate(policy, tokenizer, [flat[p * G].opening for p in groups], turn_params, None, autocast,
+                           [keys[i] + (turn,) for i in chunk],
+                           Continuation([groups.index(i // G) for i in chunk], [flat[i].ids for i in chunk]))
             _collect(out, chunk, turns)
         steps = {}
         for i in live:
