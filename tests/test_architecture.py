@@ -28,6 +28,7 @@ ALLOWED = {
     "evaluate": {"data", "records", "rewards", "rollout"},
     "report": {"records"},
     "serve": {"models", "data", "rollout"},
+    "envs": {"config", "data", "rollout", "records", "rewards", "chat", "judge"},
     "parallel": set(),
 }
 

@@ -53,6 +53,11 @@ def _case(kind: str, data: Path) -> list[str]:
         return ["algorithm=reinforce", "pg.advantage=running_mean", "pg.beta=0.05"] + online
     if kind == "ppo":  # GAE whitened over every rank's tokens; the value head trains with the policy
         return ["algorithm=ppo"] + online
+    if kind == "ppo-env":  # multi-turn episodes: keyed per turn, the last turn's reward and the dense ones
+        rows = [{"prompt": f"Guess a number from 1 to 3 (game {i}).", "secret": i % 3 + 1} for i in range(8)]
+        return ["algorithm=ppo", "env.source=guess_number", "env.args={low: 1, high: 3}", "env.max_turns=3",
+                "env.max_total_tokens=60", f"data.train={_jsonl(data / 'guess.jsonl', rows)}"] + online[1:5] + [
+                "optim.batch_size=4"]
     if kind == "trpo":  # g, F v, L and KL summed over ranks: the same CG and line search on every rank
         return ["algorithm=trpo", "trpo.cg_iters=4", "trpo.max_kl=0.05"] + online
     if kind == "rejection_sampling":  # kept sets gathered, each round's SFT steps split across ranks
@@ -105,7 +110,8 @@ def _ok(proc: subprocess.CompletedProcess) -> None:
 EXTENDED = pytest.mark.slow  # more methods on 2 ranks: `make test-slow` (keeps the default suite's share ~3 min)
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo", "reward_model", "grpo", "reinforce", "ppo", "sft-fsdp", "grpo-fsdp",
+@pytest.mark.parametrize("kind", ["sft", "dpo", "reward_model", "grpo", "reinforce", "ppo", "ppo-env", "sft-fsdp",
+                                  "grpo-fsdp",
                                   *(pytest.param(k, marks=EXTENDED) for k in ("trpo", "rejection_sampling", "grape",
                                                                                "reward_model-fsdp"))])
 def test_two_ranks_equal_one_rank(tmp_path, kind):
@@ -131,7 +137,8 @@ def test_two_ranks_equal_one_rank(tmp_path, kind):
         trained = a.get("trpo/accepted", 0) > 0 or (a["grad_norm"] > 0 and a["lr"] > 0 and not a["skipped_steps"])
         assert trained, a
         for key in ("loss", "grad_norm", "reward/mean", "tokens", "pairs", "accuracy", "trpo/kl", "kept/count",
-                    "kept/reward_mean", "sft/steps", "revise/attempts", "revise/kept", "revise/pool", "demo/nll"):
+                    "kept/reward_mean", "sft/steps", "revise/attempts", "revise/kept", "revise/pool", "demo/nll",
+                    "env/return_mean", "env/turns_mean", "env/truncated", "rollout/tokens"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), (key, a, b)
 

@@ -59,11 +59,13 @@ def test_trained_tokens_are_the_sampled_tokens_and_the_mask_covers_exactly_the_a
     calls = []
     real = episodes_mod.generate
 
-    def spy(model, tok, prompts, params, gen, autocast, keys):
-        out = real(model, tok, prompts, params, gen, autocast, keys)
+    def spy(model, tok, prompts, params, gen, autocast, keys, continuation=None):
+        out = real(model, tok, prompts, params, gen, autocast, keys, continuation)
         for r, key in enumerate(keys):
             n = int(out.response_lengths[r])
-            calls.append((key, prompts[r // params.num_samples], out.response_ids[r, :n].tolist()))
+            context = (prompts[r // params.num_samples] if continuation is None
+                       else prompts[continuation.row_prompt[r]] + continuation.suffix[r])
+            calls.append((key, context, out.response_ids[r, :n].tolist()))
         return out
 
     monkeypatch.setattr(episodes_mod, "generate", spy)
@@ -192,16 +194,29 @@ def test_an_environment_that_raises_leaves_its_episodes_unscored_and_counted(lm)
     assert (eb.returns[3:] == 1.25).all() and "secret" in eb.episodes[0].error
 
 
-def test_reset_must_depend_on_row_and_seed_alone(lm):
-    class Drifting(Scripted):
-        count = 0
+def test_episodes_of_a_group_may_open_differently(lm):
+    """Openings that differ within a group (a debate's sides): the common prefix is the group's prompt, the rest
+    starts each episode as context (not trained on), and the packed pass still scores the sampled tokens."""
 
+    class Sides(Scripted):
         def reset(self, row, seed):
-            Drifting.count += 1
-            return [{"role": "user", "content": f"{row['prompt']} {Drifting.count}"}]
+            Scripted.resets.append(None)
+            self.seed, self.turn = seed, 0
+            return [{"role": "user", "content": f"{row['prompt']} side {len(Scripted.resets) % 2}"}]
 
-    with pytest.raises(ValueError, match="same row and seed"):
-        _play(lm, env=Drifting)
+    Scripted.resets = []
+    eb, renderer = _play(lm, env=Sides, G=2)
+    b = eb.batch
+    for i, ep in enumerate(eb.episodes):
+        own = renderer.opening([{"role": "user", "content": f"{['a b', 'c d e f'][i // 2]} side {(i + 1) % 2}"}])
+        start = ep.sampled.index(True)
+        assert ep.opening + ep.ids[:start] == own and not any(ep.sampled[:start])
+        assert b.input_ids[i, b.prompt_len - len(ep.opening):b.prompt_len].tolist() == ep.opening
+    assert eb.episodes[0].opening == eb.episodes[1].opening and eb.episodes[0].ids[0] != eb.episodes[1].ids[0]
+    with torch.no_grad():
+        packed = grouped_response_logprobs(lm.model, b.input_ids[::2, :b.prompt_len], b.attention_mask[::2, :b.prompt_len],
+                                           b.response_ids, b.response_mask, 2)
+    torch.testing.assert_close(packed[b.response_mask], b.logprobs[b.response_mask], atol=1e-4, rtol=0)
 
 
 def test_episodes_are_keyed_not_batched(lm):

@@ -98,3 +98,24 @@ def test_top_p_keeps_smallest_nucleus():
     assert seen == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3: tokens 0 and 1 only
     tok, lp = sample_tokens(logits, 1.0, 0.7, g)
     assert torch.allclose(lp, torch.log(torch.tensor([0.5, 0.3]))[tok])  # unfiltered log-prob is returned
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_a_continuation_samples_as_the_whole_context_would(autocast):
+    """Rows continuing shared prompts with suffixes of their own (one an empty suffix) draw the same tokens, with
+    the same log-probs, as generating from each whole context; bfloat16 goes through the functional decoder."""
+    from rlmt.models import load_model
+    from rlmt.rollout.engine import Continuation
+
+    lm = load_model("tiny-random")
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    rows, suffixes = [0, 0, 1, 1, 0], [[11, 12, 13], [], [14], [15, 16, 17, 18, 19], [20]]
+    keys = [(0, 1, r, k) for k, r in enumerate(rows)]
+    params = SamplingParams(1, 1.0, 1.0, 8)
+    cont = generate(lm.model, lm.tokenizer, prompts, params, None, autocast, keys, Continuation(rows, suffixes))
+    whole = generate(lm.model, lm.tokenizer, [prompts[r] + s for r, s in zip(rows, suffixes)], params, None,
+                     autocast, keys)
+    assert torch.equal(cont.response_ids, whole.response_ids) and cont.texts == whole.texts
+    tol = 1e-5 if autocast is None else 2e-2
+    torch.testing.assert_close(cont.logprobs, whole.logprobs, atol=tol, rtol=0)
+    assert cont.prompt_index.tolist() == rows

@@ -6,8 +6,10 @@
     r_trunc = env.truncated()                # only when the limits ended the episode first
 
 One instance plays one episode; the loop builds a fresh one per episode (:func:`env_factory`). The G episodes
-of a group share the row and the seed, so ``reset`` must be a function of (row, seed) alone for the group's
-baseline to compare like with like.
+of a group share the row and the seed, so the group's baseline compares like with like; their openings may
+still differ (a debate's two sides: a class method ``bind_group(envs)`` sees a group's environments before
+they reset), and the common token prefix is the group's prompt. Environments that couple episodes define a
+class method ``settle(envs, steps) -> steps``, called once a turn after every episode has stepped.
 
 Rewards. ``Step.reward`` is the reward of the turn just played (None: none for this turn, counted as 0); the
 episode's return is the sum of its turn rewards, plus ``truncated()`` when the limits ended it (0.0 unless an
@@ -82,6 +84,7 @@ class SingleTurn(Environment):
 REGISTRY: dict[str, tuple[str, str]] = {
     "tool_arithmetic": ("rlmt.envs.arithmetic", "ToolArithmetic"),
     "guess_number": ("rlmt.envs.guess", "GuessNumber"),
+    "debate": ("rlmt.envs.debate", "Debate"),
 }
 
 

@@ -2,7 +2,9 @@
 
 Turn 0 samples G first turns per row from one prefill of the row's opening (the G episodes share it); later
 turns sample one turn for every episode still running, ``batch_prompts * G`` episodes per engine call, each
-from its whole context so far (the opening, its sampled turns and the environment's replies, as token ids).
+from its whole context so far (the opening, its sampled turns and the environment's replies, as token ids):
+the opening is prefilled once per group and each episode's own tokens are computed on top of its copy of the
+opening's cache (:class:`rlmt.rollout.engine.Continuation`).
 Episodes that end drop out. Every sampled token is drawn with the key (seed, step, global prompt index, sample
 index, turn) (:func:`rlmt.rollout.keyed_uniforms`), so an episode does not depend on the batch it shared, the
 rank it ran on or the number of ranks.
@@ -26,10 +28,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from rlmt.envs.base import Environment
+from rlmt.envs.base import Environment, Step
 from rlmt.envs.render import Renderer
 from rlmt.rollout import RolloutBatch, SamplingParams, generate
-from rlmt.rollout.engine import _eos_ids, left_pad
+from rlmt.rollout.engine import Continuation, eos_ids, left_pad
 
 
 @dataclass
@@ -104,42 +106,60 @@ def run_episodes(policy, tokenizer, renderer: Renderer, make_env: Callable[[], E
                  stop: Sequence[str] = ()) -> EpisodeBatch:
     """Play ``params.num_samples`` (G) episodes of each row; ``keys`` (:func:`rlmt.rollout.sample_keys`, one per
     episode, prompt-major) key each episode's draws, with the turn appended; ``env_seeds`` (one per row) seed
-    ``reset``; ``stop`` strings end a turn besides ``rollout.stop`` (the tool-call closer)."""
+    ``reset``; ``stop`` strings end a turn besides ``rollout.stop`` (the tool-call closer).
+
+    Each turn every running episode samples, then every one steps, then environments that couple episodes
+    (a class with a ``settle(envs, steps)`` classmethod, e.g. a debate's two sides) settle the turn's steps
+    together, then the replies are appended."""
     G = params.num_samples
     if len(keys) != len(rows) * G or len(env_seeds) != len(rows):
         raise ValueError(f"{len(keys)} keys and {len(env_seeds)} seeds for {len(rows)} rows x {G} episodes")
     turn_params = SamplingParams(1, params.temperature, params.top_p, params.max_new_tokens,
                                  tuple(params.stop) + tuple(s for s in stop if s not in params.stop))
-    eos = set(_eos_ids(policy, tokenizer))
+    eos = set(eos_ids(policy, tokenizer))
     t0, sampled_tokens = time.perf_counter(), 0
-    episodes = [_open(make_env, renderer, row, seed, G) for row, seed in zip(rows, env_seeds)]
-    flat = [ep for group in episodes for ep in group]
+    flat = [ep for row, seed in zip(rows, env_seeds) for ep in _open(make_env, renderer, row, seed, G)]
     for turn in range(max_turns):
         live = [i for i, ep in enumerate(flat) if ep.running]
         if not live:
             break
-        if turn == 0:  # the G episodes of a row share their opening: one prefill, G samples
-            groups = sorted({i // G for i in live})
-            for c in range(0, len(groups), batch_prompts):
-                chunk = groups[c:c + batch_prompts]
-                out = generate(policy, tokenizer, [flat[p * G].opening for p in chunk],
-                               SamplingParams(G, *_rest(turn_params)), None, autocast,
-                               [keys[p * G + g] + (0,) for p in chunk for g in range(G)])
-                sampled_tokens += _absorb(out, [p * G + g for p in chunk for g in range(G)], flat, renderer, eos,
-                                          max_turns, max_total_tokens, turn)
-        else:
-            per_call = batch_prompts * G
-            for c in range(0, len(live), per_call):
-                chunk = live[c:c + per_call]
-                out = generate(policy, tokenizer, [flat[i].opening + flat[i].ids for i in chunk], turn_params, None,
-                               autocast, [keys[i] + (turn,) for i in chunk])
-                sampled_tokens += _absorb(out, chunk, flat, renderer, eos, max_turns, max_total_tokens, turn)
+        turns: dict[int, tuple[list[int], list[float], str]] = {}
+        # a group whose episodes all still stand at their common opening: one prefill, G samples
+        shared = [p for p in sorted({i // G for i in live})
+                  if all(flat[p * G + g].running and not flat[p * G + g].ids for g in range(G))]
+        for c in range(0, len(shared), batch_prompts):
+            chunk = shared[c:c + batch_prompts]
+            out = generate(policy, tokenizer, [flat[p * G].opening for p in chunk],
+                           SamplingParams(G, *_rest(turn_params)), None, autocast,
+                           [keys[p * G + g] + (turn,) for p in chunk for g in range(G)])
+            _collect(out, [p * G + g for p in chunk for g in range(G)], turns)
+        # the rest continue their turns so far: each group's opening prefilled once, each episode's own
+        # tokens on top of it (rlmt.rollout.Continuation), instead of prefilling every context whole
+        alone = [i for i in live if i // G not in set(shared)]
+        for c in range(0, len(alone), batch_prompts * G):
+            chunk = alone[c:c + batch_prompts * G]
+            groups = sorted({i // G for i in chunk})
+            out = generate(policy, tokenizer, [flat[p * G].opening for p in groups], turn_params, None, autocast,
+                           [keys[i] + (turn,) for i in chunk],
+                           Continuation([groups.index(i // G) for i in chunk], [flat[i].ids for i in chunk]))
+            _collect(out, chunk, turns)
+        steps = {}
+        for i in live:
+            toks, logps, text = turns[i]
+            sampled_tokens += min(len(toks), max_total_tokens - len(flat[i].ids))
+            step = _play(flat[i], toks, logps, text, renderer, max_total_tokens)
+            if step is not None:
+                steps[i] = step
+        _settle(flat, steps)
+        for i, step in steps.items():
+            _reply(flat[i], step, turns[i][0], renderer, eos, turn + 1 >= max_turns, max_total_tokens)
     for ep in flat:  # still running after max_turns
         if ep.running:
             _truncate(ep)
     seconds = time.perf_counter() - t0
-    return _as_batch(flat, G, tokenizer, next(policy.parameters()).device, {"rollout/seconds": seconds, "rollout/tokens": float(sampled_tokens),
-                                          "rollout/tokens_per_s": sampled_tokens / max(seconds, 1e-9)})
+    return _as_batch(flat, G, tokenizer, next(policy.parameters()).device,
+                     {"rollout/seconds": seconds, "rollout/tokens": float(sampled_tokens),
+                      "rollout/tokens_per_s": sampled_tokens / max(seconds, 1e-9)})
 
 
 def _rest(p: SamplingParams) -> tuple:
@@ -147,73 +167,108 @@ def _rest(p: SamplingParams) -> tuple:
 
 
 def _open(make_env, renderer: Renderer, row: dict, seed: int, G: int) -> list[Episode]:
-    """The G episodes of a row, reset; an environment that raises leaves the group unscored."""
-    out, first = [], None
-    for _ in range(G):
-        env = make_env()
+    """The G episodes of a row, reset. Their common token prefix is the group's prompt (computed once in the
+    packed pass); what differs (a debater's side) starts each episode as context. An environment class with a
+    ``bind_group(envs)`` classmethod sees the group's environments before they reset (to pair them up). An
+    environment that raises leaves its episode unscored."""
+    envs = [make_env() for _ in range(G)]
+    if hasattr(type(envs[0]), "bind_group"):
+        type(envs[0]).bind_group(envs)
+    opened: list[tuple[Environment | None, list[int], list[dict], str | None]] = []
+    for env in envs:
         try:
             messages = env.reset(row, seed)
-            opening = renderer.opening(messages)
+            opened.append((env, renderer.opening(messages), renderer.with_system(messages), None))
         except Exception as e:  # noqa: BLE001 - counted, the episode unscored
             prompt = row.get("prompt", "")
             fallback = renderer.opening(prompt if isinstance(prompt, list) else [{"role": "user",
                                                                                    "content": str(prompt)}])
-            out.append(Episode(None, fallback, error=f"reset raised {type(e).__name__}: {e}"))
-            continue
-        if first is None:
-            first = opening
-        elif opening != first:
-            raise ValueError(f"environment {getattr(env, 'name', type(env).__name__)!r}: reset(row, seed) gave "
-                             "different openings for the same row and seed; it must depend on them alone")
-        out.append(Episode(env, opening, transcript=list(messages)))
+            opened.append((None, fallback, [], f"reset raised {type(e).__name__}: {e}"))
+    prefix = opened[0][1]
+    for _, ids, _, _ in opened[1:]:
+        n = next((k for k, (a, b) in enumerate(zip(prefix, ids)) if a != b), min(len(prefix), len(ids)))
+        prefix = prefix[:n]
+    if not prefix:
+        raise ValueError("the openings of a group share no first token; a group needs a common prompt")
+    out = []
+    for env, ids, transcript, error in opened:
+        rest = ids[len(prefix):]
+        out.append(Episode(env, prefix, list(rest), [False] * len(rest), [0.0] * len(rest), transcript=transcript,
+                           error=error))
     return out
 
 
-def _absorb(out: RolloutBatch, which: list[int], flat: list[Episode], renderer: Renderer, eos: set[int],
-            max_turns: int, max_total_tokens: int, turn: int) -> int:
-    """Append each episode's sampled turn, step its environment and append the reply's tokens."""
+def _collect(out: RolloutBatch, which: list[int], turns: dict) -> None:
     lengths = out.response_lengths.tolist()
-    n_sampled = 0
     for row, i in enumerate(which):
-        ep = flat[i]
-        budget = max_total_tokens - len(ep.ids)
-        n = min(int(lengths[row]), budget)
-        toks = out.response_ids[row, :n].tolist()
-        ep.ids += toks
-        ep.sampled += [True] * n
-        ep.logps += out.logprobs[row, :n].tolist()
-        n_sampled += n
-        if n:
-            ep.turn_ends.append(len(ep.ids) - 1)
-        text = out.texts[row] if n == int(lengths[row]) else renderer.tok.decode(toks, skip_special_tokens=True)
-        ep.transcript.append({"role": "assistant", "content": text})
-        if n < int(lengths[row]) or len(ep.ids) >= max_total_tokens:  # the episode's token budget ran out
-            ep.turn_rewards.append(0.0)
-            _truncate(ep)
-            continue
+        n = int(lengths[row])
+        turns[i] = (out.response_ids[row, :n].tolist(), out.logprobs[row, :n].tolist(), out.texts[row])
+
+
+def _play(ep: Episode, toks: list[int], logps: list[float], text: str, renderer: Renderer,
+          max_total_tokens: int) -> Step | None:
+    """Append a sampled turn (cut to the episode's token budget) and step the environment; None when the
+    episode ended here (budget spent: truncated; the environment raised: unscored)."""
+    n = min(len(toks), max_total_tokens - len(ep.ids))
+    ep.ids += toks[:n]
+    ep.sampled += [True] * n
+    ep.logps += logps[:n]
+    if n:
+        ep.turn_ends.append(len(ep.ids) - 1)
+    if n < len(toks):
+        text = renderer.tok.decode(toks[:n], skip_special_tokens=True)
+    ep.transcript.append({"role": "assistant", "content": text})
+    if n < len(toks) or len(ep.ids) >= max_total_tokens:  # the episode's token budget ran out
+        ep.turn_rewards.append(0.0)
+        _truncate(ep)
+        return None
+    try:
+        return ep.env.step(text)
+    except Exception as e:  # noqa: BLE001 - counted, the episode unscored
+        ep.error = f"step raised {type(e).__name__}: {e}"
+        return None
+
+
+def _settle(flat: list[Episode], steps: dict[int, Step]) -> None:
+    """Let environment classes with a ``settle(envs, steps) -> steps`` classmethod complete this turn's steps
+    together (every episode of theirs has stepped); a class that raises leaves those episodes unscored."""
+    by_class: dict[type, list[int]] = {}
+    for i in steps:
+        if hasattr(type(flat[i].env), "settle"):
+            by_class.setdefault(type(flat[i].env), []).append(i)
+    for cls, idx in by_class.items():
         try:
-            step = ep.env.step(text)
-        except Exception as e:  # noqa: BLE001 - counted, the episode unscored
-            ep.error = f"step raised {type(e).__name__}: {e}"
+            settled = cls.settle([flat[i].env for i in idx], [steps[i] for i in idx])
+            if len(settled) != len(idx):
+                raise ValueError(f"settle returned {len(settled)} steps for {len(idx)}")
+        except Exception as e:  # noqa: BLE001 - counted, the episodes unscored
+            for i in idx:
+                flat[i].error = f"settle raised {type(e).__name__}: {e}"
+                del steps[i]
             continue
-        ep.turn_rewards.append(0.0 if step.reward is None else float(step.reward))
-        ep.tool_calls += int(step.info.get("tool_calls", 0))
-        ep.tool_errors += int(step.info.get("tool_errors", 0))
-        ep.transcript += list(step.messages)
-        if step.done:
-            ep.done = True
-            continue
-        if turn + 1 >= max_turns:
-            _truncate(ep)
-            continue
-        reply = renderer.continuation(step.messages, bool(toks) and toks[-1] in eos)
-        if len(ep.ids) + len(reply) >= max_total_tokens:  # no room left for another turn
-            _truncate(ep)
-            continue
-        ep.ids += reply
-        ep.sampled += [False] * len(reply)
-        ep.logps += [0.0] * len(reply)
-    return n_sampled
+        steps.update(zip(idx, settled))
+
+
+def _reply(ep: Episode, step: Step, toks: list[int], renderer: Renderer, eos: set[int], last_turn: bool,
+           max_total_tokens: int) -> None:
+    """Record the step's reward and counts; append the environment's reply, or end the episode."""
+    ep.turn_rewards.append(0.0 if step.reward is None else float(step.reward))
+    ep.tool_calls += int(step.info.get("tool_calls", 0))
+    ep.tool_errors += int(step.info.get("tool_errors", 0))
+    ep.transcript += list(step.messages)
+    if step.done:
+        ep.done = True
+        return
+    if last_turn:
+        _truncate(ep)
+        return
+    reply = renderer.continuation(step.messages, bool(toks) and toks[-1] in eos)
+    if len(ep.ids) + len(reply) >= max_total_tokens:  # no room left for another turn
+        _truncate(ep)
+        return
+    ep.ids += reply
+    ep.sampled += [False] * len(reply)
+    ep.logps += [0.0] * len(reply)
 
 
 def _truncate(ep: Episode) -> None:

@@ -15,8 +15,6 @@ or a stop string gets the whole ``close``. Plain-text prompts (``data.chat: fals
 
 from __future__ import annotations
 
-import json
-
 from rlmt.data import PromptFormat
 
 PROBE = "\x00rlmt-probe\x00"
@@ -56,7 +54,7 @@ class Renderer:
 
     def opening(self, messages: list[dict]) -> list[int]:
         """Token ids of the opening messages with the generation prompt (the first turn's context)."""
-        messages = self._with_system(messages)
+        messages = self.with_system(messages)
         if self.chat:
             return self._encode(self._template(messages, generation_prompt=True))
         return self._encode("\n".join(str(m["content"]) for m in messages) + "\n")
@@ -75,7 +73,7 @@ class Renderer:
                              "multi-turn episodes need a template whose earlier turns do not change")
         return self._encode(close + full[len(self._base):])
 
-    def _with_system(self, messages: list[dict]) -> list[dict]:
+    def with_system(self, messages: list[dict]) -> list[dict]:
         """The row's messages with ``data.system_prompt`` and the tool instructions in the system message."""
         extra = [t for t in (self.fmt.system_prompt, self.tool_instructions) if t]
         if not extra:
@@ -86,9 +84,14 @@ class Renderer:
 
 
 def tool_instructions(schemas: list[dict]) -> str:
-    """The system-message text that teaches the documented tool-call format to a template without tools."""
-    listing = "\n".join(json.dumps(s, sort_keys=True) for s in schemas)
-    return ("You can call tools. To call one, write exactly\n"
+    """The system-message text that teaches the documented tool-call format to a template without tools: the
+    format, then one line per tool, ``- name(arg: type, ...): description``."""
+    lines = []
+    for s in schemas:
+        props = s.get("parameters", {}).get("properties", {})
+        args = ", ".join(f"{k}: {v.get('type', 'any')}" for k, v in props.items())
+        lines.append(f"- {s['name']}({args}): {s.get('description', '')}")
+    return ("You can call tools. To call one, write\n"
             '<tool_call>{"name": "TOOL", "arguments": {...}}</tool_call>\n'
             "and stop; the result comes back in a tool message. Give the final answer without a tool call.\n"
-            f"Tools:\n{listing}")
+            "Tools:\n" + "\n".join(lines))

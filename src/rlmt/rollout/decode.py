@@ -1,6 +1,6 @@
 """Decoders for the rollout: the KV-cached forward passes :func:`rlmt.rollout.generate` drives.
 
-Two implementations of one small interface (``prefill``, ``step``, ``repeat_interleave``, ``select``):
+Two implementations of one small interface (``prefill``, ``extend``, ``step``, ``repeat_interleave``, ``select``):
 
 - :class:`ModuleDecoder` calls the model's own ``forward`` with a cache written in place. Any causal LM.
 - :class:`LlamaDecoder`, a functional decoder for the Llama family (Llama, Mistral, Qwen2, SmolLM), used when
@@ -55,6 +55,11 @@ class ModuleDecoder:
     def step(self, tok: torch.Tensor, key_mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """(B,) tokens, (B, L) mask of every cached key and the new one, (B,) positions -> (B, V) logits."""
         return self._run(tok[:, None], key_mask, pos[:, None])
+
+    def extend(self, ids: torch.Tensor, key_mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """(B, S) more tokens after the cached ones (left-padded: padding marked 0 in ``key_mask``), (B, L + S)
+        mask of every cached key and the new ones, (B, S) positions -> (B, V) logits after the last."""
+        return self._run(ids, key_mask, pos)
 
     def repeat_interleave(self, g: int) -> None:
         self.cache.batch_repeat_interleave(g)
@@ -245,6 +250,27 @@ class LlamaDecoder:
             return o.reshape(B, self.H, 1, self.hd)
 
         x = self._layers(self._embed(tok[:, None]), pos[:, None], attend, write)
+        self.length = L
+        return self._logits(x[:, -1])
+
+    def extend(self, ids: torch.Tensor, key_mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        B, S = ids.shape
+        t, L = self.length, self.length + S
+        idx = torch.arange(L, device=ids.device)
+        causal = idx[None, :] <= idx[t:, None]  # (S, L): new token s sees keys up to its own slot t + s
+        own = idx[None, :] == idx[t:, None]
+        allowed = ((causal[None] & key_mask.bool()[:, None, :]) | own[None])[:, None]  # (B, 1, S, L)
+        rep = self.H // self.KV
+
+        def write(i, k, v):
+            self.k[i][:, :, t:L], self.v[i][:, :, t:L] = k, v
+
+        def attend(i, q):
+            k, v = self.k[i][:, :, :L], self.v[i][:, :, :L]
+            return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                                  attn_mask=allowed)
+
+        x = self._layers(self._embed(ids), pos, attend, write)
         self.length = L
         return self._logits(x[:, -1])
 

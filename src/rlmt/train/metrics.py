@@ -96,7 +96,8 @@ class MetricReduction:
 
 
 COUNTS = frozenset({"reward/unscored", "groups/zero_variance", "guard/flagged", "guard/content_free",
-                    "reward/missing_as_zero", "rollout/tokens", "train/sequence_tokens", "train/packed_tokens"})
+                    "reward/missing_as_zero", "rollout/tokens", "train/sequence_tokens", "train/packed_tokens",
+                    "env/tool_calls", "env/tool_errors", "env/truncated", "env/errors"})
 """Per-rank figures that are counts over the rank's share of the step: summed across ranks."""
 
 

@@ -207,6 +207,7 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
     save = partial(save_on_main, world, run_dir, model=policy, optimizer=opt, scheduler=sched,
                    keep=cfg.run.keep_checkpoints, extras=extras, record=record, trainable=trainable, tokenizer=tok)
     rec.start_steps()
+    env_errors_noted = False
     for step in range(state["step"], plan.steps):
         t_step = time.perf_counter()
         idx = prompts.draw(step, plan.prompts_per_step)  # the global step's prompts, the same on every rank
@@ -226,6 +227,10 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
         if env_run:  # GRPO & co. train on the return; PPO and REINFORCE on the last turn's reward + dense ones
             rewards, env_dense = episodes.dense() if method.dense_rewards else (episodes.returns, None)
             returns, scored = episodes.returns, RewardResult([], metrics=episodes.metrics())
+            failed = [ep.error for ep in episodes.episodes if ep.error]
+            if failed and not env_errors_noted:  # counted every step in env/errors; the first one shown once
+                rec.note(f"env: {len(failed)} episode(s) unscored at step {step + 1}; the first: {failed[0]}")
+                env_errors_noted = True
         else:
             scored = score_checked(source, rep_rows, batch.texts, invalid_as_none=cfg.reward.invalid_as_none)
             rewards = torch.tensor([float("nan") if s is None else s for s in scored.scores], device=device)
@@ -250,6 +255,9 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
         metrics.update(prompts.observe(idx, step_rewards, G))
         metrics.update({**rollout_metrics(batch, step_rewards, G, cfg.reward.pass_threshold, world),
                         "time/step_s": time.perf_counter() - t_step, **reduce_across(world, scored.metrics)})
+        if env_run:  # over every rank's episodes
+            ok = torch.isfinite(step_rewards)
+            metrics["env/return_mean"] = float(step_rewards[ok].mean()) if ok.any() else float("nan")
         rec.log(step + 1, metrics)
         if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < plan.steps:
             save(step + 1, {"update": ctx.state, "pass_rates": prompts.pass_rates.tolist()})
@@ -277,7 +285,7 @@ def check_environment(cfg: Config, method: OnlineMethod) -> None:
     """The checks of an environment run that need no model: the method takes episodes, the environment and its
     arguments, and the tools (:func:`rlmt.envs.env_factory`)."""
     from rlmt.config import ConfigError
-    from rlmt.envs import env_factory, toolbox_for
+    from rlmt.envs import env_class, env_factory, toolbox_for
 
     if cfg.algorithm not in ENV_METHODS:
         raise ConfigError(f"env.source: multi-turn environments train with {list(ENV_METHODS)}, not {cfg.algorithm!r}")
@@ -287,6 +295,10 @@ def check_environment(cfg: Config, method: OnlineMethod) -> None:
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
     env_factory(cfg, toolbox_for(cfg))
+    multiple = getattr(env_class(cfg.env.source), "group_multiple", 1)  # debate: episodes come in pairs
+    for key, n in (("rollout.num_samples", cfg.rollout.num_samples), ("eval.num_samples", cfg.eval.num_samples)):
+        if n % multiple:
+            raise ConfigError(f"{key}: environment {cfg.env.source!r} needs a multiple of {multiple}, got {n}")
 
 
 def _evaluate(cfg: Config, lm, fmt, tag: str, run_dir: Path, reward_source: str | None, rec, world: World) -> None:

@@ -1,0 +1,138 @@
+"""Environment runs end to end (tiny model): GRPO, GSPO, REINFORCE and PPO train on episodes with tools, the
+dense per-turn credit, config errors before any model loads, and SIGKILL mid-episode-batch + resume == straight."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlmt.config import ConfigError, load_config
+from rlmt.data import PromptFormat
+from rlmt.envs import Renderer, run_episodes
+from rlmt.models import load_model
+from rlmt.records import read_metrics
+from rlmt.rollout import SamplingParams, sample_keys
+from rlmt.train.dense import dense_reinforce_advantages
+from rlmt.train.runner import train
+
+from test_envs import Scripted
+
+ENV_KEYS = ("env/turns_mean", "env/tool_calls", "env/tool_errors", "env/truncated", "env/errors", "env/return_mean")
+
+
+def _data(tmp_path: Path) -> Path:
+    path = tmp_path / "arith.jsonl"
+    rows = [{"prompt": f"What is {a} * {b}?", "answer": a * b} for a, b in [(123, 45), (67, 890), (12, 34), (5, 678)]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _overrides(tmp_path: Path, algorithm: str, out: str = "run") -> list[str]:
+    data = _data(tmp_path)
+    return [f"algorithm={algorithm}", "model.name=tiny-random", f"data.train={data}", f"data.eval={data}",
+            "env.source=tool_arithmetic", "env.tools=[calculator, python]", "env.max_turns=3",
+            "env.max_total_tokens=48", "rollout.num_samples=2", "rollout.batch_prompts=2",
+            "rollout.max_new_tokens=8", "optim.max_steps=2", "optim.batch_size=4", "optim.lr=1e-3",
+            "eval.num_samples=2", "eval.max_new_tokens=8", "run.eval_before_after=true", "run.progress=false",
+            f"run.output_dir={tmp_path / out}"]
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "gspo", "reinforce", "ppo"])
+def test_online_methods_train_on_episodes(tmp_path, algorithm):
+    cfg = load_config(None, _overrides(tmp_path, algorithm))
+    run = train(cfg)
+    rows = read_metrics(run)
+    assert len(rows) == 2 and all(k in rows[-1] for k in ENV_KEYS)
+    assert rows[-1]["env/turns_mean"] >= 1 and rows[-1]["tokens"] > 0
+    assert abs(rows[-1]["rollout/logprob_gap"]) < 1e-4  # the update scores the sampled tokens in their context
+    after = json.loads((run / "eval-after.json").read_text())
+    assert "pass@1" in after and "env/turns_mean" in after
+    episode = json.loads((run / "eval-after.jsonl").read_text().splitlines()[0])
+    assert episode["details"]["transcript"][0]["role"] == "system"  # the tool instructions
+    assert "<tool_call>" in episode["details"]["transcript"][0]["content"]
+    assert (run / "final" / "model.safetensors").exists()
+
+
+def test_per_turn_rewards_credit_only_the_turns_before_them():
+    lm = load_model("tiny-random")
+    eb = run_episodes(lm.model, lm.tokenizer, Renderer(lm.tokenizer, PromptFormat()), Scripted, [{"prompt": "a"}],
+                      [1], SamplingParams(2, 1.0, 1.0, 5), sample_keys(0, 0, [0], 2), 4, 400, 1)
+    final, dense = eb.dense()
+    adv = dense_reinforce_advantages(final, dense, eb.batch.response_mask, torch.zeros(2))
+    for i, ep in enumerate(eb.episodes):
+        turns = [t for t in range(len(ep.ids)) if ep.sampled[t]]
+        first_end = ep.turn_ends[0]
+        for t in turns:  # rewards 0.25 after turn 1 and 1.0 after turn 3
+            assert adv[i, t] == pytest.approx(1.25 if t <= first_end else 1.0)
+        assert adv[i][~eb.batch.response_mask[i]].abs().sum() == 0
+
+
+@pytest.mark.parametrize("over,message", [
+    (["env.source=guess_numbr"], "did you mean 'guess_number'"),
+    (["env.source=guess_number", "env.tools=[]", "env.args={lo: 1}"], "env.args.lo: not an argument"),
+    (["env.source=guess_number", "env.tools=[]", "env.args={low: 5, high: 1}"], "must be below"),
+    (["env.source=guess_number", "env.tools=[calculator]"], "does not use tools"),
+    (["env.source=tool_arithmetic", "env.tools=[abacus]"], "env.tools.0: unknown tool"),
+    (["env.source=tool_arithmetic", "algorithm=trpo"], "env.source: multi-turn environments train with"),
+    (["env.source=tool_arithmetic", "env.max_turns=0"], "env.max_turns: must be >= 1"),
+    (["env.source=nomodule:Env"], "cannot import"),
+])
+def test_environment_config_errors_come_before_the_model_loads(tmp_path, monkeypatch, over, message):
+    import rlmt.train.session as session
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(session, "load_model", no_model)
+    cfg = load_config(None, _overrides(tmp_path, "grpo") + over)
+    with pytest.raises(ConfigError, match=message):
+        train(cfg)
+
+
+def _cli(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rlmt.cli", "train", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_sigkill_mid_episode_batch_then_resume_equals_uninterrupted(tmp_path):
+    args = _overrides(tmp_path, "grpo", "killed")[:-1] + ["optim.max_steps=4", "run.save_every=1",
+                                                           "run.eval_before_after=false", "env.max_total_tokens=96",
+                                                           "env.source=guess_number", "env.tools=[]"]
+    killed = tmp_path / "killed"
+    # SIGKILL in step 3's rollout, after some of its episodes have taken a turn
+    patch = textwrap.dedent("""
+        import os, signal, sys
+        from pathlib import Path
+        import rlmt.envs.guess as g
+        real, n = g.GuessNumber.step, [0]
+        def step(self, text):
+            if (Path(OUT) / "checkpoints" / "step-2").exists():
+                n[0] += 1
+                if n[0] == 3:  # the third turn played in step 3
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return real(self, text)
+        g.GuessNumber.step = step
+    """).replace("OUT", repr(str(killed)))
+    script = patch + f"\nfrom rlmt.cli import main\nsys.exit(main(['train', *{args + [f'run.output_dir={killed}']!r}]))\n"
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    done = sorted(int(c.name.split("-")[1]) for c in (killed / "checkpoints").glob("step-*"))
+    assert done and 1 <= done[-1] < 4 and not (killed / "final").exists()
+    p = _cli(args + [f"run.output_dir={killed}", "run.resume=true"])
+    assert p.returncode == 0, p.stderr
+    straight = tmp_path / "straight"
+    p = _cli(args + [f"run.output_dir={straight}"])
+    assert p.returncode == 0, p.stderr
+    drop = ("time/", "rollout/seconds", "rollout/tokens_per_s")
+    same = [[{k: v for k, v in r.items() if not k.startswith(drop)} for r in read_metrics(d)] for d in (killed, straight)]
+    assert same[0] == same[1] and same[0][-1]["env/turns_mean"] > 1  # multi-turn episodes
+    from safetensors.torch import load_file
+
+    a, b = (load_file(d / "final" / "model.safetensors") for d in (killed, straight))
+    assert all(torch.equal(a[k], b[k]) for k in a)
