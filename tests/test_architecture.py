@@ -26,7 +26,7 @@ ALLOWED = {
     "grape": {"chat", "data", "objectives", "rewards", "records", "models"},
     "judge": {"chat", "data", "models", "rollout", "rewards"},
     "evaluate": {"data", "records", "rewards", "rollout"},
-    "report": {"records"},
+    "report": {"records", "rewards"},
     "serve": {"models", "data", "rollout"},
     "envs": {"config", "data", "rollout", "records", "rewards", "chat", "judge"},
     "parallel": set(),
@@ -164,3 +164,13 @@ def test_importing_the_math_does_not_import_the_training_stack():
     code = "import sys, rlmt.objectives; print(sorted(m for m in sys.modules if m.startswith('rlmt')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "rlmt.train" not in out and "rlmt.models" not in out
+
+
+def test_the_rewards_tables_agree_with_the_methods():
+    """rlmt.rewards' ONLINE_ALGORITHMS and METHOD_SOURCES (read where the loops cannot be imported: the pipeline's
+    early checks, the report) say what rlmt.train.methods.METHODS says."""
+    from rlmt.rewards import METHOD_SOURCES, ONLINE_ALGORITHMS
+    from rlmt.train.methods import METHODS
+
+    assert ONLINE_ALGORITHMS == set(METHODS)
+    assert METHOD_SOURCES == {k: m.reward_source for k, m in METHODS.items() if m.reward_source}

@@ -134,15 +134,10 @@ def declared_reward_range(config: dict[str, Any]) -> tuple[float, float, str] | 
     (``env.source``: its rewards are the environment's), or a config that does not name a known source."""
     if _section(config, "env").get("source"):
         return None
-    from rlmt.rewards import declared_range, reward_source_class
+    from rlmt.rewards import METHOD_SOURCES, declared_range, reward_source_class
 
     name, args = _section(config, "reward").get("source"), _section(config, "reward").get("args") or {}
-    algorithm = config.get("algorithm")
-    if algorithm:
-        from rlmt.train.methods import METHODS  # a method with a source of its own (GRAPE's rubric)
-
-        if algorithm in METHODS and METHODS[algorithm].reward_source:
-            name = METHODS[algorithm].reward_source
+    name = METHOD_SOURCES.get(str(config.get("algorithm")), name)  # a method with a source of its own (GRAPE)
     try:
         bounds = declared_range(reward_source_class(str(name), args), args)
     except Exception:  # noqa: BLE001 - an unknown source or bad args: the run's own error, not the report's

@@ -24,6 +24,12 @@ REGISTRY: dict[str, tuple[str, str]] = {
 }
 
 
+# methods that score with a reward source of their own, whatever reward.source says (GRAPE: its rubric)
+METHOD_SOURCES: dict[str, str] = {"grape": "rubric"}
+# the algorithms that sample and score responses online (the rest learn from fixed data)
+ONLINE_ALGORITHMS = frozenset({"rejection_sampling", "reinforce", "grpo", "gspo", "ppo", "trpo", "grape"})
+
+
 def reward_source_class(name: str, args: dict[str, Any] | None = None, key: str = "reward.args") -> type:
     """The class registered as ``name``, after checking ``args`` against its constructor: an unknown source or
     an argument it does not take is a ConfigError naming ``reward.source`` or ``{key}.ARG`` (no source is built,

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from rlmt.config import Config, PolicyGradientConfig
 from rlmt.objectives.policy import gspo_loss, ppo_clip_loss, reinforce_loss
+from rlmt.rewards import METHOD_SOURCES
 from rlmt.train.estimators import reinforce_advantages, sequence_advantages
 from rlmt.train.experience import Experience, OnlineMethod, StepPlan, UpdateContext
 from rlmt.train.ppo import gae_advantages, make_value_head
@@ -65,7 +66,8 @@ METHODS: dict[str, OnlineMethod] = {
     "reinforce": OnlineMethod(reinforce_advantages, policy_gradient_update, score_function, dense_rewards=True),
     "grpo": OnlineMethod(sequence_advantages, policy_gradient_update, clipped_surrogate),
     "gspo": OnlineMethod(sequence_advantages, policy_gradient_update, sequence_clipped_surrogate),
-    "grape": OnlineMethod(sequence_advantages, policy_gradient_update, clipped_surrogate, reward_source="rubric",
+    "grape": OnlineMethod(sequence_advantages, policy_gradient_update, clipped_surrogate,
+                          reward_source=METHOD_SOURCES["grape"],
                           revises=True),
     "ppo": OnlineMethod(gae_advantages, policy_gradient_update, clipped_surrogate, critic=make_value_head,
                         dense_rewards=True),

@@ -140,12 +140,11 @@ def plan_stages(cfg: Config, where: str = "") -> list[Stage]:
 def _check_reward_source(cfg: Config, at: str, where: str) -> None:
     """An online stage's reward source exists and takes its ``reward.args``: known from the config alone, so a
     typo in the last stage stops the pipeline before the first one trains."""
-    from rlmt.rewards import check_reward_source
-    from rlmt.train.methods import METHODS
+    from rlmt.rewards import METHOD_SOURCES, ONLINE_ALGORITHMS, check_reward_source
 
-    if cfg.algorithm in METHODS:
+    if cfg.algorithm in ONLINE_ALGORITHMS and not cfg.env.source:  # an environment stage: checked when it starts
         try:
-            check_reward_source(cfg, METHODS[cfg.algorithm].reward_source)
+            check_reward_source(cfg, METHOD_SOURCES.get(cfg.algorithm))
         except ConfigError as e:
             raise ConfigError(f"{where}{at}.{e}") from None
 
