@@ -136,3 +136,20 @@ def test_sigkill_mid_episode_batch_then_resume_equals_uninterrupted(tmp_path):
 
     a, b = (load_file(d / "final" / "model.safetensors") for d in (killed, straight))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rlmt_eval_plays_episodes_and_batching_does_not_change_them(tmp_path):
+    data = _data(tmp_path)
+    outs = []
+    for n in (1, 4):
+        out = tmp_path / f"episodes-{n}.jsonl"
+        p = subprocess.run([sys.executable, "-m", "rlmt.cli", "eval", "model.name=tiny-random", f"data.eval={data}",
+                            "env.source=guess_number", "env.args={low: 1, high: 3}", "env.max_turns=3",
+                            "eval.num_samples=2", "eval.max_new_tokens=6", f"rollout.batch_prompts={n}",
+                            f"eval.output={out}", "run.progress=false"], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        metrics = json.loads(p.stdout[p.stdout.index("{"):])
+        assert metrics["env"] == "guess_number" and metrics["prompts"] == 4 and "env/turns_mean" in metrics
+        outs.append([json.loads(line) for line in out.read_text().splitlines()])
+    assert len(outs[0]) == 8 and outs[0] == outs[1]  # keyed episodes: the same whatever the batching
+    assert all(e["details"]["transcript"][-1]["role"] in ("assistant", "user") for e in outs[0])

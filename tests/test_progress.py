@@ -73,8 +73,8 @@ def test_generate_counts_the_prompts_and_keeps_stdout_clean(tmp_path):
 
 def test_a_runs_evaluations_and_rejection_rounds_show_their_own_bars(tmp_path):
     """A rejection-sampling run with an evaluation before and after: each evaluation's bar counts the
-    held-out prompts (eval.max_prompts of them), each round's bar counts its SFT steps (sft/steps in the
-    records), and the training bar its rounds."""
+    held-out prompts (eval.max_prompts of them), each round's bars count its prompts sampled and its SFT steps
+    (sft/steps in the records), and the training bar its rounds."""
     from rlmt.tasks import write_addition_split
 
     train, held = write_addition_split(tmp_path / "data", 8, 6)
@@ -91,6 +91,7 @@ def test_a_runs_evaluations_and_rejection_rounds_show_their_own_bars(tmp_path):
     for r, row in enumerate(rows, 1):
         steps = int(row["sft/steps"])
         assert steps > 0 and counts(err, f"round {r} SFT") == [(s, steps) for s in range(steps + 1)]
+        assert counts(err, f"round {r} sampling") == [(0, 4), (2, 4), (4, 4)]  # prompts_per_round, 2 a call
     assert counts(err, "train")[-1] == (2, 2)
 
 

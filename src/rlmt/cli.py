@@ -138,6 +138,8 @@ def cmd_eval(args) -> int:
     path = cfg.data.eval or cfg.data.train
     if not path:
         raise ConfigError("data.eval: set data.eval (or data.train) to a prompt file")
+    if cfg.env.source:  # episodes in an environment (rlmt.envs): success = return >= reward.pass_threshold
+        return _eval_env(cfg, path)
     check_reward_source(cfg)
     report = load_rows(path, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts,
                        SourceOptions.of(cfg.data, "eval" if cfg.data.eval else "train"))
@@ -156,6 +158,31 @@ def cmd_eval(args) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_samples(out, samples)
     print(json.dumps({"model": cfg.model.name, "data": path, **metrics}, indent=1))
+    _print_runtime_note()
+    return 0
+
+
+def _eval_env(cfg, path: str) -> int:
+    from rlmt.data import SourceOptions, load_rows
+    from rlmt.envs import env_factory, toolbox_for
+    from rlmt.envs.evaluate import evaluate_env, write_episodes
+    from rlmt.train.session import start_run
+
+    env_factory(cfg, toolbox_for(cfg))  # the environment, its args and tools: checked before the model loads
+    report = load_rows(path, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts,
+                       SourceOptions.of(cfg.data, "eval" if cfg.data.eval else "train"))
+    report.require(len(report.rows))
+    rows = [r.data for r in report.rows]
+    _, lm, fmt = start_run(cfg)
+    K = cfg.eval.num_samples
+    metrics, episodes = evaluate_env(cfg, lm, fmt, rows, K, cfg.eval.temperature, cfg.eval.max_new_tokens,
+                                     cfg.run.seed)
+    if cfg.eval.output:
+        out = Path(cfg.eval.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_episodes(out, episodes, [rows[i // K] for i in range(len(episodes.episodes))])
+    print(json.dumps({"model": cfg.model.name, "data": path, "env": cfg.env.source, "tools": list(cfg.env.tools),
+                      **metrics}, indent=1))
     _print_runtime_note()
     return 0
 

@@ -30,7 +30,7 @@ import torch
 
 from rlmt.envs.base import Environment, Step
 from rlmt.envs.render import Renderer
-from rlmt.rollout import RolloutBatch, SamplingParams, generate
+from rlmt.rollout import RolloutBatch, SamplingParams, concat_batches, generate
 from rlmt.rollout.engine import Continuation, eos_ids, left_pad
 
 
@@ -88,6 +88,17 @@ class EpisodeBatch:
             elif torch.isfinite(self.returns[i]):
                 final[i] = self.returns[i]
         return final, dense
+
+    @staticmethod
+    def concat(parts: list["EpisodeBatch"], pad_id: int) -> "EpisodeBatch":
+        """Several batches of whole groups as one (:func:`rlmt.rollout.concat_batches`)."""
+        if len(parts) == 1:
+            return parts[0]
+        batch = concat_batches([p.batch for p in parts], pad_id)
+        T = batch.response_ids.shape[1]
+        rewards = torch.cat([torch.nn.functional.pad(p.turn_rewards, (0, T - p.turn_rewards.shape[1])) for p in parts])
+        return EpisodeBatch(batch, [e for p in parts for e in p.episodes], torch.cat([p.returns for p in parts]),
+                            rewards)
 
     def metrics(self) -> dict[str, float]:
         eps, r = self.episodes, self.returns

@@ -17,7 +17,7 @@ from rlmt.envs.base import env_factory
 from rlmt.envs.episodes import EpisodeBatch, run_episodes
 from rlmt.envs.render import Renderer, tool_instructions
 from rlmt.envs.tools import toolbox_for
-from rlmt.records import write_atomic
+from rlmt.records import progress_bar, write_atomic
 from rlmt.rollout import SamplingParams
 
 TOOL_STOP = "</tool_call>"
@@ -50,13 +50,22 @@ def summarize_episodes(eb: EpisodeBatch, K: int, pass_threshold: float) -> dict[
 
 
 def evaluate_env(cfg, lm, fmt: PromptFormat, rows: Sequence[dict], K: int, temperature: float,
-                 max_new_tokens: int, seed: int) -> tuple[dict[str, float], EpisodeBatch]:
+                 max_new_tokens: int, seed: int, label: str = "eval") -> tuple[dict[str, float], EpisodeBatch]:
+    """K episodes of each row, ``rollout.batch_prompts`` rows at a time (a bar ``label`` counts the rows unless
+    ``run.progress`` is false); each episode keyed by (seed, row index, sample index), whatever the batching."""
     make_env, renderer, stop = env_parts(cfg, lm.tokenizer, fmt)
     params = SamplingParams(K, temperature, cfg.rollout.top_p, max_new_tokens, tuple(cfg.rollout.stop))
-    keys = [(seed, -1, p, g) for p in range(len(rows)) for g in range(K)]
-    eb = run_episodes(lm.model, lm.tokenizer, renderer, make_env, rows, [env_seed(seed, -1, p) for p in range(len(rows))],
-                      params, keys, cfg.env.max_turns, cfg.env.max_total_tokens, cfg.rollout.batch_prompts,
-                      lm.autocast, stop)
+    parts, n = [], cfg.rollout.batch_prompts
+    with progress_bar(len(rows), label, "prompt", cfg.run.progress) as bar:
+        for start in range(0, len(rows), n):
+            idx = range(start, min(start + n, len(rows)))
+            parts.append(run_episodes(lm.model, lm.tokenizer, renderer, make_env, [rows[p] for p in idx],
+                                      [env_seed(seed, -1, p) for p in idx], params,
+                                      [(seed, -1, p, g) for p in idx for g in range(K)], cfg.env.max_turns,
+                                      cfg.env.max_total_tokens, n, lm.autocast, stop))
+            bar.update(len(idx))
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (lm.tokenizer.eos_token_id or 0)
+    eb = EpisodeBatch.concat(parts, pad)
     return summarize_episodes(eb, K, cfg.reward.pass_threshold), eb
 
 
@@ -64,7 +73,7 @@ def evaluate_env_run(cfg, lm, fmt: PromptFormat, tag: str, run_dir: Path) -> dic
     """The before/after evaluation of an environment run on ``data.eval`` (``eval.*`` settings)."""
     rows = [r.data for r in load_rows(cfg.data.eval, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts).rows]
     metrics, eb = evaluate_env(cfg, lm, fmt, rows, cfg.eval.num_samples, cfg.eval.temperature,
-                               cfg.eval.max_new_tokens, cfg.run.seed + 7919)
+                               cfg.eval.max_new_tokens, cfg.run.seed + 7919, f"eval {tag}")
     write_episodes(Path(run_dir) / f"eval-{tag}.jsonl", eb, [rows[i // cfg.eval.num_samples]
                                                                for i in range(len(eb.episodes))])
     write_atomic(Path(run_dir) / f"eval-{tag}.json", json.dumps(metrics, indent=1))

@@ -37,6 +37,7 @@ from rlmt.rewards import RewardResult, check_reward_fields, check_reward_source,
 from rlmt.parallel import World, check_divisible, shard_groups
 from rlmt.parallel.fsdp import full_state_dict, gathered, shard_layers
 from rlmt.rollout import RolloutBatch, SamplingParams, concat_batches, generate, sample_keys
+from rlmt.records import progress_bar
 from rlmt.runtime import release_free_heap
 from rlmt.train.dense import dense_rewards_for
 from rlmt.train.experience import Experience, UpdateContext
@@ -78,16 +79,21 @@ class PromptSampler:
 
 def rollout(policy, tokenizer, fmt, rows: list[Row], params: SamplingParams, generator: torch.Generator | None,
             batch_prompts: int, autocast: torch.dtype | None = None,
-            keys: list[tuple[int, ...]] | None = None) -> RolloutBatch:
+            keys: list[tuple[int, ...]] | None = None, bar: str | None = None) -> RolloutBatch:
     """G responses for each row, ``batch_prompts`` prompts per engine call, as one batch; the rollout's freed
     transients are handed back before the next phase (:func:`rlmt.runtime.release_free_heap`). With ``keys``
-    (:func:`rlmt.rollout.sample_keys`, one per sample) each sample's draws depend on its key alone."""
+    (:func:`rlmt.rollout.sample_keys`, one per sample) each sample's draws depend on its key alone. ``bar``:
+    a progress bar of that name counts the prompts (rejection sampling's rounds)."""
     prompts = [encode_prompt(tokenizer, fmt, r.data["prompt"]) for r in rows]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     G = params.num_samples
-    batch = concat_batches([generate(policy, tokenizer, prompts[i:i + batch_prompts], params, generator, autocast,
-                                     None if keys is None else keys[i * G:(i + batch_prompts) * G])
-                            for i in range(0, len(prompts), batch_prompts)], pad)
+    parts = []
+    with progress_bar(len(prompts), bar or "", "prompt", bar is not None, leave=False) as shown:
+        for i in range(0, len(prompts), batch_prompts):
+            parts.append(generate(policy, tokenizer, prompts[i:i + batch_prompts], params, generator, autocast,
+                                  None if keys is None else keys[i * G:(i + batch_prompts) * G]))
+            shown.update(len(prompts[i:i + batch_prompts]))
+    batch = concat_batches(parts, pad)
     release_free_heap()
     return batch
 
@@ -208,6 +214,7 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
                    keep=cfg.run.keep_checkpoints, extras=extras, record=record, trainable=trainable, tokenizer=tok)
     rec.start_steps()
     env_errors_noted = False
+    rounds_bar = cfg.algorithm == "rejection_sampling" and cfg.run.progress  # a round samples many prompts
     for step in range(state["step"], plan.steps):
         t_step = time.perf_counter()
         idx = prompts.draw(step, plan.prompts_per_step)  # the global step's prompts, the same on every rank
@@ -222,7 +229,8 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
                 batch = episodes.batch
             else:
                 batch = rollout(policy, tok, fmt, step_rows, params, None, cfg.rollout.batch_prompts, lm.autocast,
-                                sample_keys(cfg.run.seed, step, mine, G))
+                                sample_keys(cfg.run.seed, step, mine, G),
+                                f"round {step + 1} sampling" if rounds_bar and world.is_main else None)
         rep_rows = [step_rows[int(i)].data for i in batch.prompt_index]
         if env_run:  # GRPO & co. train on the return; PPO and REINFORCE on the last turn's reward + dense ones
             rewards, env_dense = episodes.dense() if method.dense_rewards else (episodes.returns, None)
