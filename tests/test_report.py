@@ -340,3 +340,26 @@ def test_the_recorder_measures_the_wall_time_the_report_shows(tmp_path):
     rows, summary = read_metrics(run), json.loads((run / "summary.json").read_text())
     assert [r["step"] for r in rows] == [1, 2] and rows[1]["time/elapsed_s"] >= elapsed[0]
     assert summary["resumed_at_s"] == elapsed[0] and summary["wall_s"] >= elapsed[0] and summary["steps"] == 2
+
+
+def test_episodes_are_shown_whole_and_escaped(tmp_path):
+    """A multi-turn run's samples show every turn of the episode (tool calls, tool replies, the answer), each
+    escaped, with its turn and tool counts."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward/mean": 0.5}) + "\n")
+    (run / "config.yaml").write_text("algorithm: grpo\nenv: {source: tool_arithmetic}\n")
+    transcript = [{"role": "system", "content": "tools"}, {"role": "user", "content": "What is 2 * 3?"},
+                  {"role": "assistant", "content": '<tool_call>{"name": "calculator"}</tool_call>'},
+                  {"role": "tool", "content": "<script>alert(6)</script>"},
+                  {"role": "assistant", "content": "The answer is 6."}]
+    episode = {"prompt": "What is 2 * 3?", "response": "The answer is 6.", "reward": 1.0,
+               "details": {"turns": 2, "tool_calls": 1, "tool_errors": 0, "truncated": False,
+                           "transcript": transcript}}
+    for tag in ("before", "after"):
+        (run / f"eval-{tag}.jsonl").write_text(json.dumps(episode) + "\n")
+    page = write_report(run).read_text()
+    assert page.count("&lt;tool_call&gt;{&quot;name&quot;: &quot;calculator&quot;}&lt;/tool_call&gt;") == 2
+    assert "<script>alert(6)" not in page and page.count("&lt;script&gt;alert(6)&lt;/script&gt;") == 2
+    assert page.count("The answer is 6.") == 2 and "tool calls 1" in page and "turns 2" in page
+    assert page.index("&lt;tool_call&gt;") < page.index("&lt;script&gt;alert(6)") < page.index("The answer is 6.")

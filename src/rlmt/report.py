@@ -377,6 +377,22 @@ def _eval_table(run_dir: Path) -> str:
             + "".join(rows) + "</table>")
 
 
+def _shown(sample: dict[str, Any]) -> str:
+    """A sample's response, or a multi-turn episode's whole conversation (``details.transcript``: every
+    message after the first user turn, role by role, each escaped), with its turn and tool counts."""
+    details = sample.get("details") if isinstance(sample.get("details"), dict) else {}
+    transcript = details.get("transcript")
+    if not isinstance(transcript, list):
+        return _text(sample.get("response"))
+    first_user = next((i for i, m in enumerate(transcript) if isinstance(m, dict) and m.get("role") == "user"), -1)
+    turns = [m for m in transcript[first_user + 1:] if isinstance(m, dict)]
+    body = "".join(f'<div class="turn"><b>{html.escape(str(m.get("role")))}</b>{_text(m.get("content"))}</div>'
+                   for m in turns)
+    counts = ", ".join(f"{k.replace('_', ' ')} {details[k]}" for k in ("turns", "tool_calls", "tool_errors",
+                                                                     "truncated") if k in details)
+    return f'{body}<p class="note">{html.escape(counts)}</p>'
+
+
 def _samples_table(run_dir: Path) -> str:
     before, after = (_read_samples(run_dir / f"eval-{w}.jsonl") for w in ("before", "after"))
     prompts = [p for p in before if p in after] or list(before or after)
@@ -387,7 +403,7 @@ def _samples_table(run_dir: Path) -> str:
         cells = []
         for side in (before, after):
             s = side.get(p)
-            cells.append(f"<td>{_text(s.get('response'))}reward: {_fmt(s.get('reward'))}</td>" if s
+            cells.append(f"<td>{_shown(s)}reward: {_fmt(s.get('reward'))}</td>" if s
                          else '<td class="note">no sample</td>')
         rows.append(f"<tr><td>{_text(p)}</td>{''.join(cells)}</tr>")
     return (f"<h2>Samples (first {min(len(prompts), MAX_SAMPLES)} prompts)</h2><table><tr><th>prompt</th>"
