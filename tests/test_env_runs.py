@@ -153,3 +153,36 @@ def test_rlmt_eval_plays_episodes_and_batching_does_not_change_them(tmp_path):
         outs.append([json.loads(line) for line in out.read_text().splitlines()])
     assert len(outs[0]) == 8 and outs[0] == outs[1]  # keyed episodes: the same whatever the batching
     assert all(e["details"]["transcript"][-1]["role"] in ("assistant", "user") for e in outs[0])
+
+
+def test_grape_scores_episodes_with_its_rubric(tmp_path):
+    """GRAPE in the tool_arithmetic environment: the rubric (a math_answer verifier item and a judged item)
+    scores each episode's final answer; the rubric report covers the run, and the evaluation uses the rubric."""
+    import yaml
+
+    rubric = tmp_path / "rubric.yaml"
+    rubric.write_text(yaml.safe_dump({"scale": [0, 10], "categories": {"math": {"system_prompt": "", "items": [
+        {"id": "answer", "criterion": "correct product", "weight": 3, "flow": "verifiable", "verifier": "math_answer"},
+        {"id": "clear", "criterion": "clear", "weight": 1, "flow": "judged"}]}}}))
+    rows = [{"prompt": f"What is {a} * {b}?", "answer": a * b, "category": "math"} for a, b in [(12, 34), (5, 6)]]
+    data = tmp_path / "grape.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, [
+        "algorithm=grape", "model.name=tiny-random", f"data.train={data}", f"data.eval={data}",
+        "env.source=tool_arithmetic", "env.tools=[calculator]", "env.max_turns=2", "env.max_total_tokens=48",
+        f"grape.rubric={rubric}", "grape.critic={backend: local, model: tiny-random}", "grape.critic_mode=logprobs",
+        "rollout.num_samples=2", "rollout.batch_prompts=2", "rollout.max_new_tokens=6", "optim.max_steps=2",
+        "eval.num_samples=2", "eval.max_new_tokens=6", "run.eval_before_after=true", "run.progress=false",
+        "data.max_prompt_tokens=512", f"run.output_dir={tmp_path / 'run'}"])
+    run = train(cfg)
+    last = read_metrics(run)[-1]
+    assert all(k in last for k in ENV_KEYS) and any(k.startswith("rubric/") for k in last)
+    report = json.loads((run / "rubric_report.json").read_text())
+    scored = {it["item"]: it["scored"] for it in report["items"]}
+    assert scored["math.answer"] == 2 * 2 * 2  # 2 steps x 2 rows x 2 episodes, each final answer verified
+    after = json.loads((run / "eval-after.json").read_text())
+    assert any(k.startswith("rubric/") for k in after) and "env/turns_mean" in after
+    with pytest.raises(ConfigError, match="grape.revise"):
+        train(load_config(None, ["algorithm=grape", "model.name=tiny-random",
+                                 f"data.train={data}", "env.source=tool_arithmetic", "grape.revise=true",
+                                 f"grape.rubric={rubric}", f"run.output_dir={tmp_path / 'r2'}"]))

@@ -69,11 +69,37 @@ def evaluate_env(cfg, lm, fmt: PromptFormat, rows: Sequence[dict], K: int, tempe
     return summarize_episodes(eb, K, cfg.reward.pass_threshold), eb
 
 
-def evaluate_env_run(cfg, lm, fmt: PromptFormat, tag: str, run_dir: Path) -> dict[str, float]:
-    """The before/after evaluation of an environment run on ``data.eval`` (``eval.*`` settings)."""
-    rows = [r.data for r in load_rows(cfg.data.eval, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts).rows]
+def score_episodes(eb: EpisodeBatch, rows: Sequence[dict], source, invalid_as_none: bool = False) -> dict[str, float]:
+    """Replace the episodes' returns by ``source``'s scores of their final answers (a method with a reward
+    source of its own: GRAPE's rubric); an episode whose environment failed stays unscored. Returns the
+    source's step metrics."""
+    from rlmt.rewards import score_checked
+
+    K = len(eb.episodes) // max(1, len(rows))
+    result = score_checked(source, [rows[i // K] for i in range(len(eb.episodes))], eb.batch.texts,
+                           invalid_as_none=invalid_as_none)
+    eb.returns = torch.tensor([float("nan") if s is None or ep.error else float(s)
+                               for s, ep in zip(result.scores, eb.episodes)], device=eb.returns.device)
+    return result.metrics
+
+
+def evaluate_env_run(cfg, lm, fmt: PromptFormat, tag: str, run_dir: Path,
+                     source_name: str | None = None) -> dict[str, float]:
+    """The before/after evaluation of an environment run on ``data.eval`` (``eval.*`` settings); with
+    ``source_name`` (the method's own reward source) that source scores each episode's final answer."""
+    loaded = load_rows(cfg.data.eval, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts).rows
+    source = None
+    if source_name:
+        from rlmt.rewards import reward_source_for
+
+        source = reward_source_for(cfg, source_name)
+        loaded = source.prepare_rows(loaded) if hasattr(source, "prepare_rows") else loaded
+    rows = [r.data for r in loaded]
     metrics, eb = evaluate_env(cfg, lm, fmt, rows, cfg.eval.num_samples, cfg.eval.temperature,
                                cfg.eval.max_new_tokens, cfg.run.seed + 7919, f"eval {tag}")
+    if source is not None:
+        extra = score_episodes(eb, rows, source, cfg.reward.invalid_as_none)
+        metrics = {**summarize_episodes(eb, cfg.eval.num_samples, cfg.reward.pass_threshold), **extra}
     write_episodes(Path(run_dir) / f"eval-{tag}.jsonl", eb, [rows[i // cfg.eval.num_samples]
                                                                for i in range(len(eb.episodes))])
     write_atomic(Path(run_dir) / f"eval-{tag}.json", json.dumps(metrics, indent=1))

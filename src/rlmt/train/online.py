@@ -153,21 +153,23 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
     # before the model loads: the reward source and its args (or the environment and its tools), the data and
     # the fields the source reads
     env_run = bool(cfg.env.source)
+    scores_episodes = env_run and method.reward_source is not None  # GRAPE: its rubric scores each episode
     if env_run:
         check_environment(cfg, method)
-    else:
+    if not env_run or scores_episodes:
         check_reward_source(cfg, method.reward_source)
     report = load_rows(cfg.data.train, "prompt", cfg.data.on_invalid, cfg.data.limit,
                        SourceOptions.of(cfg.data))
-    rows = report.rows if env_run else check_reward_fields(cfg, report.rows, report, method.reward_source)
-    if cfg.run.eval_before_after and cfg.data.eval and not env_run:  # evaluation scores every row it reads
+    rows = (report.rows if env_run and not scores_episodes
+            else check_reward_fields(cfg, report.rows, report, method.reward_source))
+    if cfg.run.eval_before_after and cfg.data.eval and (not env_run or scores_episodes):  # scores every row read
         held = load_rows(cfg.data.eval, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts,
                          SourceOptions.of(cfg.data, "eval"))
         check_reward_fields(cfg, held.rows, held, method.reward_source, on_invalid="error")
     ckpt, record = world.on_main(lambda: resume_checkpoint(cfg)), run_record(cfg)  # verified, config compared
     run_dir, lm, fmt = start_run(cfg)
     policy, tok = lm.model, lm.tokenizer
-    source = None if env_run else reward_source_for(cfg, method.reward_source)
+    source = None if env_run and not scores_episodes else reward_source_for(cfg, method.reward_source)
     rows = source.prepare_rows(rows) if hasattr(source, "prepare_rows") else rows
     if env_run:  # rlmt.envs: a fresh environment per episode, the run's tools, token-in token-out turns
         make_env, renderer, env_stop = env_parts(cfg, tok, fmt)
@@ -232,9 +234,16 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
                                 sample_keys(cfg.run.seed, step, mine, G),
                                 f"round {step + 1} sampling" if rounds_bar and world.is_main else None)
         rep_rows = [step_rows[int(i)].data for i in batch.prompt_index]
-        if env_run:  # GRPO & co. train on the return; PPO and REINFORCE on the last turn's reward + dense ones
+        if scores_episodes:  # the method's own source (GRAPE's rubric) scores each episode's final answer
+            scored = score_checked(source, rep_rows, batch.texts, invalid_as_none=cfg.reward.invalid_as_none)
+            rewards = torch.tensor([float("nan") if s is None or ep.error else s
+                                    for s, ep in zip(scored.scores, episodes.episodes)], device=device)
+            returns, env_dense = rewards, None
+            scored.metrics.update(episodes.metrics())
+        elif env_run:  # GRPO & co. train on the return; PPO and REINFORCE on the last turn's reward + dense ones
             rewards, env_dense = episodes.dense() if method.dense_rewards else (episodes.returns, None)
             returns, scored = episodes.returns, RewardResult([], metrics=episodes.metrics())
+        if env_run:
             failed = [ep.error for ep in episodes.episodes if ep.error]
             if failed and not env_errors_noted:  # counted every step in env/errors; the first one shown once
                 rec.note(f"env: {len(failed)} episode(s) unscored at step {step + 1}; the first: {failed[0]}")
@@ -263,7 +272,7 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
         metrics.update(prompts.observe(idx, step_rewards, G))
         metrics.update({**rollout_metrics(batch, step_rewards, G, cfg.reward.pass_threshold, world),
                         "time/step_s": time.perf_counter() - t_step, **reduce_across(world, scored.metrics)})
-        if env_run:  # over every rank's episodes
+        if env_run and not scores_episodes:  # over every rank's episodes
             ok = torch.isfinite(step_rewards)
             metrics["env/return_mean"] = float(step_rewards[ok].mean()) if ok.any() else float("nan")
         rec.log(step + 1, metrics)
@@ -286,7 +295,7 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
     return run_dir
 
 
-ENV_METHODS = ("grpo", "gspo", "reinforce", "ppo")
+ENV_METHODS = ("grpo", "gspo", "reinforce", "ppo", "grape")
 
 
 def check_environment(cfg: Config, method: OnlineMethod) -> None:
@@ -299,6 +308,8 @@ def check_environment(cfg: Config, method: OnlineMethod) -> None:
         raise ConfigError(f"env.source: multi-turn environments train with {list(ENV_METHODS)}, not {cfg.algorithm!r}")
     if cfg.pg.nll_coef > 0:
         raise ConfigError("pg.nll_coef: demonstrations are not mixed into environment runs (env.source is set)")
+    if method.revises and cfg.grape.revise:
+        raise ConfigError("grape.revise: critique-revise rewrites single responses, not episodes (env.source is set)")
     for key, value in (("env.max_turns", cfg.env.max_turns), ("env.max_total_tokens", cfg.env.max_total_tokens)):
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
@@ -314,7 +325,7 @@ def _evaluate(cfg: Config, lm, fmt, tag: str, run_dir: Path, reward_source: str 
     other ranks wait."""
     with gathered(lm.model):
         if world.is_main:
-            out = (evaluate_env_run(cfg, lm, fmt, tag, run_dir) if cfg.env.source
+            out = (evaluate_env_run(cfg, lm, fmt, tag, run_dir, reward_source) if cfg.env.source
                    else evaluate_run(cfg, lm, fmt, tag, run_dir, reward_source))
             rec.evaluation(tag, {k: out[k] for k in ("pass@1", "reward/mean")},
                            f"pass@1 {out['pass@1']:.3f}  reward/mean {out['reward/mean']:.3f}")
