@@ -229,3 +229,39 @@ def test_episodes_are_keyed_not_batched(lm):
     second = run_episodes(lm.model, lm.tokenizer, renderer, Scripted, rows[1:], [11], SamplingParams(3, 1.0, 1.0, 6),
                           keys[3:], 4, 400, 1)
     assert [ep.ids for ep in both.episodes[3:]] == [ep.ids for ep in second.episodes]
+
+
+def test_single_turn_is_the_trivial_environment(lm):
+    """A reward source as an environment: one turn, done, scored as the source scores the response."""
+    from rlmt.envs import SingleTurn
+    from rlmt.rewards import build_reward_source
+
+    eb, _ = _play(lm, env=lambda: SingleTurn("regex", {"pattern": "[0-9A-Z]"}), max_turns=4)
+    regex = build_reward_source("regex", {"pattern": "[0-9A-Z]"})
+    rows = [{"prompt": "a b"}] * 3 + [{"prompt": "c d e f"}] * 3
+    assert eb.returns.tolist() == regex.score(rows, eb.batch.texts).scores
+    assert all(ep.done and len(ep.turn_ends) == 1 for ep in eb.episodes)
+    assert 0 < float(eb.returns.mean()) < 1  # both outcomes occur, so the comparison means something
+
+
+def test_tools_go_to_a_chat_template_that_reads_them(lm):
+    """A template that renders ``tools`` gets the schemas as ``tools=``; the system message then carries no
+    instructions of rlmt's own. A template without them gets the documented format in the system message."""
+    import copy
+
+    from rlmt.envs import tool_instructions
+    from rlmt.envs.tools import calculator_tool
+
+    schema = calculator_tool().schema
+    tok = copy.deepcopy(lm.tokenizer)
+    tok.chat_template = ("{% if tools %}<tools>{{ tools | tojson }}</tools>\n{% endif %}"
+                         "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    native = Renderer(tok, PromptFormat(), [schema], tool_instructions([schema]))
+    text = tok.decode(native.opening([{"role": "user", "content": "2 * 3?"}]))
+    assert native.native_tools and text.startswith("<tools>") and '"calculator"' in text
+    assert "You can call tools" not in text
+    plain = Renderer(lm.tokenizer, PromptFormat(), [schema], tool_instructions([schema]))
+    text = lm.tokenizer.decode(plain.opening([{"role": "user", "content": "2 * 3?"}]))
+    assert not plain.native_tools and "<tools>" not in text
+    assert "You can call tools" in text and "- calculator(expression: string)" in text

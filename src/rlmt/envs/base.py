@@ -61,11 +61,16 @@ class Environment:
 
 
 class SingleTurn(Environment):
-    """The trivial environment: the row's prompt, one response, scored by a reward source."""
+    """The trivial environment: the row's prompt, one response, scored by a reward source (``source``: a
+    registered name, built with ``args``, or a source object)."""
 
     name = "single_turn"
 
-    def __init__(self, source):
+    def __init__(self, source: Any = "math_answer", args: dict | None = None):
+        if isinstance(source, str):
+            from rlmt.rewards import build_reward_source
+
+            source = build_reward_source(source, args)
         self.source = source
 
     def reset(self, row: dict, seed: int) -> list[dict]:
@@ -82,6 +87,7 @@ class SingleTurn(Environment):
 
 # config name -> (module, class); anything else of the form 'module:Class' is imported as given
 REGISTRY: dict[str, tuple[str, str]] = {
+    "single_turn": ("rlmt.envs.base", "SingleTurn"),
     "tool_arithmetic": ("rlmt.envs.arithmetic", "ToolArithmetic"),
     "guess_number": ("rlmt.envs.guess", "GuessNumber"),
     "debate": ("rlmt.envs.debate", "Debate"),
