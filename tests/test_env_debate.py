@@ -49,7 +49,8 @@ class Prefers:
         return out
 
 
-ROWS = [{"prompt": "Is 7 prime?", "answers": ["yes", "no"]}, {"prompt": "Is 9 prime?", "answers": ["no", "yes"]}]
+ROWS = [{"prompt": "Is 7 prime?", "answers": ["yes", "no"], "answer": "yes"},
+        {"prompt": "Is 9 prime?", "answers": ["no", "yes"], "answer": "no"}]
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def _debate(lm, judge, G=2, rounds=2):
 def test_a_position_biased_judge_gives_both_sides_half(lm):
     judge = Always()
     eb = _debate(lm, judge, G=4)
-    assert eb.returns.tolist() == [0.5] * 8
+    assert eb.returns.tolist() == [0.5] * 8 and eb.metrics()["env/correct_side_wins"] == 0.5
     assert len(judge.requests) == 2 * 4  # 4 matches, each judged in both orders, in one call
     assert all(ep.done and len(ep.turn_ends) == 2 for ep in eb.episodes)
 
@@ -77,6 +78,8 @@ def test_a_consistent_judge_rewards_the_winner_and_the_loser_symmetrically(lm):
     assert eb.returns.tolist() == [1.0, 0.0, 0.0, 1.0]
     final, dense = eb.dense()
     assert final.tolist() == [1.0, 0.0, 0.0, 1.0] and dense.abs().sum() == 0  # given on the last turn
+    # "yes" is the truth of row 0 and a falsehood of row 1: the judge's preference rewards the truth half the time
+    assert eb.metrics()["env/correct_side_wins"] == 0.5
 
 
 def test_each_side_hears_the_opponents_last_argument(lm):

@@ -40,7 +40,8 @@ class Step:
     messages: list[dict] = field(default_factory=list)  # appended after the assistant turn (tool/user/env)
     reward: float | None = None  # this turn's reward (None: none, counted as 0)
     done: bool = False
-    info: dict[str, Any] = field(default_factory=dict)  # counted: tool_calls, tool_errors; kept in the records
+    info: dict[str, Any] = field(default_factory=dict)  # counted: tool_calls, tool_errors; "metrics": {name:
+    # value} figures of the environment's own, logged as env/NAME (the mean over the episodes that report it)
 
 
 class Environment:

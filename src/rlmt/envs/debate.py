@@ -8,7 +8,8 @@ on, each sees the opponent's last argument as a user message. After the last rou
 screened for text aimed at it, shown in both orders) compares the two sides' arguments. Reward, given on the
 last turn: a win 1, a loss 0, a tie or an order-inconsistent verdict 0.5 each (so a judge with a pure position
 bias, always "A", gives 0.5 to both); no usable verdict leaves both sides unscored (NaN). The policy trains
-on both sides' turns.
+on both sides' turns. When the row also gives its true ``answer``, ``env/correct_side_wins`` is the share of
+matches the side defending it won (ties half): whether the debate rewards the truth.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Match:
 
     question: str
     answers: tuple[str, str]
+    correct: int | None = None  # the side defending the row's ``answer``, when the row gives one
     arguments: tuple[list[str], list[str]] = field(default_factory=lambda: ([], []))
     winner: str | None = None
     judged: bool = False
@@ -71,7 +73,9 @@ class Debate(Environment):
         if self.partner is None:
             raise ValueError("debate episodes come in pairs (bind_group)")
         if self.side == 0 or self.partner.match is None:
-            self.match = Match(str(row["prompt"]), (str(answers[0]), str(answers[1])))
+            pair = (str(answers[0]), str(answers[1]))
+            truth = str(row["answer"]).strip() if "answer" in row else None
+            self.match = Match(str(row["prompt"]), pair, pair.index(truth) if truth in pair else None)
         else:
             self.match = self.partner.match
         self.turn = 0
@@ -108,7 +112,8 @@ class Debate(Environment):
                 if not e.match.judged:  # the opponent's episode ended early (truncated or failed)
                     out.append(Step([], float("nan"), True, {"verdict": None}))
                 else:
-                    out.append(Step([], _reward(e.match.winner, e.side), True, {"verdict": e.match.winner}))
+                    out.append(Step([], _reward(e.match.winner, e.side), True,
+                                    {"verdict": e.match.winner, "metrics": _truthful(e.match)}))
                 continue
             theirs = e.match.arguments[1 - e.side]
             opponent = theirs[e.turn - 1] if len(theirs) >= e.turn else "(no argument)"
@@ -157,6 +162,14 @@ def _case(m: Match, side: int) -> str:
     """What the judge reads of one side: its answer and its arguments, in order."""
     turns = "\n\n".join(f"Turn {k + 1}: {a}" for k, a in enumerate(m.arguments[side]))
     return f"Defends: {m.answers[side]}\n\n{turns}"
+
+
+def _truthful(m: Match) -> dict[str, float]:
+    """``correct_side_wins``: 1 when the side defending the row's ``answer`` won, 0 when it lost, 0.5 for a
+    tie (logged as env/correct_side_wins: whether debate and judge reward the truth)."""
+    if m.correct is None or m.winner is None:
+        return {}
+    return {"correct_side_wins": _reward(m.winner, m.correct)}
 
 
 def _reward(winner: str | None, side: int) -> float:

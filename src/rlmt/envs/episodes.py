@@ -52,6 +52,7 @@ class Episode:
     error: str | None = None
     tool_calls: int = 0
     tool_errors: int = 0
+    figures: dict[str, float] = field(default_factory=dict)  # Step.info["metrics"], the latest of each
 
     @property
     def running(self) -> bool:
@@ -108,7 +109,17 @@ class EpisodeBatch:
                 "env/tool_errors": float(sum(e.tool_errors for e in eps)),
                 "env/truncated": float(sum(e.truncated for e in eps)),
                 "env/errors": float(sum(e.error is not None for e in eps)),
-                "env/return_mean": float(r[ok].mean()) if ok.any() else float("nan")}
+                "env/return_mean": float(r[ok].mean()) if ok.any() else float("nan"),
+                **{f"env/{k}": sum(v) / len(v) for k, v in _figures(eps).items()}}
+
+
+def _figures(eps: list[Episode]) -> dict[str, list[float]]:
+    """An environment's own figures (``Step.info["metrics"]``), each over the episodes that report it."""
+    out: dict[str, list[float]] = {}
+    for e in eps:
+        for k, v in e.figures.items():
+            out.setdefault(k, []).append(v)
+    return out
 
 
 def run_episodes(policy, tokenizer, renderer: Renderer, make_env: Callable[[], Environment], rows: Sequence[dict],
@@ -266,6 +277,7 @@ def _reply(ep: Episode, step: Step, toks: list[int], renderer: Renderer, eos: se
     ep.turn_rewards.append(0.0 if step.reward is None else float(step.reward))
     ep.tool_calls += int(step.info.get("tool_calls", 0))
     ep.tool_errors += int(step.info.get("tool_errors", 0))
+    ep.figures.update({str(k): float(v) for k, v in (step.info.get("metrics") or {}).items()})
     ep.transcript += list(step.messages)
     if step.done:
         ep.done = True
