@@ -70,6 +70,8 @@ def _shrink(algorithm: str, prefix: str = "") -> list[str]:
 def _overrides(raw: dict, out: Path) -> list[str]:
     over = ["model.name=tiny-random", f"run.output_dir={out}", "run.progress=false",
             *_shrink(raw.get("algorithm", "eval"))]
+    if (raw.get("env") or {}).get("source") == "debate":  # sides come in pairs; the judge is tiny too
+        over += ["env.args={rounds: 1, judge: {backend: local, model: tiny-random}}", "eval.num_samples=2"]
     for i, stage in enumerate(raw.get("stages", [])):
         over += _shrink(stage["algorithm"], f"stages.{i}.")
         if not str(stage.get("model", {}).get("name", "")).startswith("${"):  # "${sft}" keeps the earlier stage's

@@ -1,7 +1,7 @@
 """``guess_number``: find a secret integer from "higher" / "lower" feedback, in as few turns as possible.
 
-The secret is the row's ``secret`` when it has one, else drawn from [low, high] by the episode's seed (the G
-episodes of a group share it). Each turn the last integer in the reply is the guess; the environment answers
+The secret is the row's ``answer`` (or ``secret``) when it has one, else drawn from [low, high] by the episode's
+seed (the G episodes of a group share it). Each turn the last integer in the reply is the guess; the environment answers
 "higher", "lower" or, with no integer, asks for one. Finding it on turn k (1-based) of at most ``env.max_turns``
 earns ``1 - penalty * (k - 1)`` (at least 0), given on that turn; running out of turns earns 0.
 """
@@ -27,7 +27,8 @@ class GuessNumber(Environment):
         self.low, self.high, self.penalty = int(low), int(high), float(penalty)
 
     def reset(self, row: dict, seed: int) -> list[dict]:
-        self.secret = int(row["secret"]) if "secret" in row else random.Random(seed).randint(self.low, self.high)
+        known = row.get("answer", row.get("secret"))
+        self.secret = int(known) if known is not None else random.Random(seed).randint(self.low, self.high)
         self.turn = 0
         prompt = row.get("prompt") or (f"I am thinking of an integer from {self.low} to {self.high}. Guess it: "
                                        f"reply with one number, and I will say higher or lower.")
