@@ -214,24 +214,8 @@ class LlamaDecoder:
         return self.head(_rms_norm(x_last, *self.norm))
 
     def prefill(self, ids: torch.Tensor, key_mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        B, P = ids.shape
-        eye = torch.eye(P, dtype=torch.bool, device=ids.device)
-        allowed = ((eye.cumsum(0).bool() & key_mask.bool()[:, None, :]) | eye)[:, None]  # (B, 1, P, P) causal
-        rep = self.H // self.KV
-
-        def write(i, k, v):
-            self.k.append(k.new_empty((B, self.KV, self.capacity, self.hd)))
-            self.v.append(v.new_empty((B, self.KV, self.capacity, self.hd)))
-            self.k[i][:, :, :P], self.v[i][:, :, :P] = k, v
-
-        def attend(i, q):
-            k, v = self.k[i][:, :, :P], self.v[i][:, :, :P]
-            return F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
-                                                  attn_mask=allowed)
-
-        x = self._layers(self._embed(ids), pos, attend, write)
-        self.length = P
-        return self._logits(x[:, -1])
+        self.k, self.v, self.length = [], [], 0
+        return self.extend(ids, key_mask, pos)
 
     def step(self, tok: torch.Tensor, key_mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         B = tok.shape[0]
@@ -263,6 +247,9 @@ class LlamaDecoder:
         rep = self.H // self.KV
 
         def write(i, k, v):
+            if len(self.k) <= i:  # the first pass (prefill): this layer's buffers
+                self.k.append(k.new_empty((B, self.KV, self.capacity, self.hd)))
+                self.v.append(v.new_empty((B, self.KV, self.capacity, self.hd)))
             self.k[i][:, :, t:L], self.v[i][:, :, t:L] = k, v
 
         def attend(i, q):
