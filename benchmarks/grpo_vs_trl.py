@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import bf16, extra_overrides, max_grad_norm, peak_rss_mb, side_by_side, trl_step_timer  # noqa: E402
 
 PROMPTS_PER_STEP, SAMPLES, MAX_NEW, LR, BETA = 4, 8, 64, 1e-6, 0.04
-DECODE_FLOOR_TOK_S = 850.0  # DESIGN.md: measured decode floor at batch 32 on these 2-core machines
 
 
 def _rows(n: int = 256) -> list[dict]:
@@ -115,15 +114,17 @@ def main() -> None:
     if "rlmt" in results:
         r = results["rlmt"]
         tok_s = r["rollout_tok_s"]
-        print(f"rlmt rollout: {tok_s:.0f} tok/s = {tok_s / DECODE_FLOOR_TOK_S:.0%} of the ~{DECODE_FLOOR_TOK_S:.0f} "
-              "tok/s float32 decode floor (DESIGN.md; a --bf16 run reads half the weight bytes, so its floor is higher)")
         n_params = 134.5e6
+        kind = "bfloat16" if bf16() else "float32"
+        peak = matmul_peak_gflops(kind)
+        bound = peak * 1e9 / (2 * n_params)  # a decoded token costs ~2N FLOPs: this machine's compute bound
+        print(f"rlmt rollout: {tok_s:.0f} tok/s = {tok_s / bound:.0%} of this machine's {kind} compute bound "
+              f"({bound:.0f} tok/s = measured matmul peak {peak:.0f} GFLOP/s / 2N FLOPs a token; decoding "
+              f"{SAMPLES * PROMPTS_PER_STEP} rows, the products are thinner than the peak's square ones)")
         train_s = statistics.median([s - ro for s, ro in zip(r["step_s"], r["rollout_s"])][1:] or [1.0])
         # training FLOPs per computed token (each prompt once, then its responses: train/packed_tokens):
         # policy forward + backward (6N), the checkpointing recompute (2N; the benchmark default), reference (2N)
         flops = 10 * n_params * statistics.median(r["seq_tokens"])
-        kind = "bfloat16" if bf16() else "float32"
-        peak = matmul_peak_gflops(kind)
         print(f"rlmt training phase: {train_s:.1f} s, ~{flops / train_s / 1e9:.0f} GFLOP/s = "
               f"{flops / train_s / 1e9 / peak:.0%} of measured {kind} matmul peak ({peak:.0f} GFLOP/s)")
         med = {k: statistics.median(r[k][1:] or r[k]) for k in ("rollout_s", "reference_s", "update_s")}
