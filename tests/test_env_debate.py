@@ -108,6 +108,9 @@ def test_debate_needs_pairs_and_a_judge(tmp_path):
             f"run.output_dir={tmp_path / 'run'}", "run.progress=false"]
     with pytest.raises(ConfigError, match="rollout.num_samples: environment 'debate' needs a multiple of 2"):
         train(load_config(None, base + ["rollout.num_samples=3", "env.args={judge: {backend: local}}"]))
+    with pytest.raises(ConfigError, match="env.max_turns: environment 'debate' needs 3 turns, got 2"):
+        train(load_config(None, base + ["rollout.num_samples=2", "env.max_turns=2",
+                                        "env.args={rounds: 3, judge: {backend: local}}"]))
     with pytest.raises(ConfigError, match="needs a judge"):
         train(load_config(None, base + ["rollout.num_samples=2"]))
     with pytest.raises(ConfigError, match=r"judge: \['max_tokens'\] not taken by the local chat backend"):

@@ -186,3 +186,22 @@ def test_grape_scores_episodes_with_its_rubric(tmp_path):
         train(load_config(None, ["algorithm=grape", "model.name=tiny-random",
                                  f"data.train={data}", "env.source=tool_arithmetic", "grape.revise=true",
                                  f"grape.rubric={rubric}", f"run.output_dir={tmp_path / 'r2'}"]))
+
+
+@pytest.mark.parametrize("algorithm", ["reinforce", "ppo"])
+def test_dense_methods_train_on_multi_turn_episodes(tmp_path, algorithm):
+    """guess_number makes episodes of several turns whatever the tiny model writes: the dense path (each turn's
+    reward on its last token) trains on them end to end."""
+    rows = [{"prompt": f"Guess a number from 1 to 3 (game {i}).", "answer": i % 3 + 1} for i in range(4)]
+    data = tmp_path / "guess.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, [f"algorithm={algorithm}", "model.name=tiny-random", f"data.train={data}",
+                             "env.source=guess_number", "env.args={low: 1, high: 3}", "env.max_turns=3",
+                             "env.max_total_tokens=60", "rollout.num_samples=4", "rollout.batch_prompts=2",
+                             "rollout.max_new_tokens=6", "optim.max_steps=2", "optim.batch_size=8",
+                             f"run.output_dir={tmp_path / 'run'}", "run.progress=false"])
+    rows = read_metrics(train(cfg))
+    assert all(r["env/turns_mean"] > 1 and r["tokens"] > 0 for r in rows)
+    assert all(abs(r["rollout/logprob_gap"]) < 1e-4 for r in rows)
+    if algorithm == "ppo":  # the value head trains on every turn's tokens whatever the rewards
+        assert all(r["grad_norm"] > 0 and r["value_loss"] > 0 for r in rows)

@@ -147,3 +147,27 @@ def test_guess_number_rules():
     assert s.done and s.reward == pytest.approx(1 - 0.25 * 3)
     with pytest.raises(ValueError):
         GuessNumber(low=5, high=5)
+
+
+def test_calls_that_cannot_be_read_are_errors_the_model_sees():
+    box = Toolbox([calculator_tool()])
+    for text in ['<tool_call>' + "[" * 100_000 + '</tool_call>',
+                 '<tool_call>{"name": "calculator", "arguments": {"expression": ' + "9" * 5000 + '}}</tool_call>']:
+        (c,) = parse_tool_calls(text)
+        reply, failed = box.call(c)
+        assert failed and reply.startswith("error: the tool call")
+
+
+def test_the_python_tool_needs_a_working_sandbox(monkeypatch):
+    import rlmt.rewards.sandbox as sandbox
+    from rlmt.rewards.sandbox import SandboxUnavailable
+
+    def unavailable(*a, **k):
+        raise SandboxUnavailable("user namespaces", "disabled")
+
+    monkeypatch.setattr(sandbox, "run_sandboxed", unavailable)
+    with pytest.raises(ConfigError, match="env.tools: the python tool needs the code sandbox"):
+        toolbox_for(_cfg(tools=["python"]))
+    box = Toolbox([__import__("rlmt.envs.tools", fromlist=["python_tool"]).python_tool()])
+    with pytest.raises(SandboxUnavailable):  # at run time: the episode fails, not the model
+        box.call(ToolCall("python", {"code": "print(1)"}))

@@ -1,6 +1,6 @@
 """``tool_arithmetic``: arithmetic too long to do reliably in one's head, with tools at hand.
 
-A row is ``{"prompt": "What is 4821 * 37? ...", "answer": 178377}`` (:func:`rlmt.tasks.arithmetic_rows`). The
+A row is ``{"prompt": "What is 482 * 37?", "answer": 17834}`` (:func:`rlmt.tasks.tool_arithmetic_rows`). The
 model may call the run's tools (``env.tools``: ``calculator``, ``python``) any number of turns; a turn without
 a tool call is its final answer, rewarded 1.0 when its last number equals ``answer``
 (:func:`rlmt.rewards.math_answer.answers_match`) and 0.0 otherwise. Running out of turns or tokens first

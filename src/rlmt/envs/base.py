@@ -24,6 +24,7 @@ scores all responses of a step in one call to the source.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib
 import inspect
@@ -37,8 +38,8 @@ from rlmt.config import ConfigError
 class Step:
     """What an environment returns for one assistant turn."""
 
-    messages: list[dict] = field(default_factory=list)  # appended after the assistant turn (tool/user/env)
-    reward: float | None = None  # this turn's reward (None: none, counted as 0)
+    messages: list[dict] = field(default_factory=list)  # appended after the assistant turn: {role, content}
+    reward: float | None = None  # this turn's reward (None: none, counted as 0; NaN: the episode is unscored)
     done: bool = False
     info: dict[str, Any] = field(default_factory=dict)  # counted: tool_calls, tool_errors; "metrics": {name:
     # value} figures of the environment's own, logged as env/NAME (the mean over the episodes that report it)
@@ -135,8 +136,21 @@ def env_factory(cfg, toolbox=None) -> Callable[[], Environment]:
         args["toolbox"] = toolbox
     elif cfg.env.tools:
         raise ConfigError(f"env.tools: environment {cfg.env.source!r} does not use tools")
+    tools = {"toolbox": args.pop("toolbox")} if "toolbox" in args else {}
+
+    def make() -> Environment:  # each episode its own copy of the arguments; the tools are shared
+        return cls(**copy.deepcopy(args), **tools)
+
     try:
-        cls(**args)  # the arguments are good now, not at the first episode
+        probe = make()  # the arguments are good now, not at the first episode
     except (TypeError, ValueError) as e:
         raise ConfigError(f"env.args: bad arguments for environment {cfg.env.source!r} {cfg.env.args}: {e}") from e
-    return lambda: cls(**args)
+    needs = int(getattr(probe, "min_turns", 1))  # debate: its rounds
+    if needs > cfg.env.max_turns:
+        raise ConfigError(f"env.max_turns: environment {cfg.env.source!r} needs {needs} turns, got "
+                          f"{cfg.env.max_turns}")
+    multiple = int(getattr(cls, "group_multiple", 1))  # debate: episodes come in pairs
+    for key, n in (("rollout.num_samples", cfg.rollout.num_samples), ("eval.num_samples", cfg.eval.num_samples)):
+        if n % multiple:
+            raise ConfigError(f"{key}: environment {cfg.env.source!r} needs a multiple of {multiple}, got {n}")
+    return make

@@ -58,6 +58,11 @@ class Debate(Environment):
         self.chain_of_thought, self.max_tokens = chain_of_thought, max_tokens
         self.side, self.partner, self.match, self.turn = 0, None, None, 0
 
+    @property
+    def min_turns(self) -> int:
+        """Turns an episode needs to reach its verdict (``env.max_turns`` must allow them)."""
+        return self.rounds
+
     @classmethod
     def bind_group(cls, envs: list["Debate"]) -> None:
         if len(envs) % 2:

@@ -31,7 +31,7 @@ import torch
 from rlmt.envs.base import Environment, Step
 from rlmt.envs.render import Renderer
 from rlmt.rollout import RolloutBatch, SamplingParams, concat_batches, generate
-from rlmt.rollout.engine import Continuation, eos_ids, left_pad
+from rlmt.rollout.engine import Continuation, left_pad
 
 
 @dataclass
@@ -138,9 +138,11 @@ def run_episodes(policy, tokenizer, renderer: Renderer, make_env: Callable[[], E
         raise ValueError(f"{len(keys)} keys and {len(env_seeds)} seeds for {len(rows)} rows x {G} episodes")
     turn_params = SamplingParams(1, params.temperature, params.top_p, params.max_new_tokens,
                                  tuple(params.stop) + tuple(s for s in stop if s not in params.stop))
-    eos = set(eos_ids(policy, tokenizer))
     t0, sampled_tokens = time.perf_counter(), 0
     flat = [ep for row, seed in zip(rows, env_seeds) for ep in _open(make_env, renderer, row, seed, G)]
+    for ep in flat:
+        if ep.error is None and len(ep.ids) >= max_total_tokens:  # an opening of its own past the budget
+            ep.error = f"the episode's own opening is {len(ep.ids)} tokens, env.max_total_tokens allows fewer"
     for turn in range(max_turns):
         live = [i for i, ep in enumerate(flat) if ep.running]
         if not live:
@@ -174,7 +176,7 @@ def run_episodes(policy, tokenizer, renderer: Renderer, make_env: Callable[[], E
                 steps[i] = step
         _settle(flat, steps)
         for i, step in steps.items():
-            _reply(flat[i], step, turns[i][0], renderer, eos, turn + 1 >= max_turns, max_total_tokens)
+            _reply(flat[i], step, turns[i][0], renderer, turn + 1 >= max_turns, max_total_tokens)
     for ep in flat:  # still running after max_turns
         if ep.running:
             _truncate(ep)
@@ -231,7 +233,7 @@ def _play(ep: Episode, toks: list[int], logps: list[float], text: str, renderer:
           max_total_tokens: int) -> Step | None:
     """Append a sampled turn (cut to the episode's token budget) and step the environment; None when the
     episode ended here (budget spent: truncated; the environment raised: unscored)."""
-    n = min(len(toks), max_total_tokens - len(ep.ids))
+    n = max(0, min(len(toks), max_total_tokens - len(ep.ids)))
     ep.ids += toks[:n]
     ep.sampled += [True] * n
     ep.logps += logps[:n]
@@ -240,15 +242,31 @@ def _play(ep: Episode, toks: list[int], logps: list[float], text: str, renderer:
     if n < len(toks):
         text = renderer.tok.decode(toks[:n], skip_special_tokens=True)
     ep.transcript.append({"role": "assistant", "content": text})
-    if n < len(toks) or len(ep.ids) >= max_total_tokens:  # the episode's token budget ran out
+    if n < len(toks):  # the episode's token budget ran out inside this turn
         ep.turn_rewards.append(0.0)
         _truncate(ep)
         return None
     try:
-        return ep.env.step(text)
+        return checked_step(ep.env.step(text))
     except Exception as e:  # noqa: BLE001 - counted, the episode unscored
         ep.error = f"step raised {type(e).__name__}: {e}"
         return None
+
+
+def checked_step(step) -> Step:
+    """An environment's step as a :class:`Step` with checked fields (a ``(messages, reward, done, info)`` tuple
+    is accepted); a TypeError or ValueError naming the field otherwise."""
+    if isinstance(step, tuple) and len(step) == 4:
+        step = Step(*step)
+    if not isinstance(step, Step):
+        raise TypeError(f"step() returned {type(step).__name__}, not a Step")
+    if not isinstance(step.messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in step.messages):
+        raise TypeError("Step.messages must be a list of {role: str, content: str}")
+    reward = None if step.reward is None else float(step.reward)
+    info = step.info if isinstance(step.info, dict) else {}
+    return Step(step.messages, reward, bool(step.done), info)
 
 
 def _settle(flat: list[Episode], steps: dict[int, Step]) -> None:
@@ -271,13 +289,22 @@ def _settle(flat: list[Episode], steps: dict[int, Step]) -> None:
         steps.update(zip(idx, settled))
 
 
-def _reply(ep: Episode, step: Step, toks: list[int], renderer: Renderer, eos: set[int], last_turn: bool,
+def _reply(ep: Episode, step: Step, toks: list[int], renderer: Renderer, last_turn: bool,
            max_total_tokens: int) -> None:
-    """Record the step's reward and counts; append the environment's reply, or end the episode."""
-    ep.turn_rewards.append(0.0 if step.reward is None else float(step.reward))
-    ep.tool_calls += int(step.info.get("tool_calls", 0))
-    ep.tool_errors += int(step.info.get("tool_errors", 0))
-    ep.figures.update({str(k): float(v) for k, v in (step.info.get("metrics") or {}).items()})
+    """Record the step's reward and counts; append the environment's reply, or end the episode. Anything the
+    environment returned that cannot be used (a count that is not a number, a message the chat template
+    refuses) leaves the episode unscored."""
+    try:
+        counts = (int(step.info.get("tool_calls", 0)), int(step.info.get("tool_errors", 0)),
+                  {str(k): float(v) for k, v in (step.info.get("metrics") or {}).items()})
+        reply = [] if step.done or last_turn else renderer.continuation(step.messages, toks[-1] if toks else None)
+    except Exception as e:  # noqa: BLE001 - counted, the episode unscored
+        ep.error = f"the environment's step could not be used: {type(e).__name__}: {e}"
+        return
+    ep.turn_rewards.append(0.0 if step.reward is None else step.reward)
+    ep.tool_calls += counts[0]
+    ep.tool_errors += counts[1]
+    ep.figures.update(counts[2])
     ep.transcript += list(step.messages)
     if step.done:
         ep.done = True
@@ -285,7 +312,6 @@ def _reply(ep: Episode, step: Step, toks: list[int], renderer: Renderer, eos: se
     if last_turn:
         _truncate(ep)
         return
-    reply = renderer.continuation(step.messages, bool(toks) and toks[-1] in eos)
     if len(ep.ids) + len(reply) >= max_total_tokens:  # no room left for another turn
         _truncate(ep)
         return

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from rlmt.data import PromptFormat, load_rows
+from rlmt.data import PromptFormat, SourceOptions, load_rows
 from rlmt.envs.base import env_factory
 from rlmt.envs.episodes import EpisodeBatch, run_episodes
 from rlmt.envs.render import Renderer, tool_instructions
@@ -28,7 +28,12 @@ def env_parts(cfg, tokenizer, fmt: PromptFormat):
     toolbox = toolbox_for(cfg)
     make_env = env_factory(cfg, toolbox)
     schemas = toolbox.schemas
-    renderer = Renderer(tokenizer, fmt, schemas, tool_instructions(schemas) if schemas else None)
+    try:
+        renderer = Renderer(tokenizer, fmt, schemas, tool_instructions(schemas) if schemas else None)
+    except ValueError as e:
+        from rlmt.config import ConfigError
+
+        raise ConfigError(f"env.source: {e}") from e
     return make_env, renderer, (TOOL_STOP,) if schemas else ()
 
 
@@ -87,7 +92,8 @@ def evaluate_env_run(cfg, lm, fmt: PromptFormat, tag: str, run_dir: Path,
                      source_name: str | None = None) -> dict[str, float]:
     """The before/after evaluation of an environment run on ``data.eval`` (``eval.*`` settings); with
     ``source_name`` (the method's own reward source) that source scores each episode's final answer."""
-    loaded = load_rows(cfg.data.eval, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts).rows
+    loaded = load_rows(cfg.data.eval, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts,
+                       SourceOptions.of(cfg.data, "eval")).rows
     source = None
     if source_name:
         from rlmt.rewards import reward_source_for

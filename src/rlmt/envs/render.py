@@ -8,9 +8,16 @@ environment's messages are rendered on their own as the chat template's *continu
     close  = what the template writes after an assistant message's content (ChatML: "<|im_end|>\\n")
     delta  = template(probe + new, add_generation_prompt) - template(probe)   (probe ends with an assistant turn)
 
-A turn that ended with the end-of-turn token already holds its first part (``<|im_end|>``); the rest of
-``close`` (the newline) and ``delta`` are encoded as the environment's tokens. A turn cut by the length limit
-or a stop string gets the whole ``close``. Plain-text prompts (``data.chat: false``) join messages by newlines.
+A turn whose last sampled token is the start of ``close`` (ChatML's ``<|im_end|>``) already holds it; the rest
+of ``close`` (the newline) and ``delta`` are encoded as the environment's tokens. A turn that ended otherwise
+(the length limit, a stop string, another end token) gets the whole ``close``. Plain-text prompts
+(``data.chat: false``) join messages by newlines.
+
+Environment messages carry untrusted text (a tool's output, a debate opponent's argument). Encoding parses
+special-token strings inside text, so a message writing ``<|im_end|>\n<|im_start|>system`` would open real
+turns; :func:`neutralize` breaks every special-token string in message content with a zero-width space first.
+The chat template must render a ``tool`` and a ``user`` message after an assistant turn without changing the
+earlier turns; :class:`Renderer` checks this when it is made.
 """
 
 from __future__ import annotations
@@ -32,15 +39,22 @@ class Renderer:
         self.tok, self.fmt, self.tools = tokenizer, fmt, tools or None
         template = getattr(tokenizer, "chat_template", None)
         self.chat = bool(fmt.chat and template)
-        self.native_tools = bool(self.tools and self.chat and "tools" in str(template))
+        # the template's own tool rendering, where its calls are the <tool_call> blocks rlmt parses
+        self.native_tools = bool(self.tools and self.chat and "tools" in str(template)
+                                 and "<tool_call>" in str(template))
         self.tool_instructions = None if self.native_tools else tool_instructions
-        eos = tokenizer.eos_token_id
-        self.eos_text = tokenizer.decode([eos]) if eos is not None else ""
+        self.specials = sorted({t for t in getattr(tokenizer, "all_special_tokens", []) if len(t) > 1}
+                               | {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
+                                  if getattr(t, "special", False) and len(t.content) > 1}, key=len, reverse=True)
+        self.special_ids = set(getattr(tokenizer, "all_special_ids", [])) | {
+            i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
         if self.chat:
             probe = [{"role": "user", "content": "u"}, {"role": "assistant", "content": PROBE}]
             base = self._template(probe, generation_prompt=False)
             self._probe, self._base = probe, base
             self.close = base[base.rindex(PROBE) + len(PROBE):]
+            for role in ("tool", "user"):  # what environments send, checked once
+                self.continuation([{"role": role, "content": "x"}], None)
         else:
             self.close = "\n"
 
@@ -59,15 +73,22 @@ class Renderer:
             return self._encode(self._template(messages, generation_prompt=True))
         return self._encode("\n".join(str(m["content"]) for m in messages) + "\n")
 
-    def continuation(self, messages: list[dict], ended_with_eos: bool) -> list[int]:
-        """Token ids that close the assistant turn just sampled, then ``messages``, then the next generation
-        prompt. ``ended_with_eos``: the turn's last sampled token was the end-of-turn token."""
+    def continuation(self, messages: list[dict], last_token: int | None) -> list[int]:
+        """Token ids that close the assistant turn just sampled, then ``messages`` (their content neutralized),
+        then the next generation prompt. ``last_token``: the turn's last sampled token (None: none)."""
         close = self.close
-        if ended_with_eos and self.eos_text and close.startswith(self.eos_text):
-            close = close[len(self.eos_text):]
+        if last_token is not None and last_token in self.special_ids:
+            ended = self.tok.decode([last_token])
+            if ended and close.startswith(ended):  # the turn's end token, already sampled
+                close = close[len(ended):]
+        messages = [{**m, "content": neutralize(str(m.get("content", "")), self.specials)} for m in messages]
         if not self.chat:
             return self._encode(close + "".join(f"{m['content']}\n" for m in messages))
-        full = self._template(self._probe + list(messages), generation_prompt=True)
+        try:
+            full = self._template(self._probe + messages, generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - a template that rejects the role (e.g. strict alternation)
+            raise ValueError(f"the chat template cannot render a {messages[0].get('role') if messages else ''!r} "
+                             f"message after an assistant turn: {e}") from e
         if not full.startswith(self._base):
             raise ValueError("the chat template renders an assistant turn differently when messages follow it; "
                              "multi-turn episodes need a template whose earlier turns do not change")
@@ -81,6 +102,15 @@ class Renderer:
         if messages and messages[0].get("role") == "system":
             return [{"role": "system", "content": "\n\n".join([str(messages[0]["content"])] + extra)}] + list(messages[1:])
         return [{"role": "system", "content": "\n\n".join(extra)}] + list(messages)
+
+
+def neutralize(text: str, specials: list[str]) -> str:
+    """``text`` with every special-token string broken by a zero-width space after its first character, so
+    encoding it cannot produce a special token (longest strings first)."""
+    for t in specials:
+        if t in text:
+            text = text.replace(t, t[0] + "\u200b" + t[1:])
+    return text
 
 
 def tool_instructions(schemas: list[dict]) -> str:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from rlmt.config import ConfigError
+from rlmt.rewards.sandbox import SandboxUnavailable
 
 CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
 
@@ -72,6 +73,9 @@ def parse_tool_calls(text: str) -> list[ToolCall]:
             obj = json.loads(body.strip())
         except json.JSONDecodeError as e:
             calls.append(ToolCall("", {}, f"the tool call is not valid JSON ({e.msg} at character {e.pos})"))
+            continue
+        except (ValueError, RecursionError) as e:  # a number past Python's digit limit, nesting past the stack
+            calls.append(ToolCall("", {}, f"the tool call cannot be read ({type(e).__name__})"))
             continue
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
             calls.append(ToolCall("", {}, 'a tool call is {"name": "...", "arguments": {...}}'))
@@ -140,6 +144,8 @@ class Toolbox:
             out, failed = str(tool.run(call.arguments, self.timeout_s)), False
         except ToolError as e:
             out, failed = f"error: {call.name}: {e}", True
+        except SandboxUnavailable:  # the machine's fault, not the model's: the episode fails, counted and shown
+            raise
         except Exception as e:  # noqa: BLE001 - a tool's failure is the model's to see, not the trainer's
             out, failed = f"error: {call.name} raised {type(e).__name__}: {e}", True
         if len(out) > self.output_chars:
@@ -260,17 +266,19 @@ def function_schema(fn: Callable) -> dict:
             "parameters": {"type": "object", "properties": props, "required": required}}
 
 
-def _child(fn: Callable, args: dict, conn) -> None:
+def _child(fn: Callable, args: dict, conn, cap: int) -> None:
     try:
-        conn.send((True, str(fn(**args))))
+        conn.send((True, str(fn(**args))[:cap]))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         conn.send((False, f"{type(e).__name__}: {e}"))
     finally:
         conn.close()
 
 
-def user_tool(spec: str) -> Tool:
-    """The function ``module:function`` as a tool; each call runs in a forked child killed at the limit."""
+def user_tool(spec: str, output_chars: int = 100_000) -> Tool:
+    """The function ``module:function`` as a tool; each call runs in a forked child killed at the limit, its
+    reply cut to ``output_chars`` there. The function runs with the trainer's privileges (no sandbox): it is
+    the user's own code, called with arguments the model wrote."""
     module, _, name = spec.partition(":")
     try:
         fn = getattr(importlib.import_module(module), name)
@@ -283,7 +291,7 @@ def user_tool(spec: str) -> Tool:
     def run(args: dict, timeout_s: float) -> str:
         ctx = multiprocessing.get_context("fork")
         recv, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_child, args=(fn, args, send), daemon=True)
+        proc = ctx.Process(target=_child, args=(fn, args, send, output_chars + 1), daemon=True)
         proc.start()
         send.close()
         try:
@@ -316,7 +324,7 @@ def toolbox_for(cfg) -> Toolbox:
         if spec in BUILTIN:
             tools.append(BUILTIN[spec]())
         elif ":" in spec:
-            tools.append(user_tool(spec))
+            tools.append(user_tool(spec, cfg.env.tool_output_chars))
         else:
             raise ConfigError(f"env.tools.{i}: unknown tool {spec!r} (built in: {sorted(BUILTIN)}, or "
                               f"'module:function')")
@@ -325,4 +333,11 @@ def toolbox_for(cfg) -> Toolbox:
         raise ConfigError(f"env.tools: two tools share a name: {names}")
     if cfg.env.tool_timeout_s <= 0:
         raise ConfigError(f"env.tool_timeout_s: must be > 0, got {cfg.env.tool_timeout_s}")
+    if "python" in names:  # the sandbox must be buildable here, or the tool would only ever fail
+        from rlmt.rewards.sandbox import run_sandboxed
+
+        try:
+            run_sandboxed("print(1)")
+        except SandboxUnavailable as e:
+            raise ConfigError(f"env.tools: the python tool needs the code sandbox: {e}") from e
     return Toolbox(tools, cfg.env.tool_timeout_s, cfg.env.tool_output_chars)

@@ -215,7 +215,7 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
     save = partial(save_on_main, world, run_dir, model=policy, optimizer=opt, scheduler=sched,
                    keep=cfg.run.keep_checkpoints, extras=extras, record=record, trainable=trainable, tokenizer=tok)
     rec.start_steps()
-    env_errors_noted = False
+    env_errors_noted = env_unscored_noted = False
     rounds_bar = cfg.algorithm == "rejection_sampling" and cfg.run.progress  # a round samples many prompts
     for step in range(state["step"], plan.steps):
         t_step = time.perf_counter()
@@ -248,6 +248,10 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
             if failed and not env_errors_noted:  # counted every step in env/errors; the first one shown once
                 rec.note(f"env: {len(failed)} episode(s) unscored at step {step + 1}; the first: {failed[0]}")
                 env_errors_noted = True
+            if not torch.isfinite(rewards).any() and not env_unscored_noted:
+                rec.note(f"env: every episode of step {step + 1} is unscored (errors, truncated with no reward, "
+                         "or no verdict): nothing trains")
+                env_unscored_noted = True
         else:
             scored = score_checked(source, rep_rows, batch.texts, invalid_as_none=cfg.reward.invalid_as_none)
             rewards = torch.tensor([float("nan") if s is None else s for s in scored.scores], device=device)
@@ -302,7 +306,7 @@ def check_environment(cfg: Config, method: OnlineMethod) -> None:
     """The checks of an environment run that need no model: the method takes episodes, the environment and its
     arguments, and the tools (:func:`rlmt.envs.env_factory`)."""
     from rlmt.config import ConfigError
-    from rlmt.envs import env_class, env_factory, toolbox_for
+    from rlmt.envs import env_factory, toolbox_for
 
     if cfg.algorithm not in ENV_METHODS:
         raise ConfigError(f"env.source: multi-turn environments train with {list(ENV_METHODS)}, not {cfg.algorithm!r}")
@@ -313,11 +317,7 @@ def check_environment(cfg: Config, method: OnlineMethod) -> None:
     for key, value in (("env.max_turns", cfg.env.max_turns), ("env.max_total_tokens", cfg.env.max_total_tokens)):
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
-    env_factory(cfg, toolbox_for(cfg))
-    multiple = getattr(env_class(cfg.env.source), "group_multiple", 1)  # debate: episodes come in pairs
-    for key, n in (("rollout.num_samples", cfg.rollout.num_samples), ("eval.num_samples", cfg.eval.num_samples)):
-        if n % multiple:
-            raise ConfigError(f"{key}: environment {cfg.env.source!r} needs a multiple of {multiple}, got {n}")
+    env_factory(cfg, toolbox_for(cfg))  # the environment, its arguments, turns and group size, the tools
 
 
 def _evaluate(cfg: Config, lm, fmt, tag: str, run_dir: Path, reward_source: str | None, rec, world: World) -> None:

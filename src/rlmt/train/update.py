@@ -60,6 +60,14 @@ def response_logprobs(model, batch: RolloutBatch, groups: Tensor, group_size: in
                                      autocast=autocast)
 
 
+def sampled_token_cap(cfg: Config) -> int:
+    """The most tokens a response samples (``pg.aggregation: constant`` divides by it): ``rollout.max_new_tokens``,
+    or an episode's sampled turns (``env.max_turns`` of them, within ``env.max_total_tokens``)."""
+    if cfg.env.source:
+        return min(cfg.env.max_turns * cfg.rollout.max_new_tokens, cfg.env.max_total_tokens)
+    return cfg.rollout.max_new_tokens
+
+
 def accumulate(ctx: UpdateContext, n_groups: int, group_size: int, mask: Tensor, micro_loss: MicroLoss,
                before_step: Callable[[], dict[str, float]] | None = None, group_offset: int = 0) -> dict[str, float]:
     """``pg.epochs`` x ``pg.minibatches`` optimizer steps over whole prompt groups.
@@ -93,7 +101,7 @@ def accumulate(ctx: UpdateContext, n_groups: int, group_size: int, mask: Tensor,
                 held = (mb_global >= group_offset) & (mb_global < group_offset + n_groups)
                 mb_groups = mb_global[held] - group_offset
             normalizer = loss_normalizer(mask[group_rows(mb_groups, group_size)], pg.aggregation,
-                                         max_len=cfg.rollout.max_new_tokens)
+                                         max_len=sampled_token_cap(cfg))
             normalizer = world.all_reduce(normalizer.to(world.device), "sum").to(normalizer.device)
             finite = True  # a non-finite log-prob or loss loses the whole step: no backward, the guard skips it
             micros = [g for g in mb_groups.split(per_micro) if mask[group_rows(g, group_size)].any()]
