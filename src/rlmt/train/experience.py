@@ -105,6 +105,7 @@ class OnlineMethod:
     steps_optimizer: bool = True  # False: the update takes its own step (TRPO); AdamW's moments stay unallocated
     reward_source: str | None = None  # the method's own reward source (else reward.source)
     revises: bool = False  # may run GRAPE's critique-revise step (grape.revise)
+    episodes: bool = True  # trains on multi-turn episodes (env.source; rlmt.envs)
     plan: Callable[[Config, int], StepPlan] | None = None  # None: rlmt.train.methods.policy_gradient_plan
 
 

@@ -71,8 +71,9 @@ METHODS: dict[str, OnlineMethod] = {
                           revises=True),
     "ppo": OnlineMethod(gae_advantages, policy_gradient_update, clipped_surrogate, critic=make_value_head,
                         dense_rewards=True),
-    "trpo": OnlineMethod(sequence_advantages, trpo_update, steps_optimizer=False),
-    "rejection_sampling": OnlineMethod(kept_responses, sft_on_kept, kl_regularized=False, plan=rejection_plan),
+    "trpo": OnlineMethod(sequence_advantages, trpo_update, steps_optimizer=False, episodes=False),
+    "rejection_sampling": OnlineMethod(kept_responses, sft_on_kept, kl_regularized=False, plan=rejection_plan,
+                                       episodes=False),
 }
 
 

@@ -32,7 +32,7 @@ from rlmt.data import Row, SourceOptions, check_prompt_lengths, encode_prompt, l
 from rlmt.evaluate import evaluate_run
 from rlmt.models import Reference, frozen_reference, save_final
 from rlmt.envs.evaluate import env_parts, env_seed, evaluate_env_run
-from rlmt.envs.episodes import run_episodes
+from rlmt.envs.episodes import EpisodeBatch, run_episodes
 from rlmt.rewards import RewardResult, check_reward_fields, check_reward_source, reward_source_for, score_checked
 from rlmt.parallel import World, check_divisible, shard_groups
 from rlmt.parallel.fsdp import full_state_dict, gathered, shard_layers
@@ -42,7 +42,7 @@ from rlmt.runtime import release_free_heap
 from rlmt.train.dense import dense_rewards_for
 from rlmt.train.experience import Experience, UpdateContext
 from rlmt.train.experience import OnlineMethod
-from rlmt.train.methods import policy_gradient_plan, update_step
+from rlmt.train.methods import METHODS, policy_gradient_plan, update_step
 from rlmt.train.optim import build_optimizer
 from rlmt.train.metrics import reduce_across
 from rlmt.train.session import recorder, resume_checkpoint, run_record, save_on_main, shard_model, start_run
@@ -105,6 +105,52 @@ def reference_logprobs(reference: Reference, batch: RolloutBatch, group_size: in
         out = torch.cat([response_logprobs(ref, batch, g[None], group_size, temperature, reference.autocast)
                          for g in torch.arange(batch.response_ids.shape[0] // group_size)])
     release_free_heap()
+    return out
+
+
+def score_rollout(cfg: Config, method: OnlineMethod, source, rows: list[dict], batch: RolloutBatch,
+                  episodes: EpisodeBatch | None, tokenizer):
+    """A step's rewards: ``(rewards (N,) the update trains on, returns (N,) the metrics and curriculum see,
+    the source's result, dense(mask) -> (N, T) per-token rewards or None)``; NaN where unscored.
+
+    Single responses: the reward source scores them (dense rewards from a dense source's step ends).
+    Episodes: GRPO & co. train on the return; PPO and REINFORCE on the last turn's reward, every earlier turn's
+    on its last token; a method with a source of its own (GRAPE's rubric) scores each episode's final answer."""
+    device = batch.response_ids.device
+    if episodes is None or method.reward_source is not None:
+        result = score_checked(source, rows, batch.texts, invalid_as_none=cfg.reward.invalid_as_none)
+        failed = [ep.error is not None for ep in episodes.episodes] if episodes is not None else [False] * len(rows)
+        rewards = torch.tensor([float("nan") if s is None or bad else s for s, bad in zip(result.scores, failed)],
+                               device=device)
+        if episodes is not None:
+            result.metrics.update(episodes.metrics())
+            return rewards, rewards, result, lambda mask: None
+
+        def dense_of(mask: torch.Tensor) -> torch.Tensor | None:
+            return dense_rewards_for(method.dense_rewards, batch.response_ids, batch.response_mask, tokenizer,
+                                     result.token_rewards, mask)
+
+        return rewards, rewards, result, dense_of
+    rewards, turns = episodes.dense() if method.dense_rewards else (episodes.returns, None)
+
+    def episode_dense(mask: torch.Tensor) -> torch.Tensor | None:
+        return None if turns is None else torch.where(mask, turns, torch.zeros_like(turns))
+
+    metrics = {**episodes.metrics(), "env/return_mean": float("nan")}  # the loop's, over every rank
+    return rewards, episodes.returns, RewardResult([], metrics=metrics), episode_dense
+
+
+def env_notes(episodes: EpisodeBatch, rewards: torch.Tensor, step: int, noted: set[str]) -> list[str]:
+    """Lines for the human, each kind once a run: the first environment error, a step with nothing scored."""
+    out = []
+    failed = [ep.error for ep in episodes.episodes if ep.error]
+    if failed and "error" not in noted:  # counted every step in env/errors
+        out.append(f"env: {len(failed)} episode(s) unscored at step {step + 1}; the first: {failed[0]}")
+        noted.add("error")
+    if not torch.isfinite(rewards).any() and "unscored" not in noted:
+        out.append(f"env: every episode of step {step + 1} is unscored (errors, truncated with no reward, or no "
+                   "verdict): nothing trains")
+        noted.add("unscored")
     return out
 
 
@@ -215,7 +261,7 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
     save = partial(save_on_main, world, run_dir, model=policy, optimizer=opt, scheduler=sched,
                    keep=cfg.run.keep_checkpoints, extras=extras, record=record, trainable=trainable, tokenizer=tok)
     rec.start_steps()
-    env_errors_noted = env_unscored_noted = False
+    noted: set[str] = set()  # the environment notes shown once a run
     rounds_bar = cfg.algorithm == "rejection_sampling" and cfg.run.progress  # a round samples many prompts
     for step in range(state["step"], plan.steps):
         t_step = time.perf_counter()
@@ -234,37 +280,15 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
                                 sample_keys(cfg.run.seed, step, mine, G),
                                 f"round {step + 1} sampling" if rounds_bar and world.is_main else None)
         rep_rows = [step_rows[int(i)].data for i in batch.prompt_index]
-        if scores_episodes:  # the method's own source (GRAPE's rubric) scores each episode's final answer
-            scored = score_checked(source, rep_rows, batch.texts, invalid_as_none=cfg.reward.invalid_as_none)
-            rewards = torch.tensor([float("nan") if s is None or ep.error else s
-                                    for s, ep in zip(scored.scores, episodes.episodes)], device=device)
-            returns, env_dense = rewards, None
-            scored.metrics.update(episodes.metrics())
-        elif env_run:  # GRPO & co. train on the return; PPO and REINFORCE on the last turn's reward + dense ones
-            rewards, env_dense = episodes.dense() if method.dense_rewards else (episodes.returns, None)
-            returns, scored = episodes.returns, RewardResult([], metrics=episodes.metrics())
-        if env_run:
-            failed = [ep.error for ep in episodes.episodes if ep.error]
-            if failed and not env_errors_noted:  # counted every step in env/errors; the first one shown once
-                rec.note(f"env: {len(failed)} episode(s) unscored at step {step + 1}; the first: {failed[0]}")
-                env_errors_noted = True
-            if not torch.isfinite(rewards).any() and not env_unscored_noted:
-                rec.note(f"env: every episode of step {step + 1} is unscored (errors, truncated with no reward, "
-                         "or no verdict): nothing trains")
-                env_unscored_noted = True
-        else:
-            scored = score_checked(source, rep_rows, batch.texts, invalid_as_none=cfg.reward.invalid_as_none)
-            rewards = torch.tensor([float("nan") if s is None else s for s in scored.scores], device=device)
-            returns = rewards
+        rewards, returns, scored, dense_of = score_rollout(cfg, method, source, rep_rows, batch,
+                                                           episodes if env_run else None, tok)
+        for note in env_notes(episodes, rewards, step, noted) if env_run else ():
+            rec.note(note)
         step_rewards = returns if world.size == 1 else torch.cat(world.all_gather_object(returns.cpu())).to(device)
         mask = batch.response_mask & torch.isfinite(rewards)[:, None]
         t_ref = time.perf_counter()
         ref_lp = reference_logprobs(reference, batch, G, train_t) if reference is not None else None
-        if env_run:
-            dense = None if env_dense is None else torch.where(mask, env_dense, torch.zeros_like(env_dense))
-        else:
-            dense = dense_rewards_for(method.dense_rewards, batch.response_ids, batch.response_mask, tok,
-                                      scored.token_rewards, mask)
+        dense = dense_of(mask)
         with gathered(policy):
             revised = (revise_step(ctx, base_demos, tok, fmt, rep_rows, batch, scored, source, params,
                                    (cfg.run.seed, step, mine.start)) if revise else {})
@@ -276,7 +300,7 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
         metrics.update(prompts.observe(idx, step_rewards, G))
         metrics.update({**rollout_metrics(batch, step_rewards, G, cfg.reward.pass_threshold, world),
                         "time/step_s": time.perf_counter() - t_step, **reduce_across(world, scored.metrics)})
-        if env_run and not scores_episodes:  # over every rank's episodes
+        if "env/return_mean" in metrics and not scores_episodes:  # over every rank's episodes
             ok = torch.isfinite(step_rewards)
             metrics["env/return_mean"] = float(step_rewards[ok].mean()) if ok.any() else float("nan")
         rec.log(step + 1, metrics)
@@ -299,17 +323,15 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
     return run_dir
 
 
-ENV_METHODS = ("grpo", "gspo", "reinforce", "ppo", "grape")
-
-
 def check_environment(cfg: Config, method: OnlineMethod) -> None:
     """The checks of an environment run that need no model: the method takes episodes, the environment and its
     arguments, and the tools (:func:`rlmt.envs.env_factory`)."""
     from rlmt.config import ConfigError
     from rlmt.envs import env_factory, toolbox_for
 
-    if cfg.algorithm not in ENV_METHODS:
-        raise ConfigError(f"env.source: multi-turn environments train with {list(ENV_METHODS)}, not {cfg.algorithm!r}")
+    if not method.episodes:
+        takes = [name for name, m in METHODS.items() if m.episodes]
+        raise ConfigError(f"env.source: multi-turn environments train with {takes}, not {cfg.algorithm!r}")
     if cfg.pg.nll_coef > 0:
         raise ConfigError("pg.nll_coef: demonstrations are not mixed into environment runs (env.source is set)")
     if method.revises and cfg.grape.revise:
