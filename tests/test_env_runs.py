@@ -205,3 +205,22 @@ def test_dense_methods_train_on_multi_turn_episodes(tmp_path, algorithm):
     assert all(abs(r["rollout/logprob_gap"]) < 1e-4 for r in rows)
     if algorithm == "ppo":  # the value head trains on every turn's tokens whatever the rewards
         assert all(r["grad_norm"] > 0 and r["value_loss"] > 0 for r in rows)
+
+
+def test_rows_missing_what_the_environment_reads_fail_before_the_model_loads(tmp_path, monkeypatch):
+    import rlmt.train.session as session
+    from rlmt.data import DataError
+
+    monkeypatch.setattr(session, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"prompt": "What is 2 * 3?", "answer": 6}) + "\n"
+                    + json.dumps({"prompt": "What is 4 * 5?"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2.*answer.*environment 'tool_arithmetic'"):
+        over = [o for o in _overrides(tmp_path, "grpo") if not o.startswith(("data.train", "data.eval"))]
+        train(load_config(None, over + [f"data.train={data}"]))
+    debate = tmp_path / "debate.jsonl"
+    debate.write_text(json.dumps({"prompt": "Is 7 prime?", "answers": ["yes"]}) + "\n")
+    with pytest.raises(DataError, match=r"debate.jsonl:1.*answers.*two answers"):
+        train(load_config(None, ["algorithm=grpo", "model.name=tiny-random", f"data.train={debate}",
+                                 "env.source=debate", "env.args={judge: {backend: local}}", "rollout.num_samples=2",
+                                 f"run.output_dir={tmp_path / 'd'}"]))

@@ -165,6 +165,7 @@ def cmd_eval(args) -> int:
 def _eval_env(cfg, path: str) -> int:
     from rlmt.data import SourceOptions, load_rows
     from rlmt.envs import env_factory, toolbox_for
+    from rlmt.envs.base import check_env_fields
     from rlmt.envs.evaluate import evaluate_env, write_episodes
     from rlmt.train.session import start_run
 
@@ -172,7 +173,7 @@ def _eval_env(cfg, path: str) -> int:
     report = load_rows(path, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts,
                        SourceOptions.of(cfg.data, "eval" if cfg.data.eval else "train"))
     report.require(len(report.rows))
-    rows = [r.data for r in report.rows]
+    rows = [r.data for r in check_env_fields(cfg, report.rows, report)]
     _, lm, fmt = start_run(cfg)
     K = cfg.eval.num_samples
     metrics, episodes = evaluate_env(cfg, lm, fmt, rows, K, cfg.eval.temperature, cfg.eval.max_new_tokens,

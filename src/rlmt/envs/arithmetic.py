@@ -38,6 +38,12 @@ class ToolEnvironment(Environment):
 class ToolArithmetic(ToolEnvironment):
     name = "tool_arithmetic"
 
+    @classmethod
+    def required_fields(cls, args: dict) -> dict:
+        from rlmt.rewards.math_answer import gold_answer_problem
+
+        return {"answer": gold_answer_problem}
+
     def reset(self, row: dict, seed: int) -> list[dict]:
         if "answer" not in row:
             raise ValueError("tool_arithmetic rows need an 'answer'")

@@ -117,6 +117,20 @@ def env_class(name: str) -> type:
     return cls
 
 
+def check_env_fields(cfg, rows: list, report, on_invalid: str | None = None) -> list:
+    """``rows`` whose fields the environment reads (its class's ``required_fields(args) -> {field: check}``,
+    as reward sources declare theirs) pass their checks: a bad row is a DataError naming file, line and field
+    before any model loads, or with ``data.on_invalid=skip`` dropped and counted."""
+    from rlmt.data import check_fields
+
+    cls = env_class(cfg.env.source)
+    hook = getattr(cls, "required_fields", None)
+    fields = dict(hook(dict(cfg.env.args))) if hook is not None else {}
+    kept = check_fields(rows, fields, f"environment {cfg.env.source!r}", on_invalid or cfg.data.on_invalid, report)
+    report.require(len(kept))
+    return kept
+
+
 def env_factory(cfg, toolbox=None) -> Callable[[], Environment]:
     """A function building one fresh environment per episode from ``env.source`` and ``env.args``; a class that
     takes ``toolbox`` gets the run's tools (``env.tools``). Arguments are checked against the constructor first

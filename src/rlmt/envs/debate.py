@@ -58,6 +58,15 @@ class Debate(Environment):
         self.chain_of_thought, self.max_tokens = chain_of_thought, max_tokens
         self.side, self.partner, self.match, self.turn = 0, None, None, 0
 
+    @classmethod
+    def required_fields(cls, args: dict) -> dict:
+        def two(value) -> str | None:
+            ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (str, int, float))
+                                                                            for v in value)
+            return None if ok else "must be a list of the two answers the sides defend"
+
+        return {"answers": two}
+
     @property
     def min_turns(self) -> int:
         """Turns an episode needs to reach its verdict (``env.max_turns`` must allow them)."""

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from rlmt.data import PromptFormat, SourceOptions, load_rows
-from rlmt.envs.base import env_factory
+from rlmt.envs.base import check_env_fields, env_factory
 from rlmt.envs.episodes import EpisodeBatch, run_episodes
 from rlmt.envs.render import Renderer, tool_instructions
 from rlmt.envs.tools import toolbox_for
@@ -92,8 +92,9 @@ def evaluate_env_run(cfg, lm, fmt: PromptFormat, tag: str, run_dir: Path,
                      source_name: str | None = None) -> dict[str, float]:
     """The before/after evaluation of an environment run on ``data.eval`` (``eval.*`` settings); with
     ``source_name`` (the method's own reward source) that source scores each episode's final answer."""
-    loaded = load_rows(cfg.data.eval, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts,
-                       SourceOptions.of(cfg.data, "eval")).rows
+    held = load_rows(cfg.data.eval, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts,
+                     SourceOptions.of(cfg.data, "eval"))
+    loaded = check_env_fields(cfg, held.rows, held)
     source = None
     if source_name:
         from rlmt.rewards import reward_source_for

@@ -26,6 +26,10 @@ class GuessNumber(Environment):
             raise ValueError(f"penalty must be in [0, 1], got {penalty}")
         self.low, self.high, self.penalty = int(low), int(high), float(penalty)
 
+    @classmethod
+    def required_fields(cls, args: dict) -> dict:
+        return {}  # the secret is optional: the row's answer, or drawn from the seed
+
     def reset(self, row: dict, seed: int) -> list[dict]:
         known = row.get("answer", row.get("secret"))
         self.secret = int(known) if known is not None else random.Random(seed).randint(self.low, self.high)

@@ -32,6 +32,7 @@ from rlmt.data import Row, SourceOptions, check_prompt_lengths, encode_prompt, l
 from rlmt.evaluate import evaluate_run
 from rlmt.models import Reference, frozen_reference, save_final
 from rlmt.envs.evaluate import env_parts, env_seed, evaluate_env_run
+from rlmt.envs.base import check_env_fields
 from rlmt.envs.episodes import EpisodeBatch, run_episodes
 from rlmt.rewards import RewardResult, check_reward_fields, check_reward_source, reward_source_for, score_checked
 from rlmt.parallel import World, check_divisible, shard_groups
@@ -206,12 +207,16 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
         check_reward_source(cfg, method.reward_source)
     report = load_rows(cfg.data.train, "prompt", cfg.data.on_invalid, cfg.data.limit,
                        SourceOptions.of(cfg.data))
-    rows = (report.rows if env_run and not scores_episodes
-            else check_reward_fields(cfg, report.rows, report, method.reward_source))
-    if cfg.run.eval_before_after and cfg.data.eval and (not env_run or scores_episodes):  # scores every row read
+    rows = report.rows if env_run and not scores_episodes else check_reward_fields(cfg, report.rows, report,
+                                                                                  method.reward_source)
+    rows = check_env_fields(cfg, rows, report) if env_run else rows
+    if cfg.run.eval_before_after and cfg.data.eval:  # evaluation scores every row it reads
         held = load_rows(cfg.data.eval, "prompt", cfg.data.on_invalid, cfg.eval.max_prompts,
                          SourceOptions.of(cfg.data, "eval"))
-        check_reward_fields(cfg, held.rows, held, method.reward_source, on_invalid="error")
+        if not env_run or scores_episodes:
+            check_reward_fields(cfg, held.rows, held, method.reward_source, on_invalid="error")
+        if env_run:
+            check_env_fields(cfg, held.rows, held, on_invalid="error")
     ckpt, record = world.on_main(lambda: resume_checkpoint(cfg)), run_record(cfg)  # verified, config compared
     run_dir, lm, fmt = start_run(cfg)
     policy, tok = lm.model, lm.tokenizer
