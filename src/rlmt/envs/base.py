@@ -64,7 +64,9 @@ class Environment:
 
 class SingleTurn(Environment):
     """The trivial environment: the row's prompt, one response, scored by a reward source (``source``: a
-    registered name, built with ``args``, or a source object)."""
+    registered name, built with ``args``, or a source object). The contract's base case; for training on a
+    reward source, leaving ``env.source`` unset is the same thing done in batch (one scoring call a step, the
+    source's ``prepare_rows`` and field checks, ``reward.invalid_as_none``)."""
 
     name = "single_turn"
 

@@ -23,7 +23,7 @@ tokens in the context they were sampled in.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
@@ -154,7 +154,7 @@ def run_episodes(policy, tokenizer, renderer: Renderer, make_env: Callable[[], E
         for c in range(0, len(shared), batch_prompts):
             chunk = shared[c:c + batch_prompts]
             out = generate(policy, tokenizer, [flat[p * G].opening for p in chunk],
-                           SamplingParams(G, *_rest(turn_params)), None, autocast,
+                           replace(turn_params, num_samples=G), None, autocast,
                            [keys[p * G + g] + (turn,) for p in chunk for g in range(G)])
             _collect(out, [p * G + g for p in chunk for g in range(G)], turns)
         # the rest continue their turns so far: each group's opening prefilled once, each episode's own
@@ -184,10 +184,6 @@ def run_episodes(policy, tokenizer, renderer: Renderer, make_env: Callable[[], E
     return _as_batch(flat, G, tokenizer, next(policy.parameters()).device,
                      {"rollout/seconds": seconds, "rollout/tokens": float(sampled_tokens),
                       "rollout/tokens_per_s": sampled_tokens / max(seconds, 1e-9)})
-
-
-def _rest(p: SamplingParams) -> tuple:
-    return p.temperature, p.top_p, p.max_new_tokens, p.stop
 
 
 def _open(make_env, renderer: Renderer, row: dict, seed: int, G: int) -> list[Episode]:
