@@ -8,9 +8,8 @@ import torch
 
 from rlmt.data import PromptFormat
 from rlmt.envs import Environment, Renderer, Step, run_episodes
-from rlmt.envs import episodes as episodes_mod
 from rlmt.models import load_model
-from rlmt.rollout import SamplingParams, sample_keys
+from rlmt.rollout import SamplingParams, generate, sample_keys
 from rlmt.rollout.logprobs import grouped_response_logprobs, token_logprobs
 
 
@@ -55,22 +54,11 @@ def _runs(mask: list[bool]) -> list[tuple[bool, int, int]]:
     return out
 
 
-def test_trained_tokens_are_the_sampled_tokens_and_the_mask_covers_exactly_the_assistant_turns(lm, monkeypatch):
-    calls = []
-    real = episodes_mod.generate
-
-    def spy(model, tok, prompts, params, gen, autocast, keys, continuation=None):
-        out = real(model, tok, prompts, params, gen, autocast, keys, continuation)
-        for r, key in enumerate(keys):
-            n = int(out.response_lengths[r])
-            context = (prompts[r // params.num_samples] if continuation is None
-                       else prompts[continuation.row_prompt[r]] + continuation.suffix[r])
-            calls.append((key, context, out.response_ids[r, :n].tolist()))
-        return out
-
-    monkeypatch.setattr(episodes_mod, "generate", spy)
+def test_trained_tokens_are_the_sampled_tokens_and_the_mask_covers_exactly_the_assistant_turns(lm):
+    """Each turn's tokens, kept in the batch the update sees, are what the engine samples afresh from the whole
+    context before them (the opening, earlier turns and replies as token ids) with the turn's key: the cache
+    kept across turns changes nothing, and nothing was re-tokenized."""
     eb, renderer = _play(lm)
-    sampled = {key: (context, toks) for key, context, toks in calls}
     b = eb.batch
     for i, ep in enumerate(eb.episodes):
         n = len(ep.ids)
@@ -81,9 +69,9 @@ def test_trained_tokens_are_the_sampled_tokens_and_the_mask_covers_exactly_the_a
         assert len(turns) == 3 and runs[0][0] and runs[-1][0]  # starts and ends with the policy's turns
         key = sample_keys(0, 0, range(2), 3)[i]
         for t, (_, s, e) in enumerate(turns):
-            context, toks = sampled[key + (t,)]
-            assert ids[s:e] == toks  # trained ids == sampled ids
-            assert context == ep.opening + ids[:s]  # sampled in exactly the context the update sees
+            fresh = generate(lm.model, lm.tokenizer, [ep.opening + ids[:s]], SamplingParams(1, 1.0, 1.0, 6), None,
+                             None, [key + (t,)])
+            assert ids[s:e] == fresh.response_ids[0, :int(fresh.response_lengths[0])].tolist()
         for t, (_, s, e) in enumerate(r for r in runs if not r[0]):  # the environment's tokens, rendered alone
             msg = [{"role": "user", "content": f"turn {t + 1} of seed {ep.env.seed}"}]
             assert ids[s:e] == renderer.continuation(msg, ids[s - 1])

@@ -101,21 +101,53 @@ def test_top_p_keeps_smallest_nucleus():
 
 
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16])
-def test_a_continuation_samples_as_the_whole_context_would(autocast):
-    """Rows continuing shared prompts with suffixes of their own (one an empty suffix) draw the same tokens, with
-    the same log-probs, as generating from each whole context; bfloat16 goes through the functional decoder."""
+def test_a_cache_kept_across_turns_samples_as_the_whole_context_would(autocast):
+    """TurnDecoder: rows keep their cache between turns (rows of different openings, one with a block of its
+    own at the first turn, one dropped after it, blocks of different lengths); every turn draws the tokens, with
+    the log-probs, of generating from the whole context so far. bfloat16 goes through the functional decoder."""
     from rlmt.models import load_model
-    from rlmt.rollout.engine import Continuation
+    from rlmt.rollout.turns import TurnDecoder
 
     lm = load_model("tiny-random")
-    prompts = [[5, 6, 7, 8], [9, 10]]
-    rows, suffixes = [0, 0, 1, 1, 0], [[11, 12, 13], [], [14], [15, 16, 17, 18, 19], [20]]
-    keys = [(0, 1, r, k) for k, r in enumerate(rows)]
-    params = SamplingParams(1, 1.0, 1.0, 8)
-    cont = generate(lm.model, lm.tokenizer, prompts, params, None, autocast, keys, Continuation(rows, suffixes))
-    whole = generate(lm.model, lm.tokenizer, [prompts[r] + s for r, s in zip(rows, suffixes)], params, None,
-                     autocast, keys)
-    assert torch.equal(cont.response_ids, whole.response_ids) and cont.texts == whole.texts
-    tol = 1e-5 if autocast is None else 2e-2
-    torch.testing.assert_close(cont.logprobs, whole.logprobs, atol=tol, rtol=0)
-    assert cont.prompt_index.tolist() == rows
+    openings, G = [[5, 6, 7, 8], [9, 10]], 2
+    params = SamplingParams(1, 1.0, 1.0, 6, ("xq",))
+    dec = TurnDecoder(lm.model, lm.tokenizer, params, autocast)
+    context = {r: list(openings[r // G]) for r in range(4)}
+    blocks = {0: [], 1: [11, 12], 2: [], 3: [13]}
+    with dec.session():
+        dec.open(openings, G)
+        for turn, rows in enumerate([[0, 1, 2, 3], [0, 1, 3], [1, 3]]):
+            keys = [(0, 1, r, turn) for r in rows]
+            out = dec.turn(rows, [blocks[r] for r in rows], keys)
+            for r, key, (toks, logps, text) in zip(rows, keys, out):
+                context[r] += blocks[r]
+                whole = generate(lm.model, lm.tokenizer, [context[r]], params, None, autocast, [key])
+                n = int(whole.response_lengths[0])
+                assert toks == whole.response_ids[0, :n].tolist() and text == whole.texts[0]
+                torch.testing.assert_close(torch.tensor(logps), whole.logprobs[0, :n],
+                                           atol=1e-5 if autocast is None else 2e-2, rtol=0)
+                context[r] += toks
+                # the next reply, of a length of its own; in float32 long enough that the cache must grow
+                blocks[r] = [14 + turn] * (r + 1) * (25 if autocast is None else 1)
+    assert autocast is not None or dec.capacity > 4 + 2 * 6 + 64
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_growing_a_decoders_cache_changes_nothing(autocast):
+    """A cache grown mid-sequence gives the logits of one allocated large from the start, bit for bit."""
+    from rlmt.models import load_model
+    from rlmt.rollout.decode import make_decoder
+
+    lm = load_model("tiny-random")
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    mask, pos = torch.ones_like(ids), torch.arange(5)[None]
+    out = []
+    for capacity in (64, 6):
+        dec = make_decoder(lm.model, capacity, autocast)
+        logits = [dec.prefill(ids, mask, pos)]
+        dec.grow(64)
+        for t in range(3):
+            logits.append(dec.step(torch.tensor([10 + t]), torch.ones((1, 6 + t), dtype=torch.long),
+                                   torch.tensor([5 + t])))
+        out.append(torch.stack(logits))
+    assert torch.equal(out[0], out[1])

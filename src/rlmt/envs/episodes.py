@@ -1,10 +1,9 @@
 """Multi-turn rollouts: G episodes per row, played turn by turn in batches, as one :class:`RolloutBatch`.
 
-Turn 0 samples G first turns per row from one prefill of the row's opening (the G episodes share it); later
-turns sample one turn for every episode still running, ``batch_prompts * G`` episodes per engine call, each
-from its whole context so far (the opening, its sampled turns and the environment's replies, as token ids):
-the opening is prefilled once per group and each episode's own tokens are computed on top of its copy of the
-opening's cache (:class:`rlmt.rollout.engine.Continuation`).
+Each ``batch_prompts`` rows' G episodes share a decoder whose cache lives across turns
+(:class:`rlmt.rollout.turns.TurnDecoder`): a row's opening is prefilled once and copied to its G episodes,
+and each later turn computes only the episode's new tokens (the environment's reply) on top of its own
+cache before sampling. Episodes that end drop out between turns.
 Episodes that end drop out. Every sampled token is drawn with the key (seed, step, global prompt index, sample
 index, turn) (:func:`rlmt.rollout.keyed_uniforms`), so an episode does not depend on the batch it shared, the
 rank it ran on or the number of ranks.
@@ -22,16 +21,18 @@ tokens in the context they were sampled in.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
 from rlmt.envs.base import Environment, Step
 from rlmt.envs.render import Renderer
-from rlmt.rollout import RolloutBatch, SamplingParams, concat_batches, generate
-from rlmt.rollout.engine import Continuation, left_pad
+from rlmt.rollout import RolloutBatch, SamplingParams, concat_batches
+from rlmt.rollout.engine import left_pad
+from rlmt.rollout.turns import TurnDecoder
 
 
 @dataclass
@@ -143,40 +144,34 @@ def run_episodes(policy, tokenizer, renderer: Renderer, make_env: Callable[[], E
     for ep in flat:
         if ep.error is None and len(ep.ids) >= max_total_tokens:  # an opening of its own past the budget
             ep.error = f"the episode's own opening is {len(ep.ids)} tokens, env.max_total_tokens allows fewer"
-    for turn in range(max_turns):
-        live = [i for i, ep in enumerate(flat) if ep.running]
-        if not live:
-            break
-        turns: dict[int, tuple[list[int], list[float], str]] = {}
-        # a group whose episodes all still stand at their common opening: one prefill, G samples
-        shared = [p for p in sorted({i // G for i in live})
-                  if all(flat[p * G + g].running and not flat[p * G + g].ids for g in range(G))]
-        for c in range(0, len(shared), batch_prompts):
-            chunk = shared[c:c + batch_prompts]
-            out = generate(policy, tokenizer, [flat[p * G].opening for p in chunk],
-                           replace(turn_params, num_samples=G), None, autocast,
-                           [keys[p * G + g] + (turn,) for p in chunk for g in range(G)])
-            _collect(out, [p * G + g for p in chunk for g in range(G)], turns)
-        # the rest continue their turns so far: each group's opening prefilled once, each episode's own
-        # tokens on top of it (rlmt.rollout.Continuation), instead of prefilling every context whole
-        alone = [i for i in live if i // G not in set(shared)]
-        for c in range(0, len(alone), batch_prompts * G):
-            chunk = alone[c:c + batch_prompts * G]
-            groups = sorted({i // G for i in chunk})
-            out = generate(policy, tokenizer, [flat[p * G].opening for p in groups], turn_params, None, autocast,
-                           [keys[i] + (turn,) for i in chunk],
-                           Continuation([groups.index(i // G) for i in chunk], [flat[i].ids for i in chunk]))
-            _collect(out, chunk, turns)
-        steps = {}
-        for i in live:
-            toks, logps, text = turns[i]
-            sampled_tokens += min(len(toks), max_total_tokens - len(flat[i].ids))
-            step = _play(flat[i], toks, logps, text, renderer, max_total_tokens)
-            if step is not None:
-                steps[i] = step
-        _settle(flat, steps)
-        for i, step in steps.items():
-            _reply(flat[i], step, turns[i][0], renderer, turn + 1 >= max_turns, max_total_tokens)
+    chunks = [list(range(c, min(c + batch_prompts, len(rows)))) for c in range(0, len(rows), batch_prompts)]
+    decoders = [TurnDecoder(policy, tokenizer, turn_params, autocast) for _ in chunks]
+    given = [0] * len(flat)  # how many of an episode's tokens its decoder has been handed
+    with decoders[0].session() if decoders else contextlib.nullcontext():
+        for chunk, dec in zip(chunks, decoders):  # each group's opening prefilled once, its cache copied G times
+            dec.open([flat[p * G].opening for p in chunk], G)
+        for turn in range(max_turns):
+            live = [i for i, ep in enumerate(flat) if ep.running]
+            if not live:
+                break
+            turns: dict[int, tuple[list[int], list[float], str]] = {}
+            for chunk, dec in zip(chunks, decoders):  # each running episode's cache continues with its new tokens
+                first, mine = chunk[0] * G, [i for i in live if chunk[0] <= i // G <= chunk[-1]]
+                if mine:
+                    out = dec.turn([i - first for i in mine], [flat[i].ids[given[i]:] for i in mine],
+                                   [keys[i] + (turn,) for i in mine])
+                    turns.update(zip(mine, out))
+            steps = {}
+            for i in live:
+                toks, logps, text = turns[i]
+                sampled_tokens += max(0, min(len(toks), max_total_tokens - len(flat[i].ids)))
+                step = _play(flat[i], toks, logps, text, renderer, max_total_tokens)
+                given[i] = len(flat[i].ids)
+                if step is not None:
+                    steps[i] = step
+            _settle(flat, steps)
+            for i, step in steps.items():
+                _reply(flat[i], step, turns[i][0], renderer, turn + 1 >= max_turns, max_total_tokens)
     for ep in flat:  # still running after max_turns
         if ep.running:
             _truncate(ep)
@@ -216,13 +211,6 @@ def _open(make_env, renderer: Renderer, row: dict, seed: int, G: int) -> list[Ep
         out.append(Episode(env, prefix, list(rest), [False] * len(rest), [0.0] * len(rest), transcript=transcript,
                            error=error))
     return out
-
-
-def _collect(out: RolloutBatch, which: list[int], turns: dict) -> None:
-    lengths = out.response_lengths.tolist()
-    for row, i in enumerate(which):
-        n = int(lengths[row])
-        turns[i] = (out.response_ids[row, :n].tolist(), out.logprobs[row, :n].tolist(), out.texts[row])
 
 
 def _play(ep: Episode, toks: list[int], logps: list[float], text: str, renderer: Renderer,

@@ -64,6 +64,11 @@ class ModuleDecoder:
     def repeat_interleave(self, g: int) -> None:
         self.cache.batch_repeat_interleave(g)
 
+    def grow(self, capacity: int) -> None:
+        """Room for ``capacity`` cache slots (copies what is cached)."""
+        for layer in self.cache.layers:
+            layer.grow(capacity)
+
     def select(self, rows: torch.Tensor) -> None:
         self.cache.batch_select_indices(rows)
 
@@ -97,6 +102,16 @@ def preallocated_cache(num_layers: int, capacity: int):
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
             self.key_buf, self.value_buf = self.key_buf[indices], self.value_buf[indices]
+            self._views()
+
+        def grow(self, size: int) -> None:
+            if not self.is_initialized or size <= self.key_buf.shape[2]:
+                return
+            B, H, _, hs = self.key_buf.shape
+            k, v = self.key_buf.new_empty((B, H, size, hs)), self.value_buf.new_empty((B, H, size, hs))
+            n = self.length
+            k[:, :, :n], v[:, :, :n] = self.key_buf[:, :, :n], self.value_buf[:, :, :n]
+            self.key_buf, self.value_buf = k, v
             self._views()
 
     return Cache(layers=[PreallocatedLayer() for _ in range(num_layers)])
@@ -260,6 +275,19 @@ class LlamaDecoder:
         x = self._layers(self._embed(ids), pos, attend, write)
         self.length = L
         return self._logits(x[:, -1])
+
+    def grow(self, capacity: int) -> None:
+        """Room for ``capacity`` cache slots (copies what is cached)."""
+        if capacity <= self.capacity:
+            return
+        n = self.length
+
+        def bigger(x: torch.Tensor) -> torch.Tensor:
+            out = x.new_empty((*x.shape[:2], capacity, x.shape[3]))
+            out[:, :, :n] = x[:, :, :n]
+            return out
+
+        self.k, self.v, self.capacity = [bigger(k) for k in self.k], [bigger(v) for v in self.v], capacity
 
     def repeat_interleave(self, g: int) -> None:
         self.k = [k.repeat_interleave(g, 0) for k in self.k]

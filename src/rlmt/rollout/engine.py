@@ -137,47 +137,31 @@ def eos_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-@dataclass(frozen=True)
-class Continuation:
-    """Rows that continue shared prompts: row i continues ``prompts[row_prompt[i]]`` with its own ``suffix[i]``
-    tokens before sampling (a multi-turn episode: the opening once per group, then the episode's turns so
-    far). Each prompt is prefilled once and its cache copied to its rows; the suffixes are then computed in one
-    left-padded block on top. ``num_samples`` is 1: a row is one sample."""
-
-    row_prompt: list[int]
-    suffix: list[list[int]]
-
-
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer, prompts: list[list[int]], params: SamplingParams,
              generator: torch.Generator | None = None, autocast: torch.dtype | None = None,
-             keys: Sequence[tuple[int, ...]] | None = None, continuation: Continuation | None = None) -> RolloutBatch:
+             keys: Sequence[tuple[int, ...]] | None = None) -> RolloutBatch:
     """Sample ``params.num_samples`` responses for each prompt (token ids) in one batched pass. With
     ``autocast`` (``model.autocast``) it samples from a copy of the weights in that dtype (the functional
     decoder's own, :mod:`rlmt.rollout.decode`, or else :func:`rlmt.rollout.precision.sampling_weights`).
 
     ``keys`` (one per sample, prompt-major: :func:`sample_keys`) make each sample's draws a function of its
     key alone (:func:`keyed_uniforms`), whatever else shares the batch; without them the draws come from
-    ``generator`` in row order. ``continuation``: rows that continue the prompts with tokens of their own
-    (:class:`Continuation`)."""
-    n_rows = len(prompts) * params.num_samples if continuation is None else len(continuation.row_prompt)
-    if continuation is not None and (params.num_samples != 1 or len(continuation.suffix) != n_rows):
-        raise ValueError("a continuation samples one response per row, with one suffix per row")
-    if keys is not None and len(keys) != n_rows:
-        raise ValueError(f"{len(keys)} sample keys for {n_rows} rows ({len(prompts)} prompts x {params.num_samples} "
-                         "samples, or a continuation's rows)")
+    ``generator`` in row order."""
+    if keys is not None and len(keys) != len(prompts) * params.num_samples:
+        raise ValueError(f"{len(keys)} sample keys for {len(prompts)} prompts x {params.num_samples} samples")
     if any(type(p).__name__ == "DTensor" for p in model.parameters()):
         autocast = None  # FSDP2-sharded layers (model.parallel=fsdp) are reached through forward only; their
         # mixed-precision policy computes in model.autocast's dtype
     if functional_dtype(model, autocast) is not None:
-        return _generate(model, tokenizer, prompts, params, generator, autocast, keys, continuation)
+        return _generate(model, tokenizer, prompts, params, generator, autocast, keys)
     with sampling_weights(model, autocast):
-        return _generate(model, tokenizer, prompts, params, generator, None, keys, continuation)
+        return _generate(model, tokenizer, prompts, params, generator, None, keys)
 
 
 def _generate(model: torch.nn.Module, tokenizer, prompts: list[list[int]], params: SamplingParams,
               generator: torch.Generator | None, autocast: torch.dtype | None,
-              keys: Sequence[tuple[int, ...]] | None = None, continuation: Continuation | None = None) -> RolloutBatch:
+              keys: Sequence[tuple[int, ...]] | None = None) -> RolloutBatch:
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -188,33 +172,14 @@ def _generate(model: torch.nn.Module, tokenizer, prompts: list[list[int]], param
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     P = prompt_ids.shape[1]
-    S = max((len(x) for x in continuation.suffix), default=0) if continuation is not None else 0
 
-    decoder = make_decoder(model, P + S + T, autocast)  # rlmt.rollout.decode: the model's forward, or a functional Llama decoder
+    decoder = make_decoder(model, P + T, autocast)  # rlmt.rollout.decode: the model's forward, or a functional Llama decoder
     logits = decoder.prefill(prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask))  # (B0, V)
-    if continuation is None:
-        row_prompt = torch.arange(len(prompts), device=device).repeat_interleave(G)
-        if G > 1:
-            decoder.repeat_interleave(G)
-            logits = logits.repeat_interleave(G, 0)
-    else:  # each row gets its prompt's cache, then its own suffix in one left-padded block
-        row_prompt = torch.tensor(continuation.row_prompt, dtype=torch.long, device=device)
-        decoder.select(row_prompt)
-        logits = logits[row_prompt]
-    N = len(row_prompt)
-    full_prompt_mask = prompt_mask[row_prompt]  # (N, P)
-    prompt_ids = prompt_ids[row_prompt]
-    if S:
-        block, block_mask = left_pad([list(x) if x else [pad_id] for x in continuation.suffix], pad_id, S)
-        block, block_mask = block.to(device), block_mask.to(device)
-        has = torch.tensor([len(x) > 0 for x in continuation.suffix], device=device)
-        block_mask[~has] = 0
-        pos = full_prompt_mask.sum(-1, keepdim=True) + (block_mask.cumsum(-1) - 1).clamp(min=0)
-        full_prompt_mask = torch.cat([full_prompt_mask, block_mask], 1)  # (N, P + S)
-        extended = decoder.extend(block, full_prompt_mask, pos)
-        logits = torch.where(has[:, None], extended, logits)  # an empty suffix samples after its prompt
-        prompt_ids = torch.cat([prompt_ids, block], 1)
-        P = P + S
+    if G > 1:
+        decoder.repeat_interleave(G)
+        logits = logits.repeat_interleave(G, 0)
+    N = len(prompts) * G
+    full_prompt_mask = prompt_mask.repeat_interleave(G, 0)  # (N, P)
     # attention mask of the active rows; generated positions are always attended, so it is allocated once
     mask = torch.cat([full_prompt_mask, full_prompt_mask.new_ones((N, T))], dim=1)
     next_pos = full_prompt_mask.sum(-1)  # (N,) position id of the next token
@@ -273,13 +238,13 @@ def _generate(model: torch.nn.Module, tokenizer, prompts: list[list[int]], param
     seconds = time.perf_counter() - t0
     n_tokens = int(lengths.sum())
     return RolloutBatch(
-        input_ids=torch.cat([prompt_ids, tokens], 1),
+        input_ids=torch.cat([prompt_ids.repeat_interleave(G, 0), tokens], 1),
         attention_mask=torch.cat([full_prompt_mask, response_mask.long()], 1),
         prompt_len=P,
         response_ids=tokens,
         response_mask=response_mask,
         logprobs=logps,
-        prompt_index=row_prompt,
+        prompt_index=torch.arange(len(prompts), device=device).repeat_interleave(G),
         texts=texts,
         finished=finished,
         stats={"rollout/seconds": seconds, "rollout/tokens": n_tokens,
