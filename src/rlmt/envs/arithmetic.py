@@ -9,6 +9,8 @@ a tool call is its final answer, rewarded 1.0 when its last number equals ``answ
 
 from __future__ import annotations
 
+import abc
+
 from rlmt.envs.base import Environment, Step
 from rlmt.envs.tools import Toolbox, parse_tool_calls
 
@@ -31,8 +33,9 @@ class ToolEnvironment(Environment):
             replies.append({"role": "tool", "content": out})
         return Step(replies, None, False, {"tool_calls": len(calls), "tool_errors": errors})
 
+    @abc.abstractmethod
     def finish(self, text: str) -> float | None:
-        raise NotImplementedError
+        """The reward of the final answer ``text`` (a turn without a tool call)."""
 
 
 class ToolArithmetic(ToolEnvironment):

@@ -24,6 +24,7 @@ scores all responses of a step in one call to the source.
 
 from __future__ import annotations
 
+import abc
 import copy
 import difflib
 import importlib
@@ -45,16 +46,18 @@ class Step:
     # value} figures of the environment's own, logged as env/NAME (the mean over the episodes that report it)
 
 
-class Environment:
+class Environment(abc.ABC):
     """Base class of environments (see the module docstring). Subclasses implement ``reset`` and ``step``."""
 
     name = "environment"
 
+    @abc.abstractmethod
     def reset(self, row: dict, seed: int) -> list[dict]:
-        raise NotImplementedError
+        """The opening messages of an episode of ``row`` with environment seed ``seed``."""
 
+    @abc.abstractmethod
     def step(self, text: str) -> Step:
-        raise NotImplementedError
+        """The environment's answer to the assistant turn ``text``."""
 
     def truncated(self) -> float | None:
         """The reward added when ``env.max_turns`` or ``env.max_total_tokens`` ended the episode before it was
