@@ -54,8 +54,14 @@ def test_functional_decoder_matches_the_module(lm, bias):
         assert torch.allclose(a, b, atol=1e-10), (a - b).abs().max()
 
 
-def test_which_decoder(lm):
-    assert isinstance(make_decoder(lm.model, 8), ModuleDecoder)  # float32 keeps the module path
+def test_which_decoder(lm, monkeypatch):
+    import rlmt.rollout.decode as decode
+
+    # float32 on a CPU: the functional decoder where oneDNN prepacks float32 weights, else the module's forward
+    assert isinstance(make_decoder(lm.model, 8), LlamaDecoder if decode._packing(torch.float32) else ModuleDecoder)
+    monkeypatch.setattr(decode, "_packing", lambda dtype: False)
+    assert isinstance(make_decoder(lm.model, 8), ModuleDecoder)
+    monkeypatch.undo()
     low = copy.deepcopy(lm.model).to(torch.bfloat16)
     assert isinstance(make_decoder(low, 8), LlamaDecoder)
     windowed = copy.deepcopy(low)
@@ -87,3 +93,25 @@ def test_own_bfloat16_weights_equal_sampling_from_a_bfloat16_model(lm, monkeypat
             ref = _drive(LlamaDecoder(model, 16), prompts)
     for a, b in zip(ref, got):
         assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+def test_prepacked_float32_decoder_matches_the_module(lm):
+    """The float32 rollout's decoder (weights prepacked for oneDNN) gives the module's logits within float32
+    rounding at every step."""
+    import rlmt.rollout.decode as decode
+
+    assert decode._packing(torch.float32)
+    model = copy.deepcopy(lm.model).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # a random model's weights at a trained model's scale, so the logits spread
+        for p in model.parameters():
+            p.mul_(4.0)
+    prompts = [[3, 8, 9, 10, 11, 12], [4, 5], [7, 7, 7, 7]]
+    with torch.no_grad():
+        ref = _drive(ModuleDecoder(model, 16), prompts)
+        got = _drive(LlamaDecoder(model, 16), prompts)
+    for a, b in zip(ref, got):
+        assert a.dtype == b.dtype == torch.float32
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-4), (a - b).abs().max()
+

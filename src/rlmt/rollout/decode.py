@@ -4,18 +4,22 @@ Two implementations of one small interface (``prefill``, ``extend``, ``step``, `
 
 - :class:`ModuleDecoder` calls the model's own ``forward`` with a cache written in place. Any causal LM.
 - :class:`LlamaDecoder`, a functional decoder for the Llama family (Llama, Mistral, Qwen2, SmolLM), used when
-  the rollout samples in bfloat16 or float16: a model that autocasts (:mod:`rlmt.rollout.precision`) or one loaded in
-  that dtype. There a 135M model's decode step is mostly per-op overhead, not arithmetic: at 32 rows its
-  ~210 bfloat16 GEMMs take ~27 ms of a ~80 ms module step. The functional form skips the modules, cache
-  objects and mask building, and folds GQA into the query axis instead of expanding the cache. Measured on
-  SmolLM2-135M in bfloat16 (2-core AMX CPU, median of 4 x 10 steps): 71 vs 84 ms a step at 32 rows, 56 vs
-  64 ms at 12. In float32 the GEMMs dominate and it gained ~3% (2026-12-01), so float32 keeps the module path.
+  the rollout samples in bfloat16 or float16 (a model that autocasts, :mod:`rlmt.rollout.precision`, or one
+  loaded in that dtype), and in float32 on a CPU where oneDNN prepacks float32 weights. In bfloat16 a 135M
+  model's decode step is mostly per-op overhead, not arithmetic: at 32 rows its ~210 bfloat16 GEMMs take
+  ~27 ms of a ~80 ms module step. The functional form skips the modules, cache objects and mask building, and
+  folds GQA into the query axis instead of expanding the cache. Measured on SmolLM2-135M in bfloat16 (2-core
+  AMX CPU, median of 4 x 10 steps): 71 vs 84 ms a step at 32 rows, 56 vs 64 ms at 12.
 
   It holds its own copy of the weights in the sampling dtype, made once per rollout from the model's (the
-  model is not touched). On a CPU with oneDNN the bfloat16 copy is prepacked in oneDNN's blocked layout
-  (:func:`_packing`): an unpacked bfloat16 GEMM re-lays its weight out on every call. Measured per call
-  (SmolLM2-135M shapes, 2-core AMX): 32 rows 157 -> 122 us (576 x 1536), 8 rows 74 -> 37 us, the output
-  layer 4.7 -> 1.7 ms; bit-identical results. Packing costs ~0.3 s a rollout against ~0.12 s for a cast.
+  model is not touched). On a CPU with oneDNN the copy is prepacked in oneDNN's blocked layout
+  (:func:`_packing`): the default GEMM re-lays an unpacked weight out on every call, and at a rollout's few
+  rows that costs more than the product. bfloat16 per call (SmolLM2-135M shapes, 2-core AMX): 32 rows
+  157 -> 122 us (576 x 1536), 8 rows 74 -> 37 us, the output layer 4.7 -> 1.7 ms, bit-identical. float32
+  (2-core AMD EPYC, 2026-12-07): 32 rows 392 -> 276 us (1536 x 576), 8 rows 178 -> 84 us, the output layer
+  (49152 x 576) 23.8 -> 9.7 ms at 32 rows and 16.5 -> 4.4 ms at 8, equal to ``F.linear`` within float32
+  rounding (oneDNN sums in another order); the whole rollout ran 1.69x faster than through the module's
+  forward (``benchmarks/rollout_throughput.py --module-forward``). Packing costs ~0.3 s a rollout.
 
 Same math as transformers' Llama: RMSNorm statistics in float32, the model's own rotary module, SDPA with
 the default 1/sqrt(d) scale. Mask convention: prompts are left padded; ``key_mask`` (B, L) is 1 on real
@@ -132,9 +136,10 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 @functools.cache
 def _packing(dtype: torch.dtype) -> bool:
-    """Whether oneDNN can prepack CPU weights of ``dtype`` for its linear op with results identical to
-    ``F.linear`` (checked once per process on a small product; any failure means no)."""
-    if dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+    """Whether oneDNN can prepack CPU weights of ``dtype`` for its linear op, checked once per process on a
+    small product against ``F.linear`` (any failure means no): bit-identical in bfloat16; in float32 within
+    rounding, since oneDNN's float32 kernels sum in another order than the default GEMM."""
+    if dtype not in (torch.bfloat16, torch.float32) or not torch.backends.mkldnn.is_available():
         return False
     try:
         g = torch.Generator().manual_seed(0)
@@ -142,7 +147,8 @@ def _packing(dtype: torch.dtype) -> bool:
         x = torch.randn(5, 40, generator=g).to(dtype)
         y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 32), None, "none",
                                                [], "")
-        return bool(torch.equal(y, F.linear(x, w)))
+        ref = F.linear(x, w)
+        return bool(torch.equal(y, ref) if dtype == torch.bfloat16 else torch.allclose(y, ref, rtol=1e-5, atol=1e-5))
     except (RuntimeError, AttributeError):
         return False
 
@@ -300,9 +306,17 @@ class LlamaDecoder:
 
 def functional_dtype(model: torch.nn.Module, autocast: torch.dtype | None = None) -> torch.dtype | None:
     """The dtype :class:`LlamaDecoder` samples ``model`` in, or None when the rollout uses the module's forward:
-    bfloat16/float16 (``autocast``, else the weights') for a model it supports."""
-    dtype = autocast or next(model.parameters()).dtype
-    return dtype if dtype in (torch.bfloat16, torch.float16) and LlamaDecoder.supports(model) else None
+    bfloat16/float16 (``autocast``, else the weights') for a model it supports, and float32 on a CPU where
+    oneDNN prepacks float32 weights (:func:`_packing`)."""
+    if not LlamaDecoder.supports(model):
+        return None
+    weight = next(model.parameters())
+    dtype = autocast or weight.dtype
+    if dtype in (torch.bfloat16, torch.float16):
+        return dtype
+    if dtype == torch.float32 and weight.device.type == "cpu" and _packing(torch.float32):
+        return dtype
+    return None
 
 
 def make_decoder(model: torch.nn.Module, capacity: int, autocast: torch.dtype | None = None,
