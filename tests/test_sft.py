@@ -115,3 +115,28 @@ def test_non_finite_gradient_skips_the_step(lm):
     metrics = sft_update(model, mbs, opt, sched, 1.0, "cpu")
     assert metrics["skipped_steps"] == 1.0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_heldout_nll_is_the_per_token_mean_over_all_completions(lm):
+    """SFT's held-out figure against a per-token loop over each example alone, with batches that split the
+    examples unevenly; the model is left in the mode it was in."""
+    import math
+
+    from rlmt.train.sft import heldout_nll
+
+    ex = _examples(5, seed=3)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for e in ex:
+            ids = torch.tensor([e.prompt_ids + e.completion_ids])
+            logp = torch.log_softmax(lm.model(ids).logits.float(), -1)
+            for j, tok in enumerate(e.completion_ids):
+                nll -= float(logp[0, len(e.prompt_ids) + j - 1, tok])
+                count += 1
+    lm.model.train()
+    got = heldout_nll(lm.model, ex, 2, 256, "cpu")
+    assert lm.model.training
+    lm.model.eval()
+    assert got["tokens"] == count
+    assert got["nll"] == pytest.approx(nll / count, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)

@@ -7,10 +7,14 @@ The loss of one optimizer step is the per-token mean over *all* completion token
 Each micro-batch contributes its token sum divided by the step's global N_step, so the accumulated gradient
 does not depend on how the step is split into micro-batches (batch 1 x accum 8 == batch 8 x accum 1).
 ``sft.packing`` packs each micro-batch's examples into rows of ``sft.pack_length`` (block-diagonal attention).
+
+The held-out figure (``data.eval`` with SFT rows) is the same quantity over the held-out completions, with its
+exponential: ``nll = sum -log pi / N_eval``, ``perplexity = exp(nll)``.
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -58,6 +62,28 @@ def sft_update(model: torch.nn.Module, micro_batches: list[TokenBatch], optimize
                           max_grad_norm, "tokens", world)
 
 
+@torch.no_grad()
+def heldout_nll(model: torch.nn.Module, examples: list, batch_size: int, pad_id: int, device,
+                autocast: torch.dtype | None = None) -> dict[str, float]:
+    """{"nll", "perplexity", "tokens"} of ``examples`` (SFT examples): the per-token NLL of their completions,
+    summed over all of them and divided by their completion tokens, in batches of ``batch_size``."""
+    was_training = model.training
+    model.eval()
+    try:
+        total, tokens = 0.0, 0.0
+        for batch in make_micro_batches(examples, batch_size, pad_id):
+            loss, _, n = completion_nll(model, device, batch, 1.0, autocast)  # normalizer 1: the sum
+            total, tokens = total + float(loss), tokens + n
+    finally:
+        model.train(was_training)
+    nll = total / max(tokens, 1.0)
+    return {"nll": nll, "perplexity": math.exp(min(nll, 700.0)), "tokens": tokens}
+
+
+def _evaluate(run: OfflineRun, held: list) -> dict[str, float]:
+    return heldout_nll(run.modules.model, held, run.cfg.optim.batch_size, run.pad_id, run.device, run.lm.autocast)
+
+
 def _tokenize(cfg: Config, tokenizer, fmt, report) -> list:
     return tokenize_sft(report.rows, tokenizer, fmt, cfg.data.max_prompt_tokens, cfg.data.max_completion_tokens,
                         cfg.data.on_invalid, report)
@@ -74,5 +100,6 @@ SFT = OfflineTask(
     collate=_collate,
     normalizer=completion_tokens,
     loss=lambda run, batch, n: completion_nll(run.modules.model, run.device, batch, n, run.lm.autocast),
+    evaluate=_evaluate,
 )
 
