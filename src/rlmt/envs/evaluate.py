@@ -67,7 +67,7 @@ def evaluate_env(cfg, lm, fmt: PromptFormat, rows: Sequence[dict], K: int, tempe
             parts.append(run_episodes(lm.model, lm.tokenizer, renderer, make_env, [rows[p] for p in idx],
                                       [env_seed(seed, -1, p) for p in idx], params,
                                       [(seed, -1, p, g) for p in idx for g in range(K)], cfg.env.max_turns,
-                                      cfg.env.max_total_tokens, n, lm.autocast, stop))
+                                      cfg.env.max_total_tokens, n, lm.autocast, stop, cfg.env.step_workers))
             bar.update(len(idx))
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (lm.tokenizer.eos_token_id or 0)
     eb = EpisodeBatch.concat(parts, pad)

@@ -278,7 +278,8 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
                 episodes = run_episodes(policy, tok, renderer, make_env, [r.data for r in step_rows],
                                         [env_seed(cfg.run.seed, step, j) for j in mine], params,
                                         sample_keys(cfg.run.seed, step, mine, G), cfg.env.max_turns,
-                                        cfg.env.max_total_tokens, cfg.rollout.batch_prompts, lm.autocast, env_stop)
+                                        cfg.env.max_total_tokens, cfg.rollout.batch_prompts, lm.autocast, env_stop,
+                                        cfg.env.step_workers)
                 batch = episodes.batch
             else:
                 batch = rollout(policy, tok, fmt, step_rows, params, None, cfg.rollout.batch_prompts, lm.autocast,
@@ -341,7 +342,8 @@ def check_environment(cfg: Config, method: OnlineMethod) -> None:
         raise ConfigError("pg.nll_coef: demonstrations are not mixed into environment runs (env.source is set)")
     if method.revises and cfg.grape.revise:
         raise ConfigError("grape.revise: critique-revise rewrites single responses, not episodes (env.source is set)")
-    for key, value in (("env.max_turns", cfg.env.max_turns), ("env.max_total_tokens", cfg.env.max_total_tokens)):
+    for key, value in (("env.max_turns", cfg.env.max_turns), ("env.max_total_tokens", cfg.env.max_total_tokens),
+                       ("env.step_workers", cfg.env.step_workers)):
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
     env_factory(cfg, toolbox_for(cfg))  # the environment, its arguments, turns and group size, the tools
