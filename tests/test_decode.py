@@ -115,3 +115,31 @@ def test_prepacked_float32_decoder_matches_the_module(lm):
         assert a.dtype == b.dtype == torch.float32
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-4), (a - b).abs().max()
 
+
+
+def test_decoders_in_a_weights_shared_scope_share_one_copy_while_the_model_is_unchanged(lm):
+    """Inside weights_shared() decoders of an unchanged model share its cast/prepacked weights; an in-place
+    update (what an optimizer step does) makes the next decoder copy again, and it samples from the updated
+    weights exactly as a decoder made outside any scope. Outside, each decoder has its own copy."""
+    from rlmt.rollout import weights_shared
+
+    model = copy.deepcopy(lm.model).eval()
+    prompts = [[3, 8, 9, 10, 11, 12], [4, 5]]
+    with torch.no_grad():
+        with weights_shared():
+            a, b = LlamaDecoder(model, 16, torch.bfloat16), LlamaDecoder(model, 16, torch.bfloat16)
+            assert a.layers is b.layers and a.head is b.head
+            with weights_shared():  # a nested scope is the outer one
+                assert LlamaDecoder(model, 16, torch.bfloat16).layers is a.layers
+            assert LlamaDecoder(model, 16).layers is not a.layers  # another dtype, another copy
+            model.model.layers[1].mlp.up_proj.weight.add_(0.5)
+            c = LlamaDecoder(model, 16, torch.bfloat16)
+            assert c.layers is not a.layers
+            got = _drive(c, prompts)
+        fresh = LlamaDecoder(model, 16, torch.bfloat16)
+        assert fresh.layers is not LlamaDecoder(model, 16, torch.bfloat16).layers
+        ref = _drive(fresh, prompts)
+        stale = _drive(a, prompts)
+    for x, y in zip(got, ref):
+        assert torch.equal(x, y)
+    assert not all(torch.equal(x, y) for x, y in zip(stale, ref))  # the update did change the logits

@@ -31,7 +31,7 @@ import torch
 
 from rlmt.envs.base import Environment, Step
 from rlmt.envs.render import Renderer
-from rlmt.rollout import RolloutBatch, SamplingParams, concat_batches
+from rlmt.rollout import RolloutBatch, SamplingParams, concat_batches, weights_shared
 from rlmt.rollout.engine import left_pad
 from rlmt.rollout.turns import TurnDecoder
 
@@ -124,6 +124,7 @@ def _figures(eps: list[Episode]) -> dict[str, list[float]]:
     return out
 
 
+@weights_shared()  # one copy of the weights for all the batches' decoders
 def run_episodes(policy, tokenizer, renderer: Renderer, make_env: Callable[[], Environment], rows: Sequence[dict],
                  env_seeds: Sequence[int], params: SamplingParams, keys: Sequence[tuple[int, ...]], max_turns: int,
                  max_total_tokens: int, batch_prompts: int, autocast: torch.dtype | None = None,

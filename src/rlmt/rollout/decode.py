@@ -19,7 +19,9 @@ Two implementations of one small interface (``prefill``, ``extend``, ``step``, `
   (2-core AMD EPYC, 2026-12-07): 32 rows 392 -> 276 us (1536 x 576), 8 rows 178 -> 84 us, the output layer
   (49152 x 576) 23.8 -> 9.7 ms at 32 rows and 16.5 -> 4.4 ms at 8, equal to ``F.linear`` within float32
   rounding (oneDNN sums in another order); the whole rollout ran 1.69x faster than through the module's
-  forward (``benchmarks/rollout_throughput.py --module-forward``). Packing costs ~0.3 s a rollout.
+  forward (``benchmarks/rollout_throughput.py --module-forward``). Copying and packing the weights takes
+  ~0.3-1 s for this model, so a rollout or evaluation in several batches makes the copy once
+  (:func:`weights_shared`).
 
 Same math as transformers' Llama: RMSNorm statistics in float32, the model's own rotary module, SDPA with
 the default 1/sqrt(d) scale. Mask convention: prompts are left padded; ``key_mask`` (B, L) is 1 on real
@@ -29,6 +31,7 @@ values never become NaN; real queries never see padded keys.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable
 
@@ -165,9 +168,57 @@ def _linear_of(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dty
     return lambda x: F.linear(x, w, b)
 
 
+_shared: dict | None = None  # while weights_shared() is open: (id(model), dtype) -> (fingerprint, weights)
+
+
+@contextlib.contextmanager
+def weights_shared():
+    """Decoders made inside this scope share one copy of a model's weights (:class:`LlamaDecoder`'s, cast and
+    prepacked) for as long as the model is unchanged: the same storage, no in-place update since. A rollout or
+    an evaluation in several batches copies the weights once, not once a batch; the copy is freed when the
+    outermost scope closes. Nested scopes are the outer one."""
+    global _shared
+    if _shared is not None:
+        yield
+        return
+    _shared = {}
+    try:
+        yield
+    finally:
+        _shared = None
+
+
+def _weights_of(model: torch.nn.Module, dtype: torch.dtype) -> tuple[list, tuple, Callable]:
+    """(per-layer weights, final norm, output layer) of ``model`` in ``dtype``: the shared copy where
+    :func:`weights_shared` holds an unchanged one, else made now."""
+    params = list(model.parameters())
+    fingerprint = tuple((p.data_ptr(), p._version) for p in params)  # an optimizer step bumps _version
+    key = (id(model), dtype)
+    if _shared is not None and key in _shared and _shared[key][0] == fingerprint:
+        return _shared[key][1]
+
+    def lin(m):
+        return _linear_of(m.weight, m.bias, dtype)
+
+    def norm(m):
+        return m.weight.detach().to(dtype), m.variance_epsilon
+
+    layers = []
+    for layer in model.model.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        layers.append((norm(layer.input_layernorm), lin(a.q_proj), lin(a.k_proj), lin(a.v_proj), lin(a.o_proj),
+                       norm(layer.post_attention_layernorm), lin(mlp.gate_proj), lin(mlp.up_proj),
+                       lin(mlp.down_proj)))
+    weights = (layers, norm(model.model.norm), lin(model.get_output_embeddings()))
+    if _shared is not None:
+        _shared[key] = (fingerprint, weights)  # replaces a stale copy of this model
+    return weights
+
+
 class LlamaDecoder:
     """Functional KV-cached decode for the Llama family (see the module doc), in ``dtype`` (default: the
-    model's). It copies the model's weights when made, so make one per rollout."""
+    model's). It copies the model's weights when made (once for all the decoders made inside
+    :func:`weights_shared` while the model is unchanged), so make one per rollout."""
 
     def __init__(self, model: torch.nn.Module, capacity: int, dtype: torch.dtype | None = None):
         cfg = model.config
@@ -175,21 +226,8 @@ class LlamaDecoder:
         self.H, self.KV = cfg.num_attention_heads, cfg.num_key_value_heads
         self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.H
         self.capacity, self.rotary = capacity, model.model.rotary_emb
-
-        def lin(m):
-            return _linear_of(m.weight, m.bias, dtype)
-
-        def norm(m):
-            return m.weight.detach().to(dtype), m.variance_epsilon
-
-        self.layers = []
-        for layer in model.model.layers:
-            a, mlp = layer.self_attn, layer.mlp
-            self.layers.append((norm(layer.input_layernorm), lin(a.q_proj), lin(a.k_proj), lin(a.v_proj),
-                                lin(a.o_proj), norm(layer.post_attention_layernorm), lin(mlp.gate_proj),
-                                lin(mlp.up_proj), lin(mlp.down_proj)))
+        self.layers, self.norm, self.head = _weights_of(model, dtype)
         self.embed = model.model.embed_tokens.weight  # rows looked up, then cast: the rows of a cast table
-        self.norm, self.head = norm(model.model.norm), lin(model.get_output_embeddings())
         self.k: list[torch.Tensor] = []  # per layer (B, KV, capacity, hd)
         self.v: list[torch.Tensor] = []
         self.length = 0

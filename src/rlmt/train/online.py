@@ -37,7 +37,7 @@ from rlmt.envs.episodes import EpisodeBatch, run_episodes
 from rlmt.rewards import RewardResult, check_reward_fields, check_reward_source, reward_source_for, score_checked
 from rlmt.parallel import World, check_divisible, shard_groups
 from rlmt.parallel.fsdp import full_state_dict, gathered, shard_layers
-from rlmt.rollout import RolloutBatch, SamplingParams, concat_batches, generate, sample_keys
+from rlmt.rollout import RolloutBatch, SamplingParams, concat_batches, generate, sample_keys, weights_shared
 from rlmt.records import progress_bar
 from rlmt.runtime import release_free_heap
 from rlmt.train.dense import dense_rewards_for
@@ -89,7 +89,7 @@ def rollout(policy, tokenizer, fmt, rows: list[Row], params: SamplingParams, gen
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     G = params.num_samples
     parts = []
-    with progress_bar(len(prompts), bar or "", "prompt", bar is not None, leave=False) as shown:
+    with progress_bar(len(prompts), bar or "", "prompt", bar is not None, leave=False) as shown, weights_shared():
         for i in range(0, len(prompts), batch_prompts):
             parts.append(generate(policy, tokenizer, prompts[i:i + batch_prompts], params, generator, autocast,
                                   None if keys is None else keys[i * G:(i + batch_prompts) * G]))
