@@ -346,8 +346,8 @@ def functional_dtype(model: torch.nn.Module, autocast: torch.dtype | None = None
     """The dtype :class:`LlamaDecoder` samples ``model`` in, or None when the rollout uses the module's forward:
     bfloat16/float16 (``autocast``, else the weights') for a model it supports, and float32 on a CPU where
     oneDNN prepacks float32 weights (:func:`_packing`)."""
-    if not LlamaDecoder.supports(model):
-        return None
+    if not LlamaDecoder.supports(model) or any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        return None  # FSDP2-sharded layers are reached through their forward only
     weight = next(model.parameters())
     dtype = autocast or weight.dtype
     if dtype in (torch.bfloat16, torch.float16):
