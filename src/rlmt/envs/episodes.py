@@ -166,7 +166,7 @@ def run_episodes(policy, tokenizer, renderer: Renderer, make_env: Callable[[], E
                     out = dec.turn([i - first for i in mine], [flat[i].ids[given[i]:] for i in mine],
                                    [keys[i] + (turn,) for i in mine])
                     turns.update(zip(mine, out))
-            played = []  # (episode, its turn's text) of the episodes whose environment steps now
+            played = []  # (index, the turn's text) of the episodes whose environment steps on it now
             for i in live:
                 toks, logps, text = turns[i]
                 sampled_tokens += max(0, min(len(toks), max_total_tokens - len(flat[i].ids)))
