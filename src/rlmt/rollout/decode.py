@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from rlmt.rollout.logprobs import cache_kwarg
 
@@ -168,34 +170,48 @@ def _linear_of(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dty
     return lambda x: F.linear(x, w, b)
 
 
-_shared: dict | None = None  # while weights_shared() is open: (id(model), dtype) -> (fingerprint, weights)
+_shared: dict | None = None  # while weights_shared() is open: (id(model), dtype) -> (model ref, fingerprint, weights)
 
 
 @contextlib.contextmanager
 def weights_shared():
     """Decoders made inside this scope share one copy of a model's weights (:class:`LlamaDecoder`'s, cast and
-    prepacked) for as long as the model is unchanged: the same storage, no in-place update since. A rollout or
-    an evaluation in several batches copies the weights once, not once a batch; the copy is freed when the
-    outermost scope closes. Nested scopes are the outer one."""
+    prepacked) for as long as the model is unchanged, so a rollout or an evaluation in several batches copies
+    them once, not once a batch. The copy is freed when the outermost scope closes (nested scopes are the outer
+    one), and while it is held it costs the memory of the linear layers once more.
+
+    Unchanged means the same storage, no in-place update since (each parameter's version counter), and no
+    optimizer step since (a step of any ``torch.optim`` optimizer drops every shared copy: fused optimizers
+    leave version counters as they are). A write through ``param.data`` is not seen: do not make one inside
+    a scope."""
     global _shared
     if _shared is not None:
         yield
         return
+    hook = register_optimizer_step_post_hook(lambda *_: _forget())
     _shared = {}
     try:
         yield
     finally:
         _shared = None
+        hook.remove()
+
+
+def _forget() -> None:
+    shared = _shared
+    if shared is not None:
+        shared.clear()
 
 
 def _weights_of(model: torch.nn.Module, dtype: torch.dtype) -> tuple[list, tuple, Callable]:
     """(per-layer weights, final norm, output layer) of ``model`` in ``dtype``: the shared copy where
     :func:`weights_shared` holds an unchanged one, else made now."""
-    params = list(model.parameters())
-    fingerprint = tuple((p.data_ptr(), p._version) for p in params)  # an optimizer step bumps _version
+    shared = _shared  # read once: a scope may close on another thread
+    fingerprint = tuple((p.data_ptr(), p._version) for p in model.parameters())
     key = (id(model), dtype)
-    if _shared is not None and key in _shared and _shared[key][0] == fingerprint:
-        return _shared[key][1]
+    entry = shared.get(key) if shared is not None else None
+    if entry is not None and entry[0]() is model and entry[1] == fingerprint:
+        return entry[2]
 
     def lin(m):
         return _linear_of(m.weight, m.bias, dtype)
@@ -210,8 +226,8 @@ def _weights_of(model: torch.nn.Module, dtype: torch.dtype) -> tuple[list, tuple
                        norm(layer.post_attention_layernorm), lin(mlp.gate_proj), lin(mlp.up_proj),
                        lin(mlp.down_proj)))
     weights = (layers, norm(model.model.norm), lin(model.get_output_embeddings()))
-    if _shared is not None:
-        _shared[key] = (fingerprint, weights)  # replaces a stale copy of this model
+    if shared is not None:
+        shared[key] = (weakref.ref(model), fingerprint, weights)  # replaces a stale copy of this model
     return weights
 
 
