@@ -28,6 +28,8 @@ def make_env(toolbox: Toolbox, hung: set[str]):
     class RunsPython(Environment):
         """One turn: runs a fixed program in the python tool (one that never ends for the rows in ``hung``)."""
 
+        thread_safe = True
+
         def reset(self, row, seed):
             self.row = row["prompt"]
             return [{"role": "user", "content": row["prompt"]}]

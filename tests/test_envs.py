@@ -222,13 +222,15 @@ def test_episodes_of_a_group_may_open_differently(lm):
 
 
 def test_steps_run_at_once_on_workers_and_results_do_not_depend_on_how_many(lm):
-    """With env.step_workers >= the running episodes, every episode's step is in flight at once (a barrier
-    that all 6 must reach before any returns: one after another it breaks, and the episodes are unscored);
-    the episodes are the same with 1 worker or 8."""
+    """With env.step_workers >= the running episodes, every step of a thread_safe environment is in flight at
+    once (a barrier that all 6 must reach before any returns: one after another it breaks, and the episodes
+    are unscored); a class that does not declare thread_safe steps one after another; the episodes are the
+    same with 1 worker or 8."""
     import threading
 
     class Together(Scripted):
         barrier = None
+        thread_safe = True
 
         def step(self, text):
             if self.turn == 0:
@@ -242,8 +244,18 @@ def test_steps_run_at_once_on_workers_and_results_do_not_depend_on_how_many(lm):
     eb, _ = _play(lm, env=Together, workers=1)
     assert torch.isnan(eb.returns).all() and "BrokenBarrierError" in eb.episodes[0].error
 
-    one, _ = _play(lm, workers=1)
-    many, _ = _play(lm, workers=8)
+    class Unsafe(Together):  # a class that does not declare thread_safe: one step after another
+        thread_safe = False
+
+    Together.barrier = threading.Barrier(6)
+    eb, _ = _play(lm, env=Unsafe, workers=8)
+    assert torch.isnan(eb.returns).all() and "BrokenBarrierError" in eb.episodes[0].error
+
+    class Safe(Scripted):
+        thread_safe = True
+
+    one, _ = _play(lm, env=Safe, workers=1)
+    many, _ = _play(lm, env=Safe, workers=8)
     assert [ep.ids for ep in one.episodes] == [ep.ids for ep in many.episodes]
     assert [ep.transcript for ep in one.episodes] == [ep.transcript for ep in many.episodes]
     assert torch.equal(one.returns, many.returns) and torch.equal(one.batch.logprobs, many.batch.logprobs)

@@ -145,9 +145,10 @@ class EnvConfig:
     tool_timeout_s: float = doc(5.0, "wall-clock limit of one tool call; a call past it is killed and reported to "
                                      "the model as an error")
     tool_output_chars: int = doc(2000, "a tool's reply is cut to this many characters before the model sees it")
-    step_workers: int = doc(8, "episodes whose environment steps (tool calls included) at once, on threads; a "
+    step_workers: int = doc(8, "episodes whose environment steps (tool calls included) at once, on threads, for "
+                               "an environment class that declares thread_safe = True (the built-in ones do): a "
                                "hung tool then stalls a turn for tool_timeout_s per step_workers calls, not per "
-                               "call. 1: one after another (an environment class that is not thread-safe)")
+                               "call. 1: one after another")
 
 
 @dataclass(frozen=True)

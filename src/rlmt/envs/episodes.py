@@ -134,8 +134,9 @@ def run_episodes(policy, tokenizer, renderer: Renderer, make_env: Callable[[], E
     ``reset``; ``stop`` strings end a turn besides ``rollout.stop`` (the tool-call closer).
 
     Each turn every running episode samples, then every one steps (``workers`` ``step`` calls at once, on
-    threads: a tool call waits on its own process, so one slow call does not hold the others up; each
-    episode's environment is its own object, so results do not depend on ``workers``), then environments
+    threads, for an environment class that declares ``thread_safe``: a tool call waits on its own process,
+    so one slow call does not hold the others up; each episode's environment is its own object, so results
+    do not depend on ``workers``), then environments
     that couple episodes (a class with a ``settle(envs, steps)`` classmethod, e.g. a debate's two sides)
     settle the turn's steps together, then the replies are appended."""
     G = params.num_samples
@@ -151,8 +152,9 @@ def run_episodes(policy, tokenizer, renderer: Renderer, make_env: Callable[[], E
     chunks = [list(range(c, min(c + batch_prompts, len(rows)))) for c in range(0, len(rows), batch_prompts)]
     decoders = [TurnDecoder(policy, tokenizer, turn_params, autocast) for _ in chunks]
     given = [0] * len(flat)  # how many of an episode's tokens its decoder has been handed
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rlmt-env") if workers > 1 else None
-    with decoders[0].session() if decoders else contextlib.nullcontext(), pool or contextlib.nullcontext():
+    safe = all(getattr(type(ep.env), "thread_safe", False) for ep in flat if ep.env is not None)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rlmt-env") if workers > 1 and safe else None
+    with decoders[0].session() if decoders else contextlib.nullcontext(), _shut_down_after(pool):
         for chunk, dec in zip(chunks, decoders):  # each group's opening prefilled once, its cache copied G times
             dec.open([flat[p * G].opening for p in chunk], G)
         for turn in range(max_turns):
@@ -218,6 +220,19 @@ def _open(make_env, renderer: Renderer, row: dict, seed: int, G: int) -> list[Ep
         out.append(Episode(env, prefix, list(rest), [False] * len(rest), [0.0] * len(rest), transcript=transcript,
                            error=error))
     return out
+
+
+@contextlib.contextmanager
+def _shut_down_after(pool: ThreadPoolExecutor | None):
+    """The pool, shut down at the end; on an interrupt or error the steps not yet started are cancelled."""
+    try:
+        yield
+    except BaseException:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    if pool is not None:
+        pool.shutdown(wait=True)
 
 
 def _append(ep: Episode, toks: list[int], logps: list[float], text: str, renderer: Renderer,
