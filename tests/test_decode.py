@@ -3,6 +3,7 @@ and at every decode step, with left-padded prompts of different lengths, GQA (4 
 attention biases, the cache repeated per sample and rows dropped; and which decoder a model gets."""
 
 import copy
+import platform
 
 import pytest
 import torch
@@ -57,7 +58,10 @@ def test_functional_decoder_matches_the_module(lm, bias):
 def test_which_decoder(lm, monkeypatch):
     import rlmt.rollout.decode as decode
 
-    # float32 on a CPU: the functional decoder where oneDNN prepacks float32 weights, else the module's forward
+    # float32 on a CPU: the functional decoder where oneDNN prepacks float32 weights (every x86-64 build of
+    # torch), else the module's forward
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available():
+        assert decode._packing(torch.float32)
     assert isinstance(make_decoder(lm.model, 8), LlamaDecoder if decode._packing(torch.float32) else ModuleDecoder)
     monkeypatch.setattr(decode, "_packing", lambda dtype: False)
     assert isinstance(make_decoder(lm.model, 8), ModuleDecoder)
@@ -95,13 +99,13 @@ def test_own_bfloat16_weights_equal_sampling_from_a_bfloat16_model(lm, monkeypat
         assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b)
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
 def test_prepacked_float32_decoder_matches_the_module(lm):
     """The float32 rollout's decoder (weights prepacked for oneDNN) gives the module's logits within float32
     rounding at every step."""
     import rlmt.rollout.decode as decode
 
-    assert decode._packing(torch.float32)
+    if not decode._packing(torch.float32):
+        pytest.skip("oneDNN does not prepack float32 weights here (test_which_decoder checks where it must)")
     model = copy.deepcopy(lm.model).eval()
     torch.manual_seed(0)
     with torch.no_grad():  # a random model's weights at a trained model's scale, so the logits spread
@@ -115,3 +119,39 @@ def test_prepacked_float32_decoder_matches_the_module(lm):
         assert a.dtype == b.dtype == torch.float32
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-4), (a - b).abs().max()
 
+
+
+def test_decoders_in_a_weights_shared_scope_share_one_copy_while_the_model_is_unchanged(lm):
+    """Inside weights_shared() decoders of an unchanged model share its cast/prepacked weights; an in-place
+    update (what an optimizer step does) makes the next decoder copy again, and it samples from the updated
+    weights exactly as a decoder made outside any scope. Outside, each decoder has its own copy."""
+    from rlmt.rollout import weights_shared
+
+    model = copy.deepcopy(lm.model).eval()
+    prompts = [[3, 8, 9, 10, 11, 12], [4, 5]]
+    with torch.no_grad():
+        with weights_shared():
+            a, b = LlamaDecoder(model, 16, torch.bfloat16), LlamaDecoder(model, 16, torch.bfloat16)
+            assert a.layers is b.layers and a.head is b.head
+            with weights_shared():  # a nested scope is the outer one
+                assert LlamaDecoder(model, 16, torch.bfloat16).layers is a.layers
+            assert LlamaDecoder(model, 16).layers is not a.layers  # another dtype, another copy
+            model.model.layers[1].mlp.up_proj.weight.add_(0.5)  # an in-place write: its version counter
+            c = LlamaDecoder(model, 16, torch.bfloat16)
+            assert c.layers is not a.layers
+            assert LlamaDecoder(model, 16, torch.bfloat16).layers is c.layers
+            # a fused optimizer step leaves version counters as they are; the step itself drops the copies
+            opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+            with torch.enable_grad():
+                model(torch.tensor([[3, 4, 5]])).logits.sum().backward()
+            opt.step()
+            d = LlamaDecoder(model, 16, torch.bfloat16)
+            assert d.layers is not c.layers
+            got = _drive(d, prompts)
+        fresh = LlamaDecoder(model, 16, torch.bfloat16)
+        assert fresh.layers is not LlamaDecoder(model, 16, torch.bfloat16).layers
+        ref = _drive(fresh, prompts)
+        stale = _drive(c, prompts)
+    for x, y in zip(got, ref):
+        assert torch.equal(x, y)
+    assert not all(torch.equal(x, y) for x, y in zip(stale, ref))  # the step did change the logits

@@ -81,6 +81,7 @@ def test_per_turn_rewards_credit_only_the_turns_before_them():
     (["env.source=tool_arithmetic", "env.tools=[abacus]"], "env.tools.0: unknown tool"),
     (["env.source=tool_arithmetic", "algorithm=trpo"], "env.source: multi-turn environments train with"),
     (["env.source=tool_arithmetic", "env.max_turns=0"], "env.max_turns: must be >= 1"),
+    (["env.source=tool_arithmetic", "env.step_workers=0"], "env.step_workers: must be >= 1"),
     (["env.source=nomodule:Env"], "cannot import"),
 ])
 def test_environment_config_errors_come_before_the_model_loads(tmp_path, monkeypatch, over, message):

@@ -2,6 +2,7 @@
 model sees, user tools with a time limit, the python tool in the sandbox, and the shipped environments' rules."""
 
 import json
+import os
 import time
 
 import pytest
@@ -82,6 +83,25 @@ def test_user_tools_run_with_a_schema_from_the_signature_and_are_killed_at_the_l
     t0 = time.perf_counter()
     reply, failed = box.call(ToolCall("sleepy", {"seconds": 30}))
     assert failed and "no reply within 0.5 s" in reply and time.perf_counter() - t0 < 5
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_a_user_tools_process_holds_no_other_calls_pipes(tmp_path):
+    """Steps run on threads, so a tool's fork copies the pipe ends of calls in flight on other threads; the
+    child closes every inherited pipe but its own reply pipe (held, another call's end would keep that call
+    from seeing its child finish), and keeps other descriptors (a file the user's module opened)."""
+    other_r, other_w = os.pipe()  # another call's pipe, open in the trainer while this one forks
+    kept = open(tmp_path / "file", "w")
+    kept_fd = kept.fileno()
+    try:
+        reply, failed = Toolbox([user_tool("env_tools:open_descriptors")]).call(ToolCall("open_descriptors", {}))
+    finally:
+        os.close(other_r), os.close(other_w)
+        kept.close()
+    assert not failed, reply
+    pipes, others = (part.split(":")[1].split() for part in reply.split(";"))
+    assert str(other_r) not in pipes and str(other_w) not in pipes and len(pipes) == 1  # its reply pipe
+    assert str(kept_fd) in others
 
 
 def test_tool_replies_are_cut_to_the_configured_length():

@@ -36,12 +36,13 @@ class Scripted(Environment):
                     0.25 if self.turn == 1 else None, False)
 
 
-def _play(lm, env=Scripted, rows=None, G=3, max_turns=4, max_total=400, max_new=6, spy=None, seeds=None):
+def _play(lm, env=Scripted, rows=None, G=3, max_turns=4, max_total=400, max_new=6, spy=None, seeds=None,
+          workers=1):
     rows = rows or [{"prompt": "a b"}, {"prompt": "c d e f"}]
     renderer = Renderer(lm.tokenizer, PromptFormat())
     return run_episodes(lm.model, lm.tokenizer, renderer, env, rows, seeds or list(range(10, 10 + len(rows))),
                         SamplingParams(G, 1.0, 1.0, max_new), sample_keys(0, 0, range(len(rows)), G), max_turns,
-                        max_total, 2), renderer
+                        max_total, 2, workers=workers), renderer
 
 
 def _runs(mask: list[bool]) -> list[tuple[bool, int, int]]:
@@ -218,6 +219,46 @@ def test_episodes_of_a_group_may_open_differently(lm):
         packed = grouped_response_logprobs(lm.model, b.input_ids[::2, :b.prompt_len], b.attention_mask[::2, :b.prompt_len],
                                            b.response_ids, b.response_mask, 2)
     torch.testing.assert_close(packed[b.response_mask], b.logprobs[b.response_mask], atol=1e-4, rtol=0)
+
+
+def test_steps_run_at_once_on_workers_and_results_do_not_depend_on_how_many(lm):
+    """With env.step_workers >= the running episodes, every step of a thread_safe environment is in flight at
+    once (a barrier that all 6 must reach before any returns: one after another it breaks, and the episodes
+    are unscored); a class that does not declare thread_safe steps one after another; the episodes are the
+    same with 1 worker or 8."""
+    import threading
+
+    class Together(Scripted):
+        barrier = None
+        thread_safe = True
+
+        def step(self, text):
+            if self.turn == 0:
+                Together.barrier.wait(timeout=1.0)
+            return super().step(text)
+
+    Together.barrier = threading.Barrier(6)
+    eb, _ = _play(lm, env=Together, workers=8)
+    assert eb.metrics()["env/errors"] == 0 and (eb.returns == 1.25).all()
+    Together.barrier = threading.Barrier(6)
+    eb, _ = _play(lm, env=Together, workers=1)
+    assert torch.isnan(eb.returns).all() and "BrokenBarrierError" in eb.episodes[0].error
+
+    class Unsafe(Together):  # a class that does not declare thread_safe: one step after another
+        thread_safe = False
+
+    Together.barrier = threading.Barrier(6)
+    eb, _ = _play(lm, env=Unsafe, workers=8)
+    assert torch.isnan(eb.returns).all() and "BrokenBarrierError" in eb.episodes[0].error
+
+    class Safe(Scripted):
+        thread_safe = True
+
+    one, _ = _play(lm, env=Safe, workers=1)
+    many, _ = _play(lm, env=Safe, workers=8)
+    assert [ep.ids for ep in one.episodes] == [ep.ids for ep in many.episodes]
+    assert [ep.transcript for ep in one.episodes] == [ep.transcript for ep in many.episodes]
+    assert torch.equal(one.returns, many.returns) and torch.equal(one.batch.logprobs, many.batch.logprobs)
 
 
 def test_episodes_are_keyed_not_batched(lm):

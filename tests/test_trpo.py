@@ -93,8 +93,11 @@ def test_accepted_step_keeps_kl_bound_and_improves_surrogate(lm, rollout):
     assert metrics["lr"] == 0.0 and metrics["grad_norm"] > 0
 
 
-def test_fisher_vector_product_is_derivative_of_kl_gradient(lm, rollout):
-    ctx, exp = _setup(lm, rollout, **{"optim.batch_size": 8})
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_fisher_vector_product_is_derivative_of_kl_gradient(lm, rollout, fraction):
+    """F v against a finite difference of the KL gradient; with trpo.fisher_fraction 0.5 the KL is the mean
+    over samples 0 and 2 of each group of 4 only."""
+    ctx, exp = _setup(lm, rollout, **{"optim.batch_size": 8, "trpo.fisher_fraction": fraction})
     ctx.policy.double()
     prob = trpo.TrustRegionProblem(ctx, exp, torch.ones(12, dtype=torch.float64))
     prob.surrogate_gradient()  # records pi_old
@@ -104,9 +107,12 @@ def test_fisher_vector_product_is_derivative_of_kl_gradient(lm, rollout):
     with torch.no_grad():
         old = _independent_logp(ctx.policy, rollout)
 
+    chosen = (torch.arange(12) % 4) % round(1 / fraction) == 0
+    mask = rollout.response_mask * chosen[:, None]
+
     def kl_grad(t):
         trpo.set_flat_params(prob.params, t)
-        kl = _kl(old, _independent_logp(ctx.policy, rollout), rollout.response_mask)
+        kl = _kl(old, _independent_logp(ctx.policy, rollout), mask)
         return torch.cat([g.reshape(-1) for g in torch.autograd.grad(kl, prob.params, materialize_grads=True)])
 
     eps = 1e-4  # float64 model; its RMSNorm still rounds through float32, so agreement is ~1e-4, not 1e-8
@@ -120,13 +126,15 @@ def test_fisher_vector_product_is_derivative_of_kl_gradient(lm, rollout):
 
 def test_conjugate_gradient_solves_spd_system():
     A = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
-    x, residual = trpo.conjugate_gradient(lambda v: A @ v, torch.tensor([1.0, 2.0]), iters=2)
+    x, residual, ax = trpo.conjugate_gradient(lambda v: A @ v, torch.tensor([1.0, 2.0]), iters=2)
+    assert torch.allclose(ax, A @ x)  # F x from the carried residual
     assert torch.allclose(x, torch.tensor([1 / 11, 7 / 11]))  # (4*1 + 7) / 11 = 1, (1 + 21) / 11 = 2
     assert residual < 1e-5
     # one iteration is steepest descent: alpha = b.b / b.Ab = 5 / 20, x = b / 4, r = b - A b / 4 = (-1/2, 1/4)
-    x1, r1 = trpo.conjugate_gradient(lambda v: A @ v, torch.tensor([1.0, 2.0]), iters=1)
+    x1, r1, ax1 = trpo.conjugate_gradient(lambda v: A @ v, torch.tensor([1.0, 2.0]), iters=1)
     assert torch.allclose(x1, torch.tensor([0.25, 0.5])) and r1 == pytest.approx(0.3125 ** 0.5)
-    x_nan, _ = trpo.conjugate_gradient(lambda v: v * float("nan"), torch.tensor([1.0, 2.0]), iters=2)
+    assert torch.allclose(ax1, A @ x1)
+    x_nan, _, _ = trpo.conjugate_gradient(lambda v: v * float("nan"), torch.tensor([1.0, 2.0]), iters=2)
     assert torch.isnan(x_nan).all()
 
 

@@ -194,7 +194,7 @@ def cmd_generate(args) -> int:
     from rlmt.config import ConfigError
     from rlmt.data import SourceOptions, encode_prompt, load_rows
     from rlmt.records import progress_bar
-    from rlmt.rollout import SamplingParams, generate
+    from rlmt.rollout import SamplingParams, generate, weights_shared
     from rlmt.train.session import start_run
 
     cfg = _load(args)
@@ -211,7 +211,7 @@ def cmd_generate(args) -> int:
                             cfg.rollout.max_new_tokens, tuple(cfg.rollout.stop))
     gen = torch.Generator(device=next(lm.model.parameters()).device).manual_seed(cfg.run.seed)
     out = open(args.output, "w") if args.output else sys.stdout
-    with progress_bar(len(prompts), "generate", "prompt", cfg.run.progress) as bar:
+    with progress_bar(len(prompts), "generate", "prompt", cfg.run.progress) as bar, weights_shared():
         for start in range(0, len(prompts), cfg.rollout.batch_prompts):
             chunk = prompts[start:start + cfg.rollout.batch_prompts]
             batch = generate(lm.model, lm.tokenizer, [encode_prompt(lm.tokenizer, fmt, p["prompt"]) for p in chunk],

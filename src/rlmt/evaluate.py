@@ -13,7 +13,7 @@ import torch
 from rlmt.data import PromptFormat, Row, SourceOptions, encode_prompt, load_rows
 from rlmt.records import progress_bar, write_atomic
 from rlmt.rewards import RewardSource, reward_source_for, score_checked
-from rlmt.rollout import RolloutBatch, SamplingParams, generate
+from rlmt.rollout import RolloutBatch, SamplingParams, generate, weights_shared
 
 
 @dataclass
@@ -30,6 +30,7 @@ class ScoredSamples:
     stats: dict[str, float]
 
 
+@weights_shared()  # the decoder's copy of the weights made once for all the batches
 def sample_and_score(model, tokenizer, fmt: PromptFormat, rows: Sequence[Row], source: RewardSource,
                      params: SamplingParams, generator: torch.Generator, batch_prompts: int,
                      invalid_as_none: bool = False, progress=None, autocast=None) -> ScoredSamples:

@@ -346,17 +346,18 @@ def sample_responses(policy: str, prompts: Sequence[str | list], num_samples: in
 
     from rlmt.data import PromptFormat, encode_prompt
     from rlmt.models import load_model
-    from rlmt.rollout import SamplingParams, generate
+    from rlmt.rollout import SamplingParams, generate, weights_shared
 
     lm = load_model(policy, seed=seed)
     params = SamplingParams(num_samples, temperature, 1.0, max_new_tokens)
     gen = torch.Generator().manual_seed(seed)
     out: list[list[str]] = []
-    for start in range(0, len(prompts), batch_prompts):
-        chunk = prompts[start:start + batch_prompts]
-        batch = generate(lm.model, lm.tokenizer, [encode_prompt(lm.tokenizer, PromptFormat(), p) for p in chunk],
-                         params, gen)
-        out += [batch.texts[k * num_samples:(k + 1) * num_samples] for k in range(len(chunk))]
+    with weights_shared():
+        for start in range(0, len(prompts), batch_prompts):
+            chunk = prompts[start:start + batch_prompts]
+            batch = generate(lm.model, lm.tokenizer, [encode_prompt(lm.tokenizer, PromptFormat(), p) for p in chunk],
+                             params, gen)
+            out += [batch.texts[k * num_samples:(k + 1) * num_samples] for k in range(len(chunk))]
     return out
 
 

@@ -88,7 +88,14 @@ class LocalChat:
             return out
 
     def _generate_all(self, requests: list[ChatRequest]) -> list[tuple[ChatReply, bool]]:
-        """Group by (temperature, max_tokens), generate in batches of ``max_batch``, restore the order."""
+        """Group by (temperature, max_tokens), generate in batches of ``max_batch``, restore the order; one copy
+        of the decoder's weights for all the batches (:func:`rlmt.rollout.weights_shared`)."""
+        from rlmt.rollout import weights_shared
+
+        with weights_shared():
+            return self._generate_groups(requests)
+
+    def _generate_groups(self, requests: list[ChatRequest]) -> list[tuple[ChatReply, bool]]:
         results: list[tuple[ChatReply, bool] | None] = [None] * len(requests)
         groups: dict[tuple[float, int], list[int]] = {}
         for i, r in enumerate(requests):

@@ -269,6 +269,7 @@ def validate(cfg: Config, where: str = "") -> None:
     need(0 < cfg.trpo.backtrack_ratio < 1, "trpo.backtrack_ratio", "must be in (0, 1)")
     need(cfg.trpo.cg_iters >= 1, "trpo.cg_iters", "must be >= 1")
     need(cfg.trpo.cg_damping >= 0, "trpo.cg_damping", "must be >= 0")
+    need(0 < cfg.trpo.fisher_fraction <= 1, "trpo.fisher_fraction", "must be in (0, 1]")
     need(cfg.trpo.backtrack_steps >= 0, "trpo.backtrack_steps", "must be >= 0")
     need(cfg.dpo.beta > 0, "dpo.beta", "must be > 0")
     need(0 <= cfg.dpo.label_smoothing < 0.5, "dpo.label_smoothing", "must be in [0, 0.5)")

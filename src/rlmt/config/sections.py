@@ -145,6 +145,10 @@ class EnvConfig:
     tool_timeout_s: float = doc(5.0, "wall-clock limit of one tool call; a call past it is killed and reported to "
                                      "the model as an error")
     tool_output_chars: int = doc(2000, "a tool's reply is cut to this many characters before the model sees it")
+    step_workers: int = doc(8, "episodes whose environment steps (tool calls included) at once, on threads, for "
+                               "an environment class that declares thread_safe = True (the built-in ones do): a "
+                               "hung tool then stalls a turn for tool_timeout_s per step_workers calls, not per "
+                               "call. 1: one after another")
 
 
 @dataclass(frozen=True)
@@ -200,6 +204,11 @@ class TRPOConfig:
     max_kl: float = doc(0.01, "delta: the trust region, mean KL(pi_old || pi) over response tokens")
     cg_iters: int = doc(10, "conjugate-gradient iterations for F^-1 g")
     cg_damping: float = doc(0.1, "damping added to the Fisher-vector product (F + damping * I)")
+    fisher_fraction: float = doc(1.0, "share of each group's samples whose KL the Fisher-vector products use: "
+                                      "samples g with g % k == 0, k = round(1 / fisher_fraction) (at most the "
+                                      "group size); 1: all. Each product costs a forward and a double backward "
+                                      "over those sequences, so 0.25 makes conjugate gradient ~4x cheaper "
+                                      "(the original TRPO's subsampled Fisher)")
     backtrack_steps: int = doc(10, "line-search trials (fractions ratio^0 .. ratio^(n-1)) before the step is rejected")
     backtrack_ratio: float = doc(0.5, "step shrink factor per line-search iteration")
 

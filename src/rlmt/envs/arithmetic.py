@@ -40,6 +40,7 @@ class ToolEnvironment(Environment):
 
 class ToolArithmetic(ToolEnvironment):
     name = "tool_arithmetic"
+    thread_safe = True
 
     @classmethod
     def required_fields(cls, args: dict) -> dict:

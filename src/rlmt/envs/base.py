@@ -50,6 +50,10 @@ class Environment(abc.ABC):
     """Base class of environments (see the module docstring). Subclasses implement ``reset`` and ``step``."""
 
     name = "environment"
+    # True: the steps of different episodes (each its own instance) may run at once on threads
+    # (env.step_workers), as nothing is shared between instances that a step changes. Opt in; the default
+    # steps episodes one after another.
+    thread_safe = False
 
     @abc.abstractmethod
     def reset(self, row: dict, seed: int) -> list[dict]:

@@ -42,6 +42,7 @@ class Match:
 
 class Debate(Environment):
     name = "debate"
+    thread_safe = True
     group_multiple = 2  # rollout.num_samples and eval.num_samples must be even
 
     def __init__(self, judge: Any = None, rounds: int = 2, preamble: str = DEBATE_PREAMBLE,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -30,7 +31,7 @@ import torch
 
 from rlmt.envs.base import Environment, Step
 from rlmt.envs.render import Renderer
-from rlmt.rollout import RolloutBatch, SamplingParams, concat_batches
+from rlmt.rollout import RolloutBatch, SamplingParams, concat_batches, weights_shared
 from rlmt.rollout.engine import left_pad
 from rlmt.rollout.turns import TurnDecoder
 
@@ -123,17 +124,21 @@ def _figures(eps: list[Episode]) -> dict[str, list[float]]:
     return out
 
 
+@weights_shared()  # one copy of the weights for all the batches' decoders
 def run_episodes(policy, tokenizer, renderer: Renderer, make_env: Callable[[], Environment], rows: Sequence[dict],
                  env_seeds: Sequence[int], params: SamplingParams, keys: Sequence[tuple[int, ...]], max_turns: int,
                  max_total_tokens: int, batch_prompts: int, autocast: torch.dtype | None = None,
-                 stop: Sequence[str] = ()) -> EpisodeBatch:
+                 stop: Sequence[str] = (), workers: int = 1) -> EpisodeBatch:
     """Play ``params.num_samples`` (G) episodes of each row; ``keys`` (:func:`rlmt.rollout.sample_keys`, one per
     episode, prompt-major) key each episode's draws, with the turn appended; ``env_seeds`` (one per row) seed
     ``reset``; ``stop`` strings end a turn besides ``rollout.stop`` (the tool-call closer).
 
-    Each turn every running episode samples, then every one steps, then environments that couple episodes
-    (a class with a ``settle(envs, steps)`` classmethod, e.g. a debate's two sides) settle the turn's steps
-    together, then the replies are appended."""
+    Each turn every running episode samples, then every one steps (``workers`` ``step`` calls at once, on
+    threads, for an environment class that declares ``thread_safe``: a tool call waits on its own process,
+    so one slow call does not hold the others up; each episode's environment is its own object, so results
+    do not depend on ``workers``), then environments
+    that couple episodes (a class with a ``settle(envs, steps)`` classmethod, e.g. a debate's two sides)
+    settle the turn's steps together, then the replies are appended."""
     G = params.num_samples
     if len(keys) != len(rows) * G or len(env_seeds) != len(rows):
         raise ValueError(f"{len(keys)} keys and {len(env_seeds)} seeds for {len(rows)} rows x {G} episodes")
@@ -147,7 +152,9 @@ def run_episodes(policy, tokenizer, renderer: Renderer, make_env: Callable[[], E
     chunks = [list(range(c, min(c + batch_prompts, len(rows)))) for c in range(0, len(rows), batch_prompts)]
     decoders = [TurnDecoder(policy, tokenizer, turn_params, autocast) for _ in chunks]
     given = [0] * len(flat)  # how many of an episode's tokens its decoder has been handed
-    with decoders[0].session() if decoders else contextlib.nullcontext():
+    safe = all(getattr(type(ep.env), "thread_safe", False) for ep in flat if ep.env is not None)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rlmt-env") if workers > 1 and safe else None
+    with decoders[0].session() if decoders else contextlib.nullcontext(), _shut_down_after(pool):
         for chunk, dec in zip(chunks, decoders):  # each group's opening prefilled once, its cache copied G times
             dec.open([flat[p * G].opening for p in chunk], G)
         for turn in range(max_turns):
@@ -161,14 +168,16 @@ def run_episodes(policy, tokenizer, renderer: Renderer, make_env: Callable[[], E
                     out = dec.turn([i - first for i in mine], [flat[i].ids[given[i]:] for i in mine],
                                    [keys[i] + (turn,) for i in mine])
                     turns.update(zip(mine, out))
-            steps = {}
+            played = []  # (index, the turn's text) of the episodes whose environment steps on it now
             for i in live:
                 toks, logps, text = turns[i]
                 sampled_tokens += max(0, min(len(toks), max_total_tokens - len(flat[i].ids)))
-                step = _play(flat[i], toks, logps, text, renderer, max_total_tokens)
+                if _append(flat[i], toks, logps, text, renderer, max_total_tokens):
+                    played.append((i, text))
                 given[i] = len(flat[i].ids)
-                if step is not None:
-                    steps[i] = step
+            results = (pool.map(lambda it: _step(flat[it[0]], it[1]), played) if pool and len(played) > 1
+                       else (_step(flat[i], text) for i, text in played))
+            steps = {i: step for (i, _), step in zip(played, results) if step is not None}
             _settle(flat, steps)
             for i, step in steps.items():
                 _reply(flat[i], step, turns[i][0], renderer, turn + 1 >= max_turns, max_total_tokens)
@@ -213,10 +222,23 @@ def _open(make_env, renderer: Renderer, row: dict, seed: int, G: int) -> list[Ep
     return out
 
 
-def _play(ep: Episode, toks: list[int], logps: list[float], text: str, renderer: Renderer,
-          max_total_tokens: int) -> Step | None:
-    """Append a sampled turn (cut to the episode's token budget) and step the environment; None when the
-    episode ended here (budget spent: truncated; the environment raised: unscored)."""
+@contextlib.contextmanager
+def _shut_down_after(pool: ThreadPoolExecutor | None):
+    """The pool, shut down at the end; on an interrupt or error the steps not yet started are cancelled."""
+    try:
+        yield
+    except BaseException:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    if pool is not None:
+        pool.shutdown(wait=True)
+
+
+def _append(ep: Episode, toks: list[int], logps: list[float], text: str, renderer: Renderer,
+            max_total_tokens: int) -> bool:
+    """Append a sampled turn, cut to the episode's token budget; whether its environment steps on it (False:
+    the budget ran out inside the turn, and the episode is truncated)."""
     n = max(0, min(len(toks), max_total_tokens - len(ep.ids)))
     ep.ids += toks[:n]
     ep.sampled += [True] * n
@@ -226,10 +248,16 @@ def _play(ep: Episode, toks: list[int], logps: list[float], text: str, renderer:
     if n < len(toks):
         text = renderer.tok.decode(toks[:n], skip_special_tokens=True)
     ep.transcript.append({"role": "assistant", "content": text})
-    if n < len(toks):  # the episode's token budget ran out inside this turn
+    if n < len(toks):
         ep.turn_rewards.append(0.0)
         _truncate(ep)
-        return None
+        return False
+    return True
+
+
+def _step(ep: Episode, text: str) -> Step | None:
+    """The environment's step on the turn's text; None when it raised (the episode unscored). Touches this
+    episode only, so steps of different episodes may run on different threads."""
     try:
         return checked_step(ep.env.step(text))
     except Exception as e:  # noqa: BLE001 - counted, the episode unscored

@@ -18,7 +18,7 @@ from rlmt.envs.episodes import EpisodeBatch, run_episodes
 from rlmt.envs.render import Renderer, tool_instructions
 from rlmt.envs.tools import toolbox_for
 from rlmt.records import progress_bar, write_atomic
-from rlmt.rollout import SamplingParams
+from rlmt.rollout import SamplingParams, weights_shared
 
 TOOL_STOP = "</tool_call>"
 
@@ -54,6 +54,7 @@ def summarize_episodes(eb: EpisodeBatch, K: int, pass_threshold: float) -> dict[
             **eb.metrics(), **eb.batch.stats}
 
 
+@weights_shared()  # one copy of the weights for all the batches
 def evaluate_env(cfg, lm, fmt: PromptFormat, rows: Sequence[dict], K: int, temperature: float,
                  max_new_tokens: int, seed: int, label: str = "eval") -> tuple[dict[str, float], EpisodeBatch]:
     """K episodes of each row, ``rollout.batch_prompts`` rows at a time (a bar ``label`` counts the rows unless
@@ -67,7 +68,7 @@ def evaluate_env(cfg, lm, fmt: PromptFormat, rows: Sequence[dict], K: int, tempe
             parts.append(run_episodes(lm.model, lm.tokenizer, renderer, make_env, [rows[p] for p in idx],
                                       [env_seed(seed, -1, p) for p in idx], params,
                                       [(seed, -1, p, g) for p in idx for g in range(K)], cfg.env.max_turns,
-                                      cfg.env.max_total_tokens, n, lm.autocast, stop))
+                                      cfg.env.max_total_tokens, n, lm.autocast, stop, cfg.env.step_workers))
             bar.update(len(idx))
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (lm.tokenizer.eos_token_id or 0)
     eb = EpisodeBatch.concat(parts, pad)

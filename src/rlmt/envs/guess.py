@@ -18,6 +18,7 @@ INTEGER = re.compile(r"-?\d+")
 
 class GuessNumber(Environment):
     name = "guess_number"
+    thread_safe = True
 
     def __init__(self, low: int = 1, high: int = 100, penalty: float = 0.1):
         if not low < high:

@@ -28,7 +28,9 @@ import json
 import math
 import multiprocessing
 import operator
+import os
 import re
+import stat
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -266,7 +268,25 @@ def function_schema(fn: Callable) -> dict:
             "parameters": {"type": "object", "properties": props, "required": required}}
 
 
+def _close_inherited_pipes(keep: int) -> None:
+    """In a forked tool child: close the pipes it inherited besides its own (``keep``). Steps run on several
+    threads (``env.step_workers``), so a fork copies the pipe ends of other calls in flight; held here, they
+    would keep those calls from seeing their own child finish until this one does."""
+    try:
+        fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    except OSError:  # no /proc: nothing to close by name
+        return
+    for fd in fds:
+        if fd > 2 and fd != keep:
+            try:
+                if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                    os.close(fd)
+            except OSError:  # the directory's own descriptor, gone by now
+                pass
+
+
 def _child(fn: Callable, args: dict, conn, cap: int) -> None:
+    _close_inherited_pipes(conn.fileno())
     try:
         conn.send((True, str(fn(**args))[:cap]))
     except BaseException as e:  # noqa: BLE001 - reported to the parent

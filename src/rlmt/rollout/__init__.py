@@ -8,8 +8,9 @@ given tokens (packed prompt groups, chunked output layer), packed attention and 
 - :mod:`rlmt.rollout.precision`: bfloat16 autocast for forward passes, float32 weights and log-probs.
 """
 
+from rlmt.rollout.decode import weights_shared
 from rlmt.rollout.engine import (RolloutBatch, SamplingParams, concat_batches, generate, keyed_uniforms, left_pad,
                                 sample_keys, sample_tokens)
 
 __all__ = ["RolloutBatch", "SamplingParams", "concat_batches", "generate", "keyed_uniforms", "left_pad", "sample_keys",
-           "sample_tokens"]
+           "sample_tokens", "weights_shared"]

@@ -19,7 +19,9 @@ Two implementations of one small interface (``prefill``, ``extend``, ``step``, `
   (2-core AMD EPYC, 2026-12-07): 32 rows 392 -> 276 us (1536 x 576), 8 rows 178 -> 84 us, the output layer
   (49152 x 576) 23.8 -> 9.7 ms at 32 rows and 16.5 -> 4.4 ms at 8, equal to ``F.linear`` within float32
   rounding (oneDNN sums in another order); the whole rollout ran 1.69x faster than through the module's
-  forward (``benchmarks/rollout_throughput.py --module-forward``). Packing costs ~0.3 s a rollout.
+  forward (``benchmarks/rollout_throughput.py --module-forward``). Copying and packing the weights takes
+  ~0.3-1 s for this model, so a rollout or evaluation in several batches makes the copy once
+  (:func:`weights_shared`).
 
 Same math as transformers' Llama: RMSNorm statistics in float32, the model's own rotary module, SDPA with
 the default 1/sqrt(d) scale. Mask convention: prompts are left padded; ``key_mask`` (B, L) is 1 on real
@@ -29,11 +31,14 @@ values never become NaN; real queries never see padded keys.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import weakref
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from rlmt.rollout.logprobs import cache_kwarg
 
@@ -165,9 +170,71 @@ def _linear_of(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dty
     return lambda x: F.linear(x, w, b)
 
 
+_shared: dict | None = None  # while weights_shared() is open: (id(model), dtype) -> (model ref, fingerprint, weights)
+
+
+@contextlib.contextmanager
+def weights_shared():
+    """Decoders made inside this scope share one copy of a model's weights (:class:`LlamaDecoder`'s, cast and
+    prepacked) for as long as the model is unchanged, so a rollout or an evaluation in several batches copies
+    them once, not once a batch. The copy is freed when the outermost scope closes (nested scopes are the outer
+    one), and while it is held it costs the memory of the linear layers once more.
+
+    Unchanged means the same storage, no in-place update since (each parameter's version counter), and no
+    optimizer step since (a step of any ``torch.optim`` optimizer drops every shared copy: fused optimizers
+    leave version counters as they are). A write through ``param.data`` is not seen: do not make one inside
+    a scope."""
+    global _shared
+    if _shared is not None:
+        yield
+        return
+    hook = register_optimizer_step_post_hook(lambda *_: _forget())
+    _shared = {}
+    try:
+        yield
+    finally:
+        _shared = None
+        hook.remove()
+
+
+def _forget() -> None:
+    shared = _shared
+    if shared is not None:
+        shared.clear()
+
+
+def _weights_of(model: torch.nn.Module, dtype: torch.dtype) -> tuple[list, tuple, Callable]:
+    """(per-layer weights, final norm, output layer) of ``model`` in ``dtype``: the shared copy where
+    :func:`weights_shared` holds an unchanged one, else made now."""
+    shared = _shared  # read once: a scope may close on another thread
+    fingerprint = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    key = (id(model), dtype)
+    entry = shared.get(key) if shared is not None else None
+    if entry is not None and entry[0]() is model and entry[1] == fingerprint:
+        return entry[2]
+
+    def lin(m):
+        return _linear_of(m.weight, m.bias, dtype)
+
+    def norm(m):
+        return m.weight.detach().to(dtype), m.variance_epsilon
+
+    layers = []
+    for layer in model.model.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        layers.append((norm(layer.input_layernorm), lin(a.q_proj), lin(a.k_proj), lin(a.v_proj), lin(a.o_proj),
+                       norm(layer.post_attention_layernorm), lin(mlp.gate_proj), lin(mlp.up_proj),
+                       lin(mlp.down_proj)))
+    weights = (layers, norm(model.model.norm), lin(model.get_output_embeddings()))
+    if shared is not None:
+        shared[key] = (weakref.ref(model), fingerprint, weights)  # replaces a stale copy of this model
+    return weights
+
+
 class LlamaDecoder:
     """Functional KV-cached decode for the Llama family (see the module doc), in ``dtype`` (default: the
-    model's). It copies the model's weights when made, so make one per rollout."""
+    model's). It copies the model's weights when made (once for all the decoders made inside
+    :func:`weights_shared` while the model is unchanged), so make one per rollout."""
 
     def __init__(self, model: torch.nn.Module, capacity: int, dtype: torch.dtype | None = None):
         cfg = model.config
@@ -175,21 +242,8 @@ class LlamaDecoder:
         self.H, self.KV = cfg.num_attention_heads, cfg.num_key_value_heads
         self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.H
         self.capacity, self.rotary = capacity, model.model.rotary_emb
-
-        def lin(m):
-            return _linear_of(m.weight, m.bias, dtype)
-
-        def norm(m):
-            return m.weight.detach().to(dtype), m.variance_epsilon
-
-        self.layers = []
-        for layer in model.model.layers:
-            a, mlp = layer.self_attn, layer.mlp
-            self.layers.append((norm(layer.input_layernorm), lin(a.q_proj), lin(a.k_proj), lin(a.v_proj),
-                                lin(a.o_proj), norm(layer.post_attention_layernorm), lin(mlp.gate_proj),
-                                lin(mlp.up_proj), lin(mlp.down_proj)))
+        self.layers, self.norm, self.head = _weights_of(model, dtype)
         self.embed = model.model.embed_tokens.weight  # rows looked up, then cast: the rows of a cast table
-        self.norm, self.head = norm(model.model.norm), lin(model.get_output_embeddings())
         self.k: list[torch.Tensor] = []  # per layer (B, KV, capacity, hd)
         self.v: list[torch.Tensor] = []
         self.length = 0
@@ -308,8 +362,8 @@ def functional_dtype(model: torch.nn.Module, autocast: torch.dtype | None = None
     """The dtype :class:`LlamaDecoder` samples ``model`` in, or None when the rollout uses the module's forward:
     bfloat16/float16 (``autocast``, else the weights') for a model it supports, and float32 on a CPU where
     oneDNN prepacks float32 weights (:func:`_packing`)."""
-    if not LlamaDecoder.supports(model):
-        return None
+    if not LlamaDecoder.supports(model) or any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        return None  # FSDP2-sharded layers are reached through their forward only
     weight = next(model.parameters())
     dtype = autocast or weight.dtype
     if dtype in (torch.bfloat16, torch.float16):

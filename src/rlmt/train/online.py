@@ -37,7 +37,7 @@ from rlmt.envs.episodes import EpisodeBatch, run_episodes
 from rlmt.rewards import RewardResult, check_reward_fields, check_reward_source, reward_source_for, score_checked
 from rlmt.parallel import World, check_divisible, shard_groups
 from rlmt.parallel.fsdp import full_state_dict, gathered, shard_layers
-from rlmt.rollout import RolloutBatch, SamplingParams, concat_batches, generate, sample_keys
+from rlmt.rollout import RolloutBatch, SamplingParams, concat_batches, generate, sample_keys, weights_shared
 from rlmt.records import progress_bar
 from rlmt.runtime import release_free_heap
 from rlmt.train.dense import dense_rewards_for
@@ -89,7 +89,7 @@ def rollout(policy, tokenizer, fmt, rows: list[Row], params: SamplingParams, gen
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     G = params.num_samples
     parts = []
-    with progress_bar(len(prompts), bar or "", "prompt", bar is not None, leave=False) as shown:
+    with progress_bar(len(prompts), bar or "", "prompt", bar is not None, leave=False) as shown, weights_shared():
         for i in range(0, len(prompts), batch_prompts):
             parts.append(generate(policy, tokenizer, prompts[i:i + batch_prompts], params, generator, autocast,
                                   None if keys is None else keys[i * G:(i + batch_prompts) * G]))
@@ -278,7 +278,8 @@ def train_online(cfg: Config, method: OnlineMethod, world: World = World()) -> P
                 episodes = run_episodes(policy, tok, renderer, make_env, [r.data for r in step_rows],
                                         [env_seed(cfg.run.seed, step, j) for j in mine], params,
                                         sample_keys(cfg.run.seed, step, mine, G), cfg.env.max_turns,
-                                        cfg.env.max_total_tokens, cfg.rollout.batch_prompts, lm.autocast, env_stop)
+                                        cfg.env.max_total_tokens, cfg.rollout.batch_prompts, lm.autocast, env_stop,
+                                        cfg.env.step_workers)
                 batch = episodes.batch
             else:
                 batch = rollout(policy, tok, fmt, step_rows, params, None, cfg.rollout.batch_prompts, lm.autocast,
@@ -341,7 +342,8 @@ def check_environment(cfg: Config, method: OnlineMethod) -> None:
         raise ConfigError("pg.nll_coef: demonstrations are not mixed into environment runs (env.source is set)")
     if method.revises and cfg.grape.revise:
         raise ConfigError("grape.revise: critique-revise rewrites single responses, not episodes (env.source is set)")
-    for key, value in (("env.max_turns", cfg.env.max_turns), ("env.max_total_tokens", cfg.env.max_total_tokens)):
+    for key, value in (("env.max_turns", cfg.env.max_turns), ("env.max_total_tokens", cfg.env.max_total_tokens),
+                       ("env.step_workers", cfg.env.step_workers)):
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
     env_factory(cfg, toolbox_for(cfg))  # the environment, its arguments, turns and group size, the tools

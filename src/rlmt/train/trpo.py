@@ -7,11 +7,14 @@ on every token; ``pg.advantage``), M the set of scored response tokens and r_t =
     KL(theta) = 1/|M| sum_{t in M} sum_v pi_old(v | s_t) (log pi_old(v | s_t) - log pi_theta(v | s_t))
 
 KL is the *exact* categorical KL over the vocabulary at every response position (a sampled-token estimate
-is not usable: its Hessian at theta_old is not the Fisher). The step (TRPO's Appendix C):
+is not usable: its Hessian at theta_old is not the Fisher). The Fisher-vector products may use a subsample
+(``trpo.fisher_fraction``: samples g of each group with g % k == 0, the KL then a mean over their tokens), as
+the original TRPO did; L, g, and the line search's KL always use every token. The step (TRPO's Appendix C):
 
     g = grad L(theta_old);  F v = grad_theta ((grad_theta KL) . v) + damping * v   (Pearlmutter, double backward;
         at theta_old grad KL = 0 and the Hessian of KL is the Fisher)
-    x = F^-1 g by ``cg_iters`` of conjugate gradient;  full step s = sqrt(2 * max_kl / (x^T F x)) * x
+    x = F^-1 g by ``cg_iters`` of conjugate gradient;  full step s = sqrt(2 * max_kl / (x^T F x)) * x, with
+        F x = g - r from conjugate gradient's own residual r (no extra product)
     theta = theta_old + ratio^k * s for k = 0 .. backtrack_steps - 1: the first with KL <= max_kl and
         L(theta) > L(theta_old) is kept; if none is, theta_old is restored bit for bit.
 
@@ -73,11 +76,12 @@ def _flat_grad(out: Tensor, params: list[torch.nn.Parameter], create_graph: bool
 
 
 def conjugate_gradient(fvp: Callable[[Tensor], Tensor], b: Tensor, iters: int, tol: float = 1e-10,
-                       ) -> tuple[Tensor, float]:
+                       ) -> tuple[Tensor, float, Tensor]:
     """Approximately solve F x = b for symmetric positive-definite F given only v -> F v.
 
-    Returns (x, |b - F x|) after at most ``iters`` iterations (fewer once |r|^2 < tol, or at a direction
-    of non-positive curvature). A non-finite F v returns a NaN x, which the caller treats as a skipped step.
+    Returns (x, |r|, F x = b - r) after at most ``iters`` iterations (fewer once |r|^2 < tol, or at a
+    direction of non-positive curvature), r = b - F x the residual the iteration carries. A non-finite F v
+    returns a NaN x, which the caller treats as a skipped step.
     """
     x = torch.zeros_like(b)
     r, p = b.clone(), b.clone()
@@ -88,7 +92,8 @@ def conjugate_gradient(fvp: Callable[[Tensor], Tensor], b: Tensor, iters: int, t
         fp = fvp(p)
         pfp = float(p @ fp)
         if not math.isfinite(pfp):
-            return torch.full_like(b, float("nan")), float("nan")
+            nan = torch.full_like(b, float("nan"))
+            return nan, float("nan"), nan
         if pfp <= 0:
             break
         alpha = rr / pfp
@@ -97,7 +102,7 @@ def conjugate_gradient(fvp: Callable[[Tensor], Tensor], b: Tensor, iters: int, t
         rr_new = float(r @ r)
         p = r + (rr_new / rr) * p
         rr = rr_new
-    return x, math.sqrt(rr)
+    return x, math.sqrt(rr), b - r
 
 
 def line_search(evaluate: Callable[[Tensor], dict[str, float]], theta_old: Tensor, full_step: Tensor,
@@ -126,9 +131,17 @@ class TrustRegionProblem:
         self.policy, self.exp, self.adv, self.pg, self.world = ctx.policy, exp, adv, ctx.cfg.pg, ctx.world
         self.params = [p for p in ctx.policy.parameters() if p.requires_grad]
         self.n_tokens = self.world.sum_scalar(float(exp.mask.sum()))  # |M| over every rank
-        self.micro = [rows for rows in torch.arange(exp.mask.shape[0]).split(max(1, ctx.cfg.optim.batch_size))
-                      if exp.mask[rows].any()]
+        bs = max(1, ctx.cfg.optim.batch_size)
+        self.micro = [rows for rows in torch.arange(exp.mask.shape[0]).split(bs) if exp.mask[rows].any()]
         self.old: list[Tensor] = []  # per micro-batch (m, V) log pi_old at its scored response tokens
+        # the Fisher's sequences: samples g % k == 0 of every group (the same ones on any number of ranks)
+        k = min(max(1, round(1 / ctx.cfg.trpo.fisher_fraction)), max(1, exp.group_size))
+        chosen = torch.arange(exp.mask.shape[0])
+        chosen = chosen[(chosen % max(1, exp.group_size)) % k == 0]
+        self.fisher_micro = [rows for rows in chosen.split(bs) if exp.mask[rows].any()]
+        self.fisher_tokens = (self.n_tokens if k == 1
+                              else self.world.sum_scalar(float(exp.mask[chosen].sum())))
+        self.old_rows: dict[int, Tensor] = {}  # row -> (m_row, V) log pi_old at its scored tokens
 
     def _log_softmax(self, rows: Tensor) -> Tensor:
         """(m, V) float32 log pi(. | s_t) at the scored response positions of ``rows`` (one full forward)."""
@@ -179,6 +192,8 @@ class TrustRegionProblem:
         for i, rows in enumerate(self.micro):
             logp = self._log_softmax(rows)
             self.old.append(logp.detach())
+            counts = self.exp.mask[rows].bool().sum(-1).tolist()  # the rows' scored tokens, in row order
+            self.old_rows.update(zip(rows.tolist(), self.old[-1].split(counts)))
             terms = self._terms(i, logp, logp.detach())
             g += _flat_grad(terms["surrogate"], self.params)
             for k, v in terms.items():
@@ -186,13 +201,15 @@ class TrustRegionProblem:
         return self._sum_totals(totals), self._sum(g)
 
     def fisher_vector_product(self, v: Tensor, damping: float) -> Tensor:
-        """(F + damping * I) v with F the Hessian of KL(pi_old || pi_theta) at the current theta."""
+        """(F + damping * I) v with F the Hessian of KL(pi_old || pi_theta) at the current theta, the KL a mean
+        over the Fisher's sequences' tokens (all of them unless ``trpo.fisher_fraction`` < 1)."""
         one = self.world.size == 1
         out = damping * v if one else torch.zeros_like(v)  # (one process: the sum in its original order)
-        for i, rows in enumerate(self.micro):
+        for rows in self.fisher_micro:
             with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
                 logp = self._log_softmax(rows)
-            kl = (self.old[i].exp() * (self.old[i] - logp)).sum() / self.n_tokens
+            old = torch.cat([self.old_rows[r] for r in rows.tolist()])
+            kl = (old.exp() * (old - logp)).sum() / self.fisher_tokens
             grad = _flat_grad(kl, self.params, create_graph=True)
             out = out + _flat_grad(grad @ v, self.params)
         return out if one else damping * v + self._sum(out)
@@ -238,8 +255,8 @@ def trpo_update(ctx: UpdateContext, exp: Experience, advantages: Advantages) -> 
             out["skipped_steps"] = 1.0
         elif out["grad_norm"] > 0:
             fvp = lambda v: prob.fisher_vector_product(v, tc.cg_damping)  # noqa: E731
-            x, out["trpo/cg_residual"] = conjugate_gradient(fvp, g, tc.cg_iters)
-            shs = float(x @ fvp(x)) if torch.isfinite(x).all() else math.nan  # x^T (F + damping I) x
+            x, out["trpo/cg_residual"], fx = conjugate_gradient(fvp, g, tc.cg_iters)
+            shs = float(x @ fx) if torch.isfinite(x).all() else math.nan  # x^T (F + damping I) x
             if not math.isfinite(shs):
                 out["skipped_steps"] = 1.0
             elif shs > 0:
