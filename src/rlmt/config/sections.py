@@ -206,8 +206,8 @@ class TRPOConfig:
     cg_damping: float = doc(0.1, "damping added to the Fisher-vector product (F + damping * I)")
     fisher_fraction: float = doc(1.0, "share of each group's samples whose KL the Fisher-vector products use: "
                                       "samples g with g % k == 0, k = round(1 / fisher_fraction) (at most the "
-                                      "group size); 1: all. Each product costs a forward and a double backward "
-                                      "over those sequences, so 0.25 makes conjugate gradient ~4x cheaper "
+                                      "group size); 1: all. Each product costs a forward-mode pass, a forward and a "
+                                      "backward over those sequences, so 0.25 makes conjugate gradient ~4x cheaper "
                                       "(the original TRPO's subsampled Fisher)")
     backtrack_steps: int = doc(10, "line-search trials (fractions ratio^0 .. ratio^(n-1)) before the step is rejected")
     backtrack_ratio: float = doc(0.5, "step shrink factor per line-search iteration")

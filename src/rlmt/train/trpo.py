@@ -11,8 +11,9 @@ is not usable: its Hessian at theta_old is not the Fisher). The Fisher-vector pr
 (``trpo.fisher_fraction``: samples g of each group with g % k == 0, the KL then a mean over their tokens), as
 the original TRPO did; L, g, and the line search's KL always use every token. The step (TRPO's Appendix C):
 
-    g = grad L(theta_old);  F v = grad_theta ((grad_theta KL) . v) + damping * v   (Pearlmutter, double backward;
-        at theta_old grad KL = 0 and the Hessian of KL is the Fisher)
+    g = grad L(theta_old);  F v = J^T (H (J v)) + damping * v, the Hessian of KL at theta_old (the Fisher):
+        s = logits / temperature at the scored tokens, J = ds/dtheta, H = (diag(p_old) - p_old p_old^T) / |M|
+        per token; J v by forward-mode differentiation, J^T u by one backward
     x = F^-1 g by ``cg_iters`` of conjugate gradient;  full step s = sqrt(2 * max_kl / (x^T F x)) * x, with
         F x = g - r from conjugate gradient's own residual r (no extra product)
     theta = theta_old + ratio^k * s for k = 0 .. backtrack_steps - 1: the first with KL <= max_kl and
@@ -25,13 +26,14 @@ noise). One forward per micro-batch gives the full distribution (for KL) and the
 and scheduler are *not* used: TRPO computes its own step, and the reported ``lr`` is 0.
 
 Cost and memory: the trainable parameters (all of them, or only the LoRA adapters of a peft model) are
-handled as flat float32 vectors (about 6 copies of their size). Each conjugate-gradient iteration is one
-forward and a double backward per micro-batch (``optim.batch_size`` sequences). The full-vocabulary
+handled as flat float32 vectors (about 6 copies of their size). Each conjugate-gradient iteration is a
+forward-mode (dual) pass and a forward and backward per micro-batch (``optim.batch_size`` sequences) of the
+Fisher's sequences. The full-vocabulary
 log-probs of pi_old at every scored response token are kept for the whole update: |M| x V x 4 bytes (32 x 64
 tokens x 49152 vocab ~ 400 MB), plus a micro-batch's logits and their graph during each pass. The update
-runs in eval mode (no dropout), so L and KL are deterministic functions of theta. The Fisher-vector
-products run attention on the math SDPA backend (the fused kernels have no double backward); a model
-loaded with ``attn_implementation="flash_attention_2"`` is not supported.
+runs in eval mode (no dropout), so L and KL are deterministic functions of theta. The forward-mode passes
+run attention on the math SDPA backend (the one with forward-mode formulas); a model loaded with
+``attn_implementation="flash_attention_2"`` is not supported.
 
 On several ranks (``ctx.world``) each rank holds its prompt groups' tokens; |M|, L, KL, g and every F v are
 sums over all ranks' tokens (one all-reduce each), so every rank runs the same conjugate gradient on the same
@@ -45,6 +47,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rlmt.rollout.logprobs import position_ids_from_mask
@@ -69,8 +72,9 @@ def set_flat_params(params: list[torch.nn.Parameter], vec: Tensor) -> None:
             p.copy_(chunk.view_as(p))
 
 
-def _flat_grad(out: Tensor, params: list[torch.nn.Parameter], create_graph: bool = False) -> Tensor:
-    grads = torch.autograd.grad(out, params, create_graph=create_graph, allow_unused=True)
+def _flat_grad(out: Tensor, params: list[torch.nn.Parameter], grad_outputs: Tensor | None = None) -> Tensor:
+    """d out / d params (``grad_outputs``: the vector-Jacobian product u^T d out / d params), flat."""
+    grads = torch.autograd.grad(out, params, grad_outputs=grad_outputs, allow_unused=True)
     return torch.cat([_at_least_fp32((torch.zeros_like(p) if g is None else g).reshape(-1))
                       for g, p in zip(grads, params)])
 
@@ -123,6 +127,18 @@ def line_search(evaluate: Callable[[Tensor], dict[str, float]], theta_old: Tenso
     return None
 
 
+class _ScoresOf(torch.nn.Module):
+    """A problem's scores (:meth:`TrustRegionProblem._scores`) as a module over the policy's parameters (named
+    ``policy.*``), for ``torch.func``."""
+
+    def __init__(self, problem: "TrustRegionProblem"):
+        super().__init__()
+        self.policy, self.problem = problem.policy, problem
+
+    def forward(self, rows: Tensor) -> Tensor:
+        return self.problem._scores(rows)
+
+
 class TrustRegionProblem:
     """L, KL, grad L and F v of one scored rollout; pi_old is recorded by :meth:`surrogate_gradient`. On
     several ranks every returned figure and vector is the sum over all ranks' tokens."""
@@ -145,13 +161,17 @@ class TrustRegionProblem:
 
     def _log_softmax(self, rows: Tensor) -> Tensor:
         """(m, V) float32 log pi(. | s_t) at the scored response positions of ``rows`` (one full forward)."""
+        return torch.log_softmax(self._scores(rows), -1)
+
+    def _scores(self, rows: Tensor) -> Tensor:
+        """(m, V) float32 logits / temperature at the scored response positions of ``rows``."""
         b, P = self.exp.batch, self.exp.batch.prompt_len
         ids, am = b.input_ids[rows], b.attention_mask[rows]
         hidden = self.policy.get_decoder()(input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am),
                                            use_cache=False).last_hidden_state  # (n, P+T, H)
         h = hidden[:, P - 1:-1][self.exp.mask[rows].bool()]  # (m, H): the states that predict response tokens
         t = self.exp.temperature if self.exp.temperature > 0 else 1.0
-        return torch.log_softmax(_at_least_fp32(self.policy.get_output_embeddings()(h)) / t, -1)
+        return _at_least_fp32(self.policy.get_output_embeddings()(h)) / t
 
     def _terms(self, i: int, logp: Tensor, old: Tensor) -> dict[str, Tensor]:
         """Micro-batch i's shares (sums / |M|) of L and KL, from (m, V) log pi and log pi_old."""
@@ -201,17 +221,28 @@ class TrustRegionProblem:
         return self._sum_totals(totals), self._sum(g)
 
     def fisher_vector_product(self, v: Tensor, damping: float) -> Tensor:
-        """(F + damping * I) v with F the Hessian of KL(pi_old || pi_theta) at the current theta, the KL a mean
-        over the Fisher's sequences' tokens (all of them unless ``trpo.fisher_fraction`` < 1)."""
+        """(F + damping * I) v with F the Hessian of KL(pi_old || pi_theta) at theta_old, the KL a mean over the
+        Fisher's sequences' tokens (all of them unless ``trpo.fisher_fraction`` < 1).
+
+        With s = logits / temperature at the scored tokens and J = ds/dtheta, KL's Hessian is
+        J^T H J + sum_t (dKL/ds_t) d2s_t/dtheta2, and the second term is 0 at theta_old (there p_theta = p_old
+        and dKL/ds = p_theta - p_old). H = (diag(p) - p p^T) / |M_F| per token, so F v = J^T (H (J v)): J v by
+        forward-mode differentiation (a dual forward pass, no graph kept), then J^T u by one backward; about
+        half the time and a fraction of the memory of differentiating the KL gradient again (a double
+        backward)."""
         one = self.world.size == 1
         out = damping * v if one else torch.zeros_like(v)  # (one process: the sum in its original order)
+        scores = _ScoresOf(self)
+        named = [(n, p) for n, p in scores.named_parameters() if p.requires_grad]
+        primals = {n: p.detach() for n, p in named}
+        tangents = {n: c.view_as(p).to(p.dtype) for (n, p), c in zip(named, v.split([p.numel() for _, p in named]))}
         for rows in self.fisher_micro:
-            with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
-                logp = self._log_softmax(rows)
-            old = torch.cat([self.old_rows[r] for r in rows.tolist()])
-            kl = (old.exp() * (old - logp)).sum() / self.fisher_tokens
-            grad = _flat_grad(kl, self.params, create_graph=True)
-            out = out + _flat_grad(grad @ v, self.params)
+            p_old = torch.cat([self.old_rows[r] for r in rows.tolist()]).exp()  # (m, V)
+            with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):  # the math kernel has forward-mode formulas
+                _, jv = jvp(lambda prm: functional_call(scores, prm, (rows,)), (primals,), (tangents,))  # (m, V) J v
+            jv = _at_least_fp32(jv)
+            u = p_old * (jv - (p_old * jv).sum(-1, keepdim=True)) / self.fisher_tokens  # H J v
+            out = out + _flat_grad(self._scores(rows), self.params, grad_outputs=u)
         return out if one else damping * v + self._sum(out)
 
     @torch.no_grad()
