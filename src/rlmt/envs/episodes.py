@@ -136,9 +136,9 @@ def run_episodes(policy, tokenizer, renderer: Renderer, make_env: Callable[[], E
     Each turn every running episode samples, then every one steps (``workers`` ``step`` calls at once, on
     threads, for an environment class that declares ``thread_safe``: a tool call waits on its own process,
     so one slow call does not hold the others up; each episode's environment is its own object, so results
-    do not depend on ``workers``), then environments
-    that couple episodes (a class with a ``settle(envs, steps)`` classmethod, e.g. a debate's two sides)
-    settle the turn's steps together, then the replies are appended."""
+    do not depend on ``workers``), then environments that couple episodes (a class with a
+    ``settle(envs, steps)`` classmethod, e.g. a debate's two sides) settle the turn's steps together, then
+    the replies are appended."""
     G = params.num_samples
     if len(keys) != len(rows) * G or len(env_seeds) != len(rows):
         raise ValueError(f"{len(keys)} keys and {len(env_seeds)} seeds for {len(rows)} rows x {G} episodes")
